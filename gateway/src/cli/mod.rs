@@ -1,0 +1,214 @@
+//! Command implementations of the `weir` binary; `main.rs` only parses arguments and calls here.
+
+pub mod cases;
+pub mod events;
+pub mod scaffold;
+
+use crate::plugin::{CompileCache, Limits, PluginRuntime, RuntimeOptions, inspect};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Weir: a WebAssembly-extensible event gateway from HTTP and PostgreSQL writes to NATS.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build, inspect and try plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// `weir plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin over events and print one NDJSON outcome per input event.
+    Test(TestArgs),
+    /// Show a plugin's world, WIT and SDK versions, imports, exports and size.
+    Inspect {
+        /// The plugin's .wasm file.
+        wasm: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a new plugin project that builds with one command.
+    New(scaffold::NewArgs),
+}
+
+/// `weir plugin test`
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// The plugin's .wasm file.
+    pub wasm: PathBuf,
+    /// The plugin's config as JSON text (as `config` in its section of the gateway config).
+    #[arg(long, default_value = "{}")]
+    pub config: String,
+    /// NDJSON events, one `{"entity","op","key","data",...}` per line; `-` for stdin.
+    #[arg(long, default_value = "-", conflicts_with = "cases")]
+    pub input: String,
+    /// Golden cases (TOML) to check instead of printing outcomes; fails on any mismatch.
+    #[arg(long)]
+    pub cases: Option<PathBuf>,
+    /// Events per plugin call.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Time limit per call, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Memory limit per instance, in MiB.
+    #[arg(long)]
+    pub memory_mb: Option<usize>,
+}
+
+impl TestArgs {
+    fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(ms) = self.timeout_ms {
+            limits.timeout = Duration::from_millis(ms);
+        }
+        if let Some(mb) = self.memory_mb {
+            limits.memory = mb << 20;
+            limits.recycle_memory = limits.memory / 4 * 3;
+        }
+        limits
+    }
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Plugin(PluginCommand::Test(args)) => plugin_test(&args),
+        Command::Plugin(PluginCommand::Inspect { wasm, json }) => plugin_inspect(&wasm, json),
+        Command::Plugin(PluginCommand::New(args)) => scaffold::new_project(&args).map(|()| 0),
+    }
+}
+
+fn runtime() -> anyhow::Result<PluginRuntime> {
+    PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() })
+}
+
+fn now_rfc3339() -> String {
+    // Seconds are enough for test events; avoids a date-time dependency.
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn plugin_test(args: &TestArgs) -> anyhow::Result<i32> {
+    serde_json::from_str::<serde_json::Value>(&args.config)
+        .map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
+    let runtime = runtime()?;
+    if let Some(cases) = &args.cases {
+        let report = cases::run_cases(&runtime, &args.wasm, cases, &args.limits())?;
+        let mut out = std::io::stdout().lock();
+        for (name, explanation) in &report.failed {
+            writeln!(out, "FAIL {name}\n  {explanation}")?;
+        }
+        writeln!(out, "{} passed, {} failed", report.passed, report.failed.len())?;
+        return Ok(if report.failed.is_empty() { 0 } else { 1 });
+    }
+
+    let name = args.wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
+    let plugin = runtime.load_file(&name, &args.wasm, &args.config, args.limits())?;
+    let text = if args.input == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read events from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.input).with_context(|| format!("cannot read {}", args.input))?
+    };
+    let events = events::parse_ndjson(&text, &now_rfc3339())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut remaining = events.into_iter().peekable();
+    while remaining.peek().is_some() {
+        let batch: Vec<_> = remaining.by_ref().take(args.batch.max(1)).collect();
+        for result in plugin.run(batch) {
+            writeln!(out, "{}", events::outcome_json(&result))?;
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// Whether the gateway links `import`: its own host interfaces and WASI 0.2.
+fn offered(import: &str) -> bool {
+    const WASI: [&str; 6] =
+        ["wasi:cli/", "wasi:clocks/", "wasi:filesystem/", "wasi:io/", "wasi:random/", "wasi:sockets/"];
+    WASI.iter().any(|prefix| import.starts_with(prefix)) && import.contains("@0.2.")
+        || import.starts_with("weir:plugin/host@")
+        || import.starts_with("weir:plugin/types@")
+}
+
+fn plugin_inspect(wasm: &std::path::Path, as_json: bool) -> anyhow::Result<i32> {
+    let bytes = std::fs::read(wasm).with_context(|| format!("cannot read plugin file {}", wasm.display()))?;
+    let info = inspect::inspect(&bytes)?;
+    let unknown: Vec<&String> = info.imports.iter().filter(|i| !offered(i)).collect();
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let mut value = serde_json::to_value(&info)?;
+        value["unknown_imports"] = serde_json::json!(unknown);
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        let sdk = match &info.sdk {
+            Some(stamp) => format!("{} {} (built against {})", stamp.sdk, stamp.sdk_version, stamp.wit),
+            None => "unknown (not built with a Weir SDK that stamps its version)".to_string(),
+        };
+        writeln!(out, "file:     {}", wasm.display())?;
+        writeln!(out, "world:    {}", info.world.as_str())?;
+        writeln!(out, "wit:      weir:plugin@{}", info.wit_version)?;
+        writeln!(out, "sdk:      {sdk}")?;
+        writeln!(out, "size:     {} bytes", info.size)?;
+        writeln!(out, "sha256:   {}", info.sha256)?;
+        writeln!(out, "exports:  {}", info.exports.join(", "))?;
+        writeln!(out, "imports:")?;
+        for import in &info.imports {
+            let note = if offered(import) { "" } else { "  <- not offered by Weir: the plugin will be refused" };
+            writeln!(out, "  {import}{note}")?;
+        }
+    }
+    Ok(if unknown.is_empty() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+    }
+
+    #[test]
+    fn offered_imports() {
+        assert!(offered("wasi:cli/environment@0.2.6"));
+        assert!(offered("weir:plugin/host@0.1.0"));
+        assert!(!offered("weir:fixture/backdoor"));
+        assert!(!offered("wasi:http/types@0.2.0"));
+        assert!(!offered("wasi:cli/environment@0.3.0"));
+    }
+}

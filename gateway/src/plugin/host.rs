@@ -1,0 +1,232 @@
+//! What each plugin store holds: the deny-all WASI context, the memory limiter, and the plugin's
+//! log output (host `log` import, stdout and stderr) routed into the gateway log.
+
+use super::bindings::{Level, transform::weir::plugin};
+use bytes::Bytes;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Longest log line kept from a plugin; the rest is cut off and marked.
+const MAX_LOG_LINE: usize = 4096;
+
+/// The data of one plugin store.
+pub struct HostState {
+    pub(super) plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryLimiter,
+}
+
+impl HostState {
+    /// A store's data for plugin `plugin` with a memory cap of `memory_limit` bytes. WASI is
+    /// linked in full so that language runtimes load, but grants nothing: no preopened
+    /// directories, no environment or arguments, no network, no stdin.
+    pub fn new(plugin: Arc<str>, memory_limit: usize) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .stdout(PluginOutput::new(plugin.clone(), Stream::Stdout))
+            .stderr(PluginOutput::new(plugin.clone(), Stream::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .max_random_size(64 * 1024)
+            .build();
+        HostState { plugin, wasi, table: ResourceTable::new(), limiter: MemoryLimiter::new(memory_limit) }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl plugin::types::Host for HostState {}
+
+impl plugin::host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let message = truncate(&message);
+        let plugin = &*self.plugin;
+        match level {
+            Level::Trace => tracing::trace!(target: "weir::plugin", plugin, "{message}"),
+            Level::Debug => tracing::debug!(target: "weir::plugin", plugin, "{message}"),
+            Level::Info => tracing::info!(target: "weir::plugin", plugin, "{message}"),
+            Level::Warn => tracing::warn!(target: "weir::plugin", plugin, "{message}"),
+            Level::Error => tracing::error!(target: "weir::plugin", plugin, "{message}"),
+        }
+    }
+}
+
+fn truncate(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_LOG_LINE {
+        return message.into();
+    }
+    let mut end = MAX_LOG_LINE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [truncated {} bytes]", &message[..end], message.len() - end).into()
+}
+
+/// The error a memory grow beyond the cap traps with; the runtime recognises it to report
+/// `memory-limit` rather than a generic trap.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin tried to grow its memory to {desired} bytes; its limit is {limit} bytes (raise `memory_mb`)")]
+pub struct MemoryLimitExceeded {
+    pub desired: usize,
+    pub limit: usize,
+}
+
+/// Caps linear memory and table growth of a store and remembers how much memory it holds, so
+/// the runtime can recycle instances that only ever grow (some language runtimes never free).
+pub struct MemoryLimiter {
+    limit: usize,
+    /// Bytes of linear memory the store's instances hold now, summed over memories.
+    pub(super) memory_bytes: usize,
+}
+
+/// Most table elements a plugin may have; tables this large mean a hostile or broken plugin.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+impl MemoryLimiter {
+    fn new(limit: usize) -> Self {
+        MemoryLimiter { limit, memory_bytes: 0 }
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_bytes - current.min(self.memory_bytes) + desired;
+        if total > self.limit {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded { desired: total, limit: self.limit }));
+        }
+        self.memory_bytes = total;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::msg(format!(
+                "plugin tried to grow a table to {desired} elements; the limit is {MAX_TABLE_ELEMENTS}"
+            )));
+        }
+        Ok(true)
+    }
+
+    fn memories(&self) -> usize {
+        // Components built from dynamically linked runtimes (Python) carry a dozen core modules.
+        64
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A plugin's stdout or stderr: complete lines go to the gateway log tagged with the plugin.
+#[derive(Clone)]
+struct PluginOutput {
+    plugin: Arc<str>,
+    stream: Stream,
+    pending: Arc<Mutex<Vec<u8>>>,
+}
+
+impl PluginOutput {
+    fn new(plugin: Arc<str>, stream: Stream) -> Self {
+        PluginOutput { plugin, stream, pending: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = truncate(text.trim_end_matches('\r'));
+        let plugin = &*self.plugin;
+        match self.stream {
+            Stream::Stdout => tracing::info!(target: "weir::plugin", plugin, stream = "stdout", "{text}"),
+            Stream::Stderr => tracing::warn!(target: "weir::plugin", plugin, stream = "stderr", "{text}"),
+        }
+    }
+
+    fn write_bytes(&self, bytes: &[u8]) {
+        // A poisoned lock only means another writer panicked mid-line; keep logging.
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending.extend_from_slice(bytes);
+        while let Some(newline) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=newline).collect();
+            self.emit(&line[..line.len() - 1]);
+        }
+        if pending.len() > MAX_LOG_LINE {
+            let line = std::mem::take(&mut *pending);
+            self.emit(&line);
+        }
+    }
+}
+
+impl IsTerminal for PluginOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for PluginOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for PluginOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for PluginOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.write_bytes(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for PluginOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.write_bytes(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for PluginOutput {
+    fn drop(&mut self) {
+        // The last clone flushes an unterminated final line.
+        if Arc::strong_count(&self.pending) == 1 {
+            let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            if !pending.is_empty() {
+                self.emit(&pending);
+            }
+        }
+    }
+}

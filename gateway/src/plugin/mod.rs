@@ -1,0 +1,602 @@
+//! The sandboxed plugin runtime: loads WebAssembly component plugins and runs batches of events
+//! through them within per-plugin limits.
+//!
+//! One [`PluginRuntime`] (one wasmtime `Engine`) serves every plugin. Each plugin is compiled
+//! once (or loaded from the sealed disk cache), pre-instantiated, and run on a small pool of
+//! reused instances. An instance is discarded after any trap and recycled after
+//! `recycle_after_calls` calls or when its memory passes `recycle_memory`. When a batch traps,
+//! the events are re-run one at a time so only the event that traps fails.
+
+pub(crate) mod bindings;
+mod cache;
+mod host;
+pub mod inspect;
+
+pub use cache::CompileCache;
+pub use inspect::{PluginInfo, SdkStamp, World};
+
+use crate::event::Event;
+use bindings::WitOutcome;
+use host::{HostState, MemoryLimitExceeded};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store, Trap};
+
+/// How often the epoch advances; a call's time limit is enforced to within one tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Largest plugin file accepted.
+pub const MAX_PLUGIN_BYTES: usize = 256 << 20;
+/// Longest reject reason passed on; longer ones are cut.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// Per-plugin limits. Defaults suit Rust and C plugins; JavaScript and Python plugins need
+/// about 100 MiB of memory per instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Longest one call (one batch) may run.
+    pub timeout: Duration,
+    /// Most linear memory one instance may hold, in bytes.
+    pub memory: usize,
+    /// Most events one input event may turn into (`split`).
+    pub max_outputs: usize,
+    /// Most bytes the outputs of one input event may add up to.
+    pub max_output_bytes: usize,
+    /// Replace an instance after this many calls (0: never).
+    pub recycle_after_calls: u64,
+    /// Replace an instance once its memory reaches this many bytes.
+    pub recycle_memory: usize,
+    /// Most idle instances kept for reuse.
+    pub max_idle_instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_millis(200),
+            memory: 128 << 20,
+            max_outputs: 100,
+            max_output_bytes: 1 << 20,
+            recycle_after_calls: 100_000,
+            recycle_memory: 96 << 20,
+            max_idle_instances: 4,
+        }
+    }
+}
+
+/// Why a plugin file could not be loaded. Each message is one line that says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read plugin file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    /// Over [`MAX_PLUGIN_BYTES`].
+    #[error("plugin file is {0} bytes; the limit is {MAX_PLUGIN_BYTES}")]
+    TooLarge(usize),
+    /// Not WebAssembly at all.
+    #[error("not a WebAssembly file; a plugin is a .wasm component built for wasm32-wasip2")]
+    NotWasm,
+    /// A core module rather than a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build with `--target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// Malformed or failed to compile.
+    #[error("invalid plugin: {0}")]
+    Invalid(String),
+    /// Built against a WIT version this host does not support.
+    #[error(
+        "plugin was built against weir:plugin@{found}, but this weir supports weir:plugin@{supported}; upgrade weir or rebuild the plugin with a matching SDK"
+    )]
+    UnsupportedWit { found: String, supported: String },
+    /// Not a Weir plugin.
+    #[error(
+        "not a Weir plugin: it exports [{}]; a plugin exports weir:plugin/transform-handler or weir:plugin/filter-handler (build it with a Weir SDK, world `transform` or `filter`)",
+        exports.join(", ")
+    )]
+    WrongWorld { exports: Vec<String> },
+    /// Imports something the host does not offer.
+    #[error(
+        "plugin imports `{name}`, which Weir does not offer; plugins may import only weir:plugin/host and WASI 0.2 interfaces"
+    )]
+    UnknownImport { name: String },
+    /// The plugin refused its config.
+    #[error("plugin refused its config: {0}")]
+    ConfigRefused(String),
+    /// Instantiation or `configure` trapped or timed out.
+    #[error("plugin failed while starting: {0}")]
+    StartFailed(PluginError),
+}
+
+/// What kind of failure a plugin had on an event; stable names for metrics and DLQ headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The call ran past the plugin's time limit.
+    Timeout,
+    /// The plugin tried to grow its memory past its limit.
+    MemoryLimit,
+    /// The plugin exhausted its stack (unbounded recursion).
+    StackOverflow,
+    /// Any other trap: a panic, `unreachable`, an out-of-bounds access.
+    Trap,
+    /// The outputs of one event exceeded `max_outputs` or `max_output_bytes`.
+    OutputLimit,
+    /// The plugin emitted a subject that is not a literal NATS subject.
+    InvalidSubject,
+    /// The plugin returned the wrong number of results.
+    InvalidOutput,
+    /// A new instance refused the config or failed to start.
+    StartFailed,
+}
+
+impl ErrorKind {
+    /// The stable name, e.g. `timeout`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::MemoryLimit => "memory-limit",
+            ErrorKind::StackOverflow => "stack-overflow",
+            ErrorKind::Trap => "trap",
+            ErrorKind::OutputLimit => "output-limit",
+            ErrorKind::InvalidSubject => "invalid-subject",
+            ErrorKind::InvalidOutput => "invalid-output",
+            ErrorKind::StartFailed => "start-failed",
+        }
+    }
+}
+
+/// A plugin failure on one event (or on the instance that was to handle it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}", kind = kind.as_str())]
+pub struct PluginError {
+    /// What went wrong.
+    pub kind: ErrorKind,
+    /// Details for people.
+    pub message: String,
+}
+
+impl PluginError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        PluginError { kind, message: message.into() }
+    }
+}
+
+/// What a plugin decided for one event, after the host's checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Publish nothing.
+    Drop,
+    /// Publish this event.
+    Keep(Event),
+    /// Publish these events, in order (never empty: an empty split is `Drop`).
+    Split(Vec<Event>),
+    /// Refused by the plugin, with its reason.
+    Reject(String),
+}
+
+/// Where compiled plugins are cached and other engine-wide options.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    /// Directory for the compiled-plugin cache; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The engine shared by every plugin, its linker and the compile cache.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: Option<CompileCache>,
+}
+
+impl PluginRuntime {
+    /// Creates the engine (hardened settings, epoch interruption) and starts its epoch ticker.
+    pub fn new(options: RuntimeOptions) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(512 << 10)
+            .concurrency_support(false)
+            .wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed)
+            .memory_init_cow(true)
+            // Proposals no plugin toolchain needs: a smaller surface to trust. GC, threads, stack
+            // switching and component-model async are not compiled in at all (crate features).
+            .wasm_memory64(false)
+            .wasm_custom_page_sizes(false)
+            .wasm_wide_arithmetic(false);
+        let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
+        spawn_epoch_ticker(&engine)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        bindings::transform::Transform::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(anyhow::Error::from)?;
+
+        let cache = match options.cache_dir {
+            Some(dir) => match CompileCache::open(&dir, &engine) {
+                Ok(cache) => Some(cache),
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "plugin compile cache disabled");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(PluginRuntime { engine, linker, cache })
+    }
+
+    /// Loads the plugin in `path` under `name` (used in logs and errors).
+    pub fn load_file(&self, name: &str, path: &Path, config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+        let bytes = read_plugin_file(path)?;
+        self.load(name, &bytes, config, limits)
+    }
+
+    /// Compiles (or takes from the cache), links and configures a plugin, and keeps its first
+    /// instance ready. Every problem is reported before any event reaches the plugin.
+    pub fn load(&self, name: &str, bytes: &[u8], config: &str, limits: Limits) -> Result<Plugin, LoadError> {
+        if bytes.len() > MAX_PLUGIN_BYTES {
+            return Err(LoadError::TooLarge(bytes.len()));
+        }
+        let info = inspect::inspect(bytes)?;
+        let component = self.compile(bytes)?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|error| unknown_import(&error))?;
+        let pre = match info.world {
+            World::Transform => bindings::transform::TransformPre::new(instance_pre).map(Pre::Transform),
+            World::Filter => bindings::filter::FilterPre::new(instance_pre).map(Pre::Filter),
+        }
+        .map_err(|error| {
+            LoadError::Invalid(format!("exports do not match world `{}`: {error}", info.world.as_str()))
+        })?;
+        let plugin = Plugin {
+            name: Arc::from(name),
+            info,
+            pre,
+            engine: self.engine.clone(),
+            config: config.to_string(),
+            limits,
+            idle: Mutex::new(Vec::new()),
+            stats: Stats::default(),
+        };
+        let first = plugin.new_instance().map_err(|error| match error.kind {
+            ErrorKind::StartFailed if error.message.starts_with(CONFIG_REFUSED) => {
+                LoadError::ConfigRefused(error.message[CONFIG_REFUSED.len()..].to_string())
+            }
+            _ => LoadError::StartFailed(error),
+        })?;
+        plugin.release(first);
+        Ok(plugin)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        let compile = || Component::new(&self.engine, bytes).map_err(anyhow::Error::from);
+        let component = match &self.cache {
+            Some(cache) => cache.load_or_compile(&self.engine, bytes, compile),
+            None => compile(),
+        };
+        component.map_err(|error| LoadError::Invalid(format!("{error:#}")))
+    }
+}
+
+fn read_plugin_file(path: &Path) -> Result<Vec<u8>, LoadError> {
+    let read_error = |reason: String| LoadError::Read { path: path.to_path_buf(), reason };
+    let metadata = std::fs::metadata(path).map_err(|e| read_error(e.to_string()))?;
+    if metadata.len() > MAX_PLUGIN_BYTES as u64 {
+        return Err(LoadError::TooLarge(usize::try_from(metadata.len()).unwrap_or(usize::MAX)));
+    }
+    std::fs::read(path).map_err(|e| read_error(e.to_string()))
+}
+
+/// Names the import wasmtime could not satisfy (its message quotes it in backticks).
+fn unknown_import(error: &wasmtime::Error) -> LoadError {
+    let text = format!("{error:#}");
+    let name = text.split('`').nth(1).map(str::to_string).unwrap_or(text);
+    LoadError::UnknownImport { name }
+}
+
+fn spawn_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("weir-epoch".into())
+        .spawn(move || {
+            // Stops by itself once the engine is gone.
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the plugin epoch thread: {e}"))?;
+    Ok(())
+}
+
+const CONFIG_REFUSED: &str = "config refused: ";
+
+enum Pre {
+    Transform(bindings::transform::TransformPre<HostState>),
+    Filter(bindings::filter::FilterPre<HostState>),
+}
+
+enum Handler {
+    Transform(bindings::transform::Transform),
+    Filter(bindings::filter::Filter),
+}
+
+enum RawResults {
+    Transform(Vec<WitOutcome>),
+    Filter(Vec<bool>),
+}
+
+struct Instance {
+    store: Store<HostState>,
+    handler: Handler,
+    calls: u64,
+}
+
+/// Counters of one plugin's instance life cycle.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Instances created, the first included.
+    pub instances_created: AtomicU64,
+    /// Instances replaced because of `recycle_after_calls` or `recycle_memory`.
+    pub instances_recycled: AtomicU64,
+    /// Calls that failed (each discards its instance).
+    pub failed_calls: AtomicU64,
+}
+
+/// A loaded plugin: compiled, linked, configured, with a pool of reusable instances.
+pub struct Plugin {
+    name: Arc<str>,
+    info: PluginInfo,
+    pre: Pre,
+    engine: Engine,
+    config: String,
+    limits: Limits,
+    idle: Mutex<Vec<Instance>>,
+    stats: Stats,
+}
+
+impl Plugin {
+    /// The name it was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the file is: world, versions, imports.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    /// The limits it runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Instance life-cycle counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_nanos().max(1);
+        let ticks = self.limits.timeout.as_nanos().div_ceil(tick);
+        u64::try_from(ticks).unwrap_or(u64::MAX / 2).saturating_add(1)
+    }
+
+    fn new_instance(&self) -> Result<Instance, PluginError> {
+        self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
+        let mut store = Store::new(&self.engine, HostState::new(self.name.clone(), self.limits.memory));
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let start_failed = |error: wasmtime::Error| {
+            let failure = self.classify(&error);
+            PluginError::new(ErrorKind::StartFailed, format!("{}: {}", failure.kind.as_str(), failure.message))
+        };
+        let (handler, configured) = match &self.pre {
+            Pre::Transform(pre) => {
+                let handler = pre.instantiate(&mut store).map_err(start_failed)?;
+                let configured = handler
+                    .weir_plugin_transform_handler()
+                    .call_configure(&mut store, &self.config)
+                    .map_err(start_failed)?;
+                (Handler::Transform(handler), configured)
+            }
+            Pre::Filter(pre) => {
+                let handler = pre.instantiate(&mut store).map_err(start_failed)?;
+                let configured = handler
+                    .weir_plugin_filter_handler()
+                    .call_configure(&mut store, &self.config)
+                    .map_err(start_failed)?;
+                (Handler::Filter(handler), configured)
+            }
+        };
+        configured.map_err(|reason| PluginError::new(ErrorKind::StartFailed, format!("{CONFIG_REFUSED}{reason}")))?;
+        Ok(Instance { store, handler, calls: 0 })
+    }
+
+    fn acquire(&self) -> Result<Instance, PluginError> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        match idle {
+            Some(instance) => Ok(instance),
+            None => self.new_instance(),
+        }
+    }
+
+    /// Returns a healthy instance to the pool, or lets it go when it is due for recycling.
+    fn release(&self, instance: Instance) {
+        let worn_out = self.limits.recycle_after_calls > 0 && instance.calls >= self.limits.recycle_after_calls;
+        let bloated = instance.store.data().limiter.memory_bytes >= self.limits.recycle_memory;
+        if worn_out || bloated {
+            self.stats.instances_recycled.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(plugin = %self.name, calls = instance.calls, memory = instance.store.data().limiter.memory_bytes, "recycling plugin instance");
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < self.limits.max_idle_instances {
+            idle.push(instance);
+        }
+    }
+
+    fn classify(&self, error: &wasmtime::Error) -> PluginError {
+        if let Some(limit) = error.chain().find_map(|cause| cause.downcast_ref::<MemoryLimitExceeded>()) {
+            return PluginError::new(ErrorKind::MemoryLimit, limit.to_string());
+        }
+        match error.chain().find_map(|cause| cause.downcast_ref::<Trap>()) {
+            Some(Trap::Interrupt) => PluginError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "plugin `{}` ran past its time limit of {:?} (raise `timeout_ms`)",
+                    self.name, self.limits.timeout
+                ),
+            ),
+            Some(Trap::StackOverflow) => PluginError::new(
+                ErrorKind::StackOverflow,
+                format!("plugin `{}` exhausted its stack (unbounded recursion?)", self.name),
+            ),
+            Some(trap) => PluginError::new(ErrorKind::Trap, format!("plugin `{}` trapped: {trap}", self.name)),
+            None => PluginError::new(ErrorKind::Trap, format!("plugin `{}` failed: {}", self.name, error.root_cause())),
+        }
+    }
+
+    /// One call on one instance; a failure discards the instance.
+    fn call(&self, events: &[Event]) -> Result<RawResults, PluginError> {
+        let mut instance = self.acquire()?;
+        instance.store.set_epoch_deadline(self.deadline_ticks());
+        instance.calls += 1;
+        let Instance { store, handler, .. } = &mut instance;
+        let result = match handler {
+            Handler::Transform(t) => {
+                t.weir_plugin_transform_handler().call_handle(&mut *store, events).map(RawResults::Transform)
+            }
+            Handler::Filter(f) => {
+                f.weir_plugin_filter_handler().call_handle(&mut *store, events).map(RawResults::Filter)
+            }
+        };
+        match result {
+            Ok(results) => {
+                let returned = match &results {
+                    RawResults::Transform(v) => v.len(),
+                    RawResults::Filter(v) => v.len(),
+                };
+                if returned != events.len() {
+                    self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
+                    return Err(PluginError::new(
+                        ErrorKind::InvalidOutput,
+                        format!("plugin `{}` returned {returned} results for {} events", self.name, events.len()),
+                    ));
+                }
+                self.release(instance);
+                Ok(results)
+            }
+            Err(error) => {
+                self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
+                Err(self.classify(&error))
+            }
+        }
+    }
+
+    /// Runs a batch through the plugin: one result per input event, in order. A failed call is
+    /// retried one event at a time, so only the events that fail on their own get an error.
+    pub fn run(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        match self.call(&events) {
+            Ok(RawResults::Transform(outcomes)) => {
+                events.iter().zip(outcomes).map(|(input, outcome)| self.check_outcome(input, outcome)).collect()
+            }
+            Ok(RawResults::Filter(keep)) => events
+                .into_iter()
+                .zip(keep)
+                .map(|(event, keep)| Ok(if keep { Outcome::Keep(event) } else { Outcome::Drop }))
+                .collect(),
+            Err(error) if events.len() == 1 || error.kind == ErrorKind::StartFailed => {
+                events.iter().map(|_| Err(error.clone())).collect()
+            }
+            Err(error) => {
+                tracing::debug!(plugin = %self.name, %error, events = events.len(), "batch failed; re-running its events one at a time");
+                events.into_iter().flat_map(|event| self.run(vec![event])).collect()
+            }
+        }
+    }
+
+    /// Applies the host's rules to a transform's outcome for `input`: read-only fields restored,
+    /// split ids derived, subjects validated, output caps enforced.
+    fn check_outcome(&self, input: &Event, outcome: WitOutcome) -> Result<Outcome, PluginError> {
+        match outcome {
+            WitOutcome::Drop => Ok(Outcome::Drop),
+            WitOutcome::Reject(mut reason) => {
+                if reason.len() > MAX_REASON_BYTES {
+                    let mut end = MAX_REASON_BYTES;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason.truncate(end);
+                }
+                Ok(Outcome::Reject(reason))
+            }
+            WitOutcome::Keep(event) => {
+                let event = self.check_output(input, event, input.id.clone())?;
+                self.check_size(event.output_size())?;
+                Ok(Outcome::Keep(event))
+            }
+            WitOutcome::Split(events) => {
+                if events.len() > self.limits.max_outputs {
+                    return Err(PluginError::new(
+                        ErrorKind::OutputLimit,
+                        format!(
+                            "plugin `{}` split one event into {} (limit `max_outputs` = {})",
+                            self.name,
+                            events.len(),
+                            self.limits.max_outputs
+                        ),
+                    ));
+                }
+                if events.is_empty() {
+                    return Ok(Outcome::Drop);
+                }
+                self.check_size(events.iter().map(Event::output_size).sum())?;
+                let events = events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, event)| self.check_output(input, event, format!("{}:{index}", input.id)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Outcome::Split(events))
+            }
+        }
+    }
+
+    fn check_output(&self, input: &Event, mut event: Event, id: String) -> Result<Event, PluginError> {
+        event.id = id;
+        event.source.clone_from(&input.source);
+        event.time.clone_from(&input.time);
+        event.position.clone_from(&input.position);
+        crate::subject::validate(&event.subject).map_err(|error| {
+            PluginError::new(
+                ErrorKind::InvalidSubject,
+                format!("plugin `{}` emitted an invalid subject: {error}", self.name),
+            )
+        })?;
+        Ok(event)
+    }
+
+    fn check_size(&self, bytes: usize) -> Result<(), PluginError> {
+        if bytes > self.limits.max_output_bytes {
+            return Err(PluginError::new(
+                ErrorKind::OutputLimit,
+                format!(
+                    "plugin `{}` produced {bytes} bytes for one event (limit `max_output_bytes` = {})",
+                    self.name, self.limits.max_output_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
