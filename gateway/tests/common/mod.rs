@@ -1,0 +1,72 @@
+//! Shared test helpers: building the plugins once per test process and a runtime whose compile
+//! cache is shared by every test, so each plugin is compiled by Cranelift once per machine.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use weir::plugin::{PluginRuntime, RuntimeOptions};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("gateway has a parent").to_path_buf()
+}
+
+pub fn cache_dir() -> PathBuf {
+    repo_root().join("target").join("weir-test-cache")
+}
+
+/// Builds every plugin and fixture (a no-op when up to date) and returns the directory of the
+/// components. Tests never skip for want of an artifact: they build it.
+pub fn plugins_dir() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let plugins = repo_root().join("plugins");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+            .current_dir(&plugins)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the plugins failed; run `cargo xtask plugins` to see why");
+        plugins.join("target/wasm32-wasip2/release")
+    })
+}
+
+/// Path of the component built from crate `name` (e.g. `noop`, `fixture-panic`).
+pub fn plugin_path(name: &str) -> PathBuf {
+    plugins_dir().join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(plugin_path(name)).expect("plugin was built")
+}
+
+pub fn runtime() -> PluginRuntime {
+    PluginRuntime::new(RuntimeOptions { cache_dir: Some(cache_dir()) }).expect("runtime starts")
+}
+
+/// An event like the HTTP source makes, with `data` as given.
+pub fn event(id: &str, data: serde_json::Value) -> weir::event::Event {
+    weir::event::Event {
+        id: id.to_string(),
+        source: "http".into(),
+        entity: "orders".into(),
+        op: "insert".into(),
+        key: Some(id.to_string()),
+        time: "2026-01-01T00:00:00Z".into(),
+        subject: "weir.orders.insert".into(),
+        headers: vec![("x-test".into(), "1".into())],
+        data: data.to_string().into_bytes(),
+        old: None,
+        position: None,
+    }
+}
+
+/// Resident set size of this process in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("number");
+    kib * 1024
+}
