@@ -1,4 +1,5 @@
 //! `weir plugin test|inspect|new` through the real binary, as a plugin author uses them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

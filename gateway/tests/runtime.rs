@@ -1,6 +1,7 @@
 //! The plugin runtime against real compiled plugins and every hostile fixture: each failure is
 //! reported with its kind, is bounded in time and memory, and leaves the next events and other
 //! plugins working.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -107,7 +108,7 @@ fn one_poison_event_does_not_fail_its_neighbours() {
     assert_eq!(results.len(), 100);
     for (input, result) in events.iter().zip(&results) {
         let seq: u64 = input.id[1..].parse().unwrap();
-        if seq % 10 == 0 {
+        if seq.is_multiple_of(10) {
             assert_eq!(result.as_ref().err().map(|e| e.kind), Some(ErrorKind::Trap), "seq {seq} fails");
         } else {
             assert_eq!(result, &Ok(Outcome::Keep(input.clone())), "seq {seq} passes, in order");

@@ -165,6 +165,7 @@ impl PluginError {
 }
 
 /// What a plugin decided for one event, after the host's checks.
+#[allow(clippy::large_enum_variant)] // `Keep` is the common case; boxing it would cost an allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Publish nothing.

@@ -1,6 +1,7 @@
 //! Shared test helpers: building the plugins once per test process and a runtime whose compile
 //! cache is shared by every test, so each plugin is compiled by Cranelift once per machine.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -61,6 +61,7 @@ pub struct Event {
 }
 
 /// What a transform decided for one event.
+#[allow(clippy::large_enum_variant)] // `Keep` is the common case; boxing it would cost an allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Publish nothing.
@@ -193,4 +194,67 @@ pub fn expect_no_config(config: &str) -> Result<(), String> {
 #[doc(hidden)]
 pub mod __private {
     pub use wit_bindgen;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn data_and_headers_can_be_read_and_edited() {
+        let mut event = Event::new("orders", "insert", json!({"id": 1, "customer": {"email": "a@b.c"}}));
+        assert_eq!(event.subject, "weir.orders.insert");
+        let mut data = event.data_json().unwrap();
+        json::remove(&mut data, "customer.email");
+        event.set_data(&data).unwrap();
+        assert_eq!(event.data_json().unwrap(), json!({"id": 1, "customer": {}}));
+
+        event.set_header("X-Seen", "1");
+        event.set_header("x-seen", "2");
+        assert_eq!(event.header("X-SEEN"), Some("2"));
+        assert_eq!(event.headers.len(), 1, "set_header replaces earlier values");
+        event.remove_header("x-seen");
+        assert_eq!(event.header("x-seen"), None);
+
+        #[derive(serde::Deserialize)]
+        struct Order {
+            id: u32,
+        }
+        assert_eq!(event.data_as::<Order>().unwrap().id, 1);
+        event.data = b"not json".to_vec();
+        assert!(event.data_json().unwrap_err().to_string().contains("not the expected JSON"));
+        assert_eq!(event.old_json().unwrap(), None);
+    }
+
+    #[test]
+    fn results_become_outcomes() {
+        assert_eq!(Outcome::Drop.into_outcome(), Outcome::Drop);
+        let failed: Result<Outcome, String> = Err("bad total".into());
+        assert_eq!(failed.into_outcome(), Outcome::Reject("bad total".into()));
+    }
+
+    #[test]
+    fn configs_are_parsed_or_refused() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Config {
+            #[allow(dead_code)]
+            fields: Vec<String>,
+        }
+        assert!(parse_config::<Config>(r#"{"fields":["a"]}"#).is_ok());
+        let error = parse_config::<Config>("{}").unwrap_err();
+        assert!(error.contains("missing field `fields`"), "{error}");
+        assert!(parse_config::<Config>(r#"{"fields":[],"x":1}"#).unwrap_err().contains("unknown field"));
+        assert_eq!(expect_no_config("{}"), Ok(()));
+        assert_eq!(expect_no_config(""), Ok(()));
+        assert_eq!(expect_no_config("null"), Ok(()));
+        assert!(expect_no_config(r#"{"a":1}"#).unwrap_err().contains("takes no config"));
+    }
+
+    #[test]
+    fn subject_tokens_are_safe() {
+        assert_eq!(subject_token("eu.west *"), "eu_west__");
+        assert_eq!(subject_token(""), "_");
+    }
 }
