@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use weir::event::Event;
 use weir::plugin::{Limits, PluginRuntime, RuntimeOptions};
 
-const REDACT_CONFIG: &str = r#"{"fields":["customer.email","customer.phone","payment.card_number"],"action":"mask","keep_last":4}"#;
+const REDACT_CONFIG: &str =
+    r#"{"fields":["customer.email","customer.phone","payment.card_number"],"action":"mask","keep_last":4}"#;
 
 fn order_json() -> serde_json::Value {
     let items: Vec<_> = (0..6)

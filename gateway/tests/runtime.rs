@@ -309,3 +309,24 @@ fn compiled_plugins_are_cached_and_a_forged_cache_entry_is_never_loaded() {
     assert_eq!(std::fs::read(entry).unwrap().len(), sealed.len(), "entry rewritten by a fresh compile");
     assert_ne!(std::fs::read(entry).unwrap(), forged);
 }
+
+#[test]
+fn a_plugin_that_hangs_while_starting_is_stopped_and_refused() {
+    let runtime = runtime();
+    let limits = Limits { timeout: Duration::from_millis(50), ..Limits::default() };
+    let bytes = plugin_bytes("fixture-refuse-config");
+    let started = Instant::now();
+    let result = runtime.load("hang", &bytes, r#"{"limit":1,"hang_in_configure":true}"#, limits);
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped: {:?}", started.elapsed());
+    match result {
+        Err(LoadError::StartFailed(error)) => assert!(error.message.starts_with("timeout"), "{error}"),
+        other => panic!("must fail to start, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn gateway_and_sdk_agree_on_subject_tokens() {
+    for text in ["eu-west.1 *>", "", "ok_Token-9", "ünïcode", "a\tb"] {
+        assert_eq!(weir::subject::token(text), weir_sdk::subject_token(text), "{text:?}");
+    }
+}

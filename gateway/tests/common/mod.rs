@@ -2,7 +2,6 @@
 //! cache is shared by every test, so each plugin is compiled by Cranelift once per machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
