@@ -330,3 +330,31 @@ fn gateway_and_sdk_agree_on_subject_tokens() {
         assert_eq!(weir::subject::token(text), weir_sdk::subject_token(text), "{text:?}");
     }
 }
+
+#[test]
+fn filter_plugins_keep_or_drop_each_event_unchanged() {
+    let runtime = runtime();
+    let config = r#"{"ops":["insert"],"where":[{"field":"total","op":"gte","value":100}]}"#;
+    let plugin = load(&runtime, "filter", config, Limits::default());
+    assert_eq!(plugin.info().world, weir::plugin::World::Filter);
+    let mut events: Vec<_> = [50, 150, 100, 99].iter().map(|t| event(&format!("t{t}"), json!({"total": t}))).collect();
+    events[2].op = "delete".into();
+    let results = plugin.run(events.clone());
+    assert_eq!(
+        results,
+        vec![Ok(Outcome::Drop), Ok(Outcome::Keep(events[1].clone())), Ok(Outcome::Drop), Ok(Outcome::Drop)]
+    );
+}
+
+#[test]
+fn bundled_transforms_run_in_the_runtime() {
+    let runtime = runtime();
+    let redact = load(&runtime, "redact", r#"{"fields":["email"]}"#, Limits::default());
+    let route = load(&runtime, "route", r#"{"subject":"shop.{data.region}.{op}"}"#, Limits::default());
+    let input = event("r1", json!({"email": "a@b.c", "region": "eu.west"}));
+    let Ok(Outcome::Keep(redacted)) = redact.run(vec![input.clone()]).remove(0) else { panic!("redact keeps") };
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&redacted.data).unwrap(), json!({"region": "eu.west"}));
+    let Ok(Outcome::Keep(routed)) = route.run(vec![redacted]).remove(0) else { panic!("route keeps") };
+    assert_eq!(routed.subject, "shop.eu_west.insert");
+    assert_eq!((routed.id.as_str(), routed.time.as_str()), (input.id.as_str(), input.time.as_str()));
+}
