@@ -202,15 +202,16 @@ fn a_scaffolded_plugin_builds_and_runs() {
     let output = run(&["plugin", "new", "shout", "--lang", "rust", "--dir", project.to_str().unwrap()]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("cargo build --release --target wasm32-wasip2"));
-    // The README's one build command; the shared target dir reuses the already built SDK.
+    // The README's one build command. The plugins' target dir already holds the SDK built with
+    // the same profile, so only the new crate compiles.
     let build = Command::new(env!("CARGO"))
         .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
         .current_dir(&project)
-        .env("CARGO_TARGET_DIR", repo_root().join("target/scaffold-test"))
+        .env("CARGO_TARGET_DIR", repo_root().join("plugins/target"))
         .output()
         .unwrap();
     assert!(build.status.success(), "{}", text(&build.stderr));
-    let wasm = repo_root().join("target/scaffold-test/wasm32-wasip2/release/shout.wasm");
+    let wasm = repo_root().join("plugins/target/wasm32-wasip2/release/shout.wasm");
     let events = project.join("events.ndjson");
     let output = run(&["plugin", "test", wasm.to_str().unwrap(), "--input", events.to_str().unwrap()]);
     assert!(output.status.success(), "{}", text(&output.stderr));

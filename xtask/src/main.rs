@@ -67,13 +67,62 @@ fn build_plugins() -> anyhow::Result<()> {
     run(build, "build plugins and fixtures for wasm32-wasip2")
 }
 
+/// Passed and failed test counts over every `cargo test` run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Counts a libtest summary line: `test result: ok. 5 passed; 0 failed; …`.
+    fn count(&mut self, line: &str) {
+        let Some(summary) = line.split_once("test result: ").map(|(_, rest)| rest) else { return };
+        for part in summary.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(number)) = (words.next(), words.next()) else { continue };
+            let number: u64 = number.trim_start_matches("ok.").trim_start_matches("FAILED.").parse().unwrap_or(0);
+            match kind {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a `cargo test`, passing its output through while counting its results.
+fn run_tests(mut command: Command, what: &str, tally: &mut Tally) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {what}");
+    let mut child =
+        command.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("cannot start: {what}"))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading test output")?;
+            println!("{line}");
+            tally.count(&line);
+        }
+    }
+    let status = child.wait().with_context(|| format!("waiting for: {what}"))?;
+    if !status.success() {
+        println!("tests: {} passed, {} failed", tally.passed, tally.failed.max(1));
+        bail!("failed ({status}): {what}");
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
-    let mut host = cargo();
-    host.args(["test", "--workspace"]).args(extra).current_dir(root());
-    run(host, "cargo test --workspace (runtime, SDK, CLI through the real binary)")?;
+    let mut tally = Tally::default();
     let mut plugins = cargo();
     plugins.args(["test"]).current_dir(root().join("plugins")).env_remove("CARGO_TARGET_DIR");
-    run(plugins, "cargo test in plugins/ (plugin logic, natively)")
+    run_tests(plugins, "cargo test in plugins/ (plugin logic, natively)", &mut tally)?;
+    let mut host = cargo();
+    host.args(["test", "--workspace"]).args(extra).current_dir(root());
+    run_tests(host, "cargo test --workspace (runtime, SDK, CLI through the real binary)", &mut tally)?;
+    // One closing line over everything, so a reader (or CI) sees the whole count at the end.
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
 }
 
 fn bench(extra: &[String]) -> anyhow::Result<()> {
