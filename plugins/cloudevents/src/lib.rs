@@ -6,14 +6,39 @@ use weir_sdk::{Event, Outcome};
 
 /// The plugin's config; every key is optional.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawConfig")]
 pub struct Config {
     /// The `source` attribute; `{entity}` and `{source}` are replaced. Default `/weir/{entity}`.
-    #[serde(default = "default_source")]
     pub source: String,
     /// Prefix of the `type` attribute, which is `{type_prefix}.{entity}.{op}`. Default `weir`.
-    #[serde(default = "default_type_prefix")]
     pub type_prefix: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_source")]
+    source: String,
+    #[serde(default = "default_type_prefix")]
+    type_prefix: String,
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = String;
+
+    fn try_from(raw: RawConfig) -> Result<Self, String> {
+        // CloudEvents requires `source` and `type` to be non-empty; a blank prefix would make
+        // types like `.orders.insert`.
+        if raw.source.trim().is_empty() {
+            return Err(
+                "`source` is empty; leave it out for \"/weir/{entity}\" or set a URI like \"urn:shop:{entity}\"".into(),
+            );
+        }
+        if raw.type_prefix.trim().is_empty() {
+            return Err("`type_prefix` is empty; leave it out for \"weir\" or set one like \"com.shop\"".into());
+        }
+        Ok(Config { source: raw.source, type_prefix: raw.type_prefix })
+    }
 }
 
 fn default_source() -> String {
@@ -131,5 +156,9 @@ mod tests {
         assert_eq!(envelope["source"], "urn:shop:http:orders");
         assert_eq!(envelope["type"], "com.shop.orders.update");
         assert!(weir_sdk::parse_config::<Config>(r#"{"sauce":"x"}"#).unwrap_err().contains("unknown field"));
+        assert!(weir_sdk::parse_config::<Config>(r#"{"source":""}"#).unwrap_err().contains("`source` is empty"));
+        assert!(weir_sdk::parse_config::<Config>(r#"{"type_prefix":" "}"#).unwrap_err().contains("`type_prefix`"));
+        let defaults: Config = weir_sdk::parse_config("").unwrap();
+        assert_eq!((defaults.source, defaults.type_prefix), ("/weir/{entity}".to_string(), "weir".to_string()));
     }
 }

@@ -106,8 +106,19 @@ impl TryFrom<RawConfig> for Config {
                 (Compare::Prefix, Some(value)) if !value.is_string() => {
                     return Err(format!("condition on `{field}`: `prefix` needs a string `value`"));
                 }
+                (Compare::Gt | Compare::Gte | Compare::Lt | Compare::Lte, Some(value))
+                    if !(value.is_number() || value.is_string()) =>
+                {
+                    return Err(format!(
+                        "condition on `{field}`: `gt`, `gte`, `lt` and `lte` need a number or a string"
+                    ));
+                }
                 _ => {}
             }
+        }
+        // Only a trailing `*` is a glob; anywhere else it would silently match nothing.
+        if let Some(bad) = raw.entities.iter().find(|e| e.is_empty() || e.trim_end_matches('*').contains('*')) {
+            return Err(format!("entity pattern `{bad}` is not a name or a prefix glob like `orders*`"));
         }
         Ok(Config { ops: raw.ops, entities: raw.entities, conditions: raw.conditions, mode: raw.mode })
     }
@@ -136,8 +147,11 @@ fn order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 }
 
 impl Condition {
+    /// Whether the condition holds for `data` (`None` when the event's data is not JSON).
     fn holds(&self, data: Option<&Value>) -> bool {
-        let field = data.and_then(|data| weir_sdk::json::get(data, &self.field));
+        // Data that is not JSON has no fields: only `missing` can hold (not even `ne`).
+        let Some(data) = data else { return self.op == Compare::Missing };
+        let field = weir_sdk::json::get(data, &self.field);
         let value = self.value.as_ref().unwrap_or(&Value::Null);
         let listed = || value.as_array().is_some_and(|list| field.is_some_and(|f| list.iter().any(|v| same(f, v))));
         match self.op {
@@ -176,7 +190,6 @@ pub fn keep(event: &Event, config: &Config) -> bool {
     if config.conditions.is_empty() {
         return true;
     }
-    // Data that is not JSON has no fields: conditions on fields are false, `missing` is true.
     let data = event.data_json().ok();
     let mut results = config.conditions.iter().map(|c| c.holds(data.as_ref()));
     match config.mode {
@@ -246,6 +259,8 @@ mod tests {
         event.data = b"not json".to_vec();
         assert!(!keep(&event, &config(json!({"where": [{"field": "a", "op": "exists"}]}))));
         assert!(keep(&event, &config(json!({"where": [{"field": "a", "op": "missing"}]}))));
+        assert!(!keep(&event, &config(json!({"where": [{"field": "a", "op": "ne", "value": 1}]}))));
+        assert!(!keep(&event, &config(json!({"where": [{"field": "a", "op": "not_in", "value": [1]}]}))));
     }
 
     #[test]
@@ -256,6 +271,8 @@ mod tests {
         assert!(refuse(json!({"where": [{"field": "a", "op": "in", "value": 1}]})).contains("need a list"));
         assert!(refuse(json!({"where": [{"field": "a", "op": "exists", "value": 1}]})).contains("takes no `value`"));
         assert!(refuse(json!({"where": [{"field": "a..b", "op": "exists"}]})).contains("dotted path"));
+        assert!(refuse(json!({"where": [{"field": "a", "op": "gt", "value": [1]}]})).contains("number or a string"));
+        assert!(refuse(json!({"entities": ["ord*ers"]})).contains("prefix glob"));
         assert!(refuse(json!({"where": [{"field": "a", "op": "like", "value": 1}]})).contains("unknown variant"));
         assert!(refuse(json!({"ops": ["insert"], "extra": 1})).contains("unknown field"));
     }

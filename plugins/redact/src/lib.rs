@@ -69,9 +69,11 @@ impl TryFrom<RawConfig> for Config {
 impl Config {
     fn masked(&self, value: &Value) -> Value {
         match value {
-            Value::String(text) if self.keep_last > 0 => {
-                let chars: Vec<char> = text.chars().collect();
-                let kept: String = chars[chars.len().saturating_sub(self.keep_last)..].iter().collect();
+            // A string no longer than `keep_last` is masked whole: keeping its "last" characters
+            // would publish all of it.
+            Value::String(text) if self.keep_last > 0 && text.chars().count() > self.keep_last => {
+                let skip = text.chars().count() - self.keep_last;
+                let kept: String = text.chars().skip(skip).collect();
                 Value::String(format!("{}{kept}", self.mask))
             }
             _ => Value::String(self.mask.clone()),
@@ -93,14 +95,23 @@ impl Config {
         match value {
             Value::Object(map) if first == "*" => {
                 let keys: Vec<String> = map.keys().cloned().collect();
-                keys.iter().fold(false, |changed, key| self.apply_key(map, key, rest, last) || changed)
+                // Every key is visited (no short-circuit): each may hold a field to redact.
+                let mut changed = false;
+                for key in &keys {
+                    changed |= self.apply_key(map, key, rest, last);
+                }
+                changed
             }
             Value::Object(map) => self.apply_key(map, first, rest, last),
             Value::Array(items) if first == "*" => {
                 if last {
                     return self.redact_all(items);
                 }
-                items.iter_mut().fold(false, |changed, item| self.apply_path(item, rest) || changed)
+                let mut changed = false;
+                for item in items.iter_mut() {
+                    changed |= self.apply_path(item, rest);
+                }
+                changed
             }
             Value::Array(items) => match first.parse::<usize>().ok().filter(|i| *i < items.len()) {
                 Some(index) if last => {
@@ -199,6 +210,8 @@ mod tests {
             json!({"card":"4111111111111111","pin":1234}),
         );
         assert_eq!(out, json!({"card":"****1111","pin":"****"}));
+        let short = run(r#"{"fields":["pin"],"action":"mask","keep_last":4}"#, json!({"pin":"1234"}));
+        assert_eq!(short, json!({"pin":"****"}), "a value no longer than keep_last is masked whole");
     }
 
     #[test]

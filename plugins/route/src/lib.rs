@@ -7,11 +7,11 @@ use weir_sdk::{Event, Outcome};
 
 /// Where a placeholder takes its value from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Source {
+enum Field {
     Entity,
     Op,
     Key,
-    EventSource,
+    Source,
     Id,
     Data(String),
     Header(String),
@@ -20,7 +20,7 @@ enum Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Placeholder { text: String, source: Source },
+    Placeholder { text: String, field: Field },
 }
 
 /// What to do when a placeholder has no value.
@@ -57,18 +57,18 @@ pub struct Config {
     fallback: String,
 }
 
-fn placeholder(text: &str) -> Result<Source, String> {
+fn placeholder(text: &str) -> Result<Field, String> {
     let source = match text {
-        "entity" => Source::Entity,
-        "op" => Source::Op,
-        "key" => Source::Key,
-        "source" => Source::EventSource,
-        "id" => Source::Id,
+        "entity" => Field::Entity,
+        "op" => Field::Op,
+        "key" => Field::Key,
+        "source" => Field::Source,
+        "id" => Field::Id,
         _ => match text.split_once('.') {
             Some(("data", path)) if !path.is_empty() && !path.split('.').any(str::is_empty) => {
-                Source::Data(path.to_string())
+                Field::Data(path.to_string())
             }
-            Some(("header", name)) if !name.is_empty() => Source::Header(name.to_string()),
+            Some(("header", name)) if !name.is_empty() => Field::Header(name.to_string()),
             _ => {
                 return Err(format!(
                     "unknown placeholder `{{{text}}}`; use {{entity}}, {{op}}, {{key}}, {{source}}, {{id}}, {{data.<path>}} or {{header.<name>}}"
@@ -112,7 +112,7 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
             check_literal(literal)?;
             parts.push(Part::Literal(literal.to_string()));
         }
-        parts.push(Part::Placeholder { text: inner.to_string(), source: placeholder(inner)? });
+        parts.push(Part::Placeholder { text: inner.to_string(), field: placeholder(inner)? });
         rest = &rest[open + close + 1..];
     }
     if !rest.is_empty() {
@@ -148,15 +148,15 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
-fn value_of(source: &Source, event: &Event, data: &mut Option<Option<Value>>) -> Option<String> {
-    match source {
-        Source::Entity => Some(event.entity.clone()),
-        Source::Op => Some(event.op.clone()),
-        Source::Key => event.key.clone(),
-        Source::EventSource => Some(event.source.clone()),
-        Source::Id => Some(event.id.clone()),
-        Source::Header(name) => event.header(name).map(str::to_string),
-        Source::Data(path) => {
+fn value_of(field: &Field, event: &Event, data: &mut Option<Option<Value>>) -> Option<String> {
+    match field {
+        Field::Entity => Some(event.entity.clone()),
+        Field::Op => Some(event.op.clone()),
+        Field::Key => event.key.clone(),
+        Field::Source => Some(event.source.clone()),
+        Field::Id => Some(event.id.clone()),
+        Field::Header(name) => event.header(name).map(str::to_string),
+        Field::Data(path) => {
             // Parse the data once, and only when a template needs it.
             let data = data.get_or_insert_with(|| event.data_json().ok());
             match weir_sdk::json::get(data.as_ref()?, path)? {
@@ -176,7 +176,7 @@ pub fn handle(mut event: Event, config: &Config) -> Outcome {
     for part in &config.parts {
         match part {
             Part::Literal(literal) => subject.push_str(literal),
-            Part::Placeholder { text, source } => match value_of(source, &event, &mut data) {
+            Part::Placeholder { text, field } => match value_of(field, &event, &mut data) {
                 Some(value) if !value.is_empty() => subject.push_str(&weir_sdk::subject_token(&value)),
                 _ if config.on_missing == OnMissing::Fallback => subject.push_str(&config.fallback),
                 _ => return Outcome::Reject(format!("cannot route: `{{{text}}}` has no value in this event")),
