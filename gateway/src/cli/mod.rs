@@ -22,6 +22,21 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway.
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "weir.toml")]
+        config: PathBuf,
+        /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Check the config, plugins, NATS connection and stream; exit 1 listing every problem.
+    Check {
+        /// Config file.
+        #[arg(long, short, default_value = "weir.toml")]
+        config: PathBuf,
+    },
     /// Build, inspect and try plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -86,6 +101,8 @@ impl TestArgs {
 /// Runs a parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Run { config, drain_timeout } => crate::run::run(&config, drain_timeout).map(|()| 0),
+        Command::Check { config } => Ok(crate::run::check(&config)),
         Command::Plugin(PluginCommand::Test(args)) => plugin_test(&args),
         Command::Plugin(PluginCommand::Inspect { wasm, json }) => plugin_inspect(&wasm, json),
         Command::Plugin(PluginCommand::New(args)) => scaffold::new_project(&args).map(|()| 0),

@@ -1,0 +1,711 @@
+//! The gateway config file (TOML): strict parsing with errors that name file, line, column and
+//! key, `${ENV}` interpolation, durations and sizes as strings, and validation that says how to
+//! fix each problem.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A config problem, already formatted as `file:line:column: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// JetStream stream; absent means core NATS (at-most-once).
+    #[serde(default)]
+    pub jetstream: Option<JetStreamConfig>,
+    /// HTTP source.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Plugin directory and per-plugin settings.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Routes, tried in order; the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[nats]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// One server URL, or a comma-separated list.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several server URLs.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// Token auth.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// User/password auth: user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// User/password auth: password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A `.creds` file (JWT + nkey seed).
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// An nkey seed (`SU…`).
+    #[serde(default)]
+    pub nkey: Option<String>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// How long the first connection may take.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+/// `[nats.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Require TLS even when the URL says `nats://`.
+    #[serde(default)]
+    pub required: bool,
+    /// CA certificate (PEM) to trust.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM), for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Where JetStream keeps the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On disk.
+    #[default]
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// `[jetstream]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// Stream name.
+    pub stream: String,
+    /// Subjects the stream captures.
+    #[serde(default = "defaults::stream_subjects")]
+    pub subjects: Vec<String>,
+    /// Window in which a repeated `Nats-Msg-Id` is stored once.
+    #[serde(default = "defaults::duplicate_window", deserialize_with = "duration")]
+    pub duplicate_window: Duration,
+    /// Oldest message kept (unlimited when absent).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub max_age: Option<Duration>,
+    /// Most messages kept.
+    #[serde(default)]
+    pub max_msgs: Option<i64>,
+    /// Most bytes kept.
+    #[serde(default, deserialize_with = "optional_size")]
+    pub max_bytes: Option<u64>,
+    /// `file` or `memory`.
+    #[serde(default)]
+    pub storage: Storage,
+    /// Replicas (1, 3 or 5 in a cluster).
+    #[serde(default = "defaults::replicas")]
+    pub replicas: usize,
+    /// How long to wait for a PubAck before retrying with the same id.
+    #[serde(default = "defaults::ack_timeout", deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    /// Most publishes awaiting their PubAck at once.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+/// `[http]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    #[serde(default = "defaults::listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    #[serde(default = "defaults::max_body", deserialize_with = "size")]
+    pub max_body: u64,
+    /// Most requests processed at once; more are answered `429`.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+    /// Time allowed to receive a request's headers.
+    #[serde(default = "defaults::header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time allowed to receive a request's body.
+    #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Bearer tokens accepted on `/v1/*`; empty means no token is required.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: defaults::listen(),
+            max_body: defaults::max_body(),
+            max_in_flight: defaults::max_in_flight(),
+            header_timeout: defaults::header_timeout(),
+            body_timeout: defaults::body_timeout(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[plugins]`: `dir` plus one `[plugins.<name>]` table per plugin.
+#[derive(Debug, Default)]
+pub struct PluginsConfig {
+    /// Directory plugin files are loaded from (`<dir>/<name>.wasm`).
+    pub dir: Option<PathBuf>,
+    /// Per-plugin settings, by name.
+    pub entries: BTreeMap<String, PluginConfig>,
+}
+
+impl<'de> Deserialize<'de> for PluginsConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = PluginsConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`dir` and `[plugins.<name>]` tables")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<PluginsConfig, A::Error> {
+                // Field by field, so errors inside a plugin's table keep their position.
+                let mut plugins = PluginsConfig::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "dir" {
+                        plugins.dir = Some(map.next_value()?);
+                    } else {
+                        if !valid_name(&key) {
+                            return Err(de::Error::custom(format!(
+                                "plugin name `{key}` must be lowercase letters, digits, `-` and `_`"
+                            )));
+                        }
+                        plugins.entries.insert(key, map.next_value()?);
+                    }
+                }
+                Ok(plugins)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// `[plugins.<name>]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The `.wasm` file; default `<plugins.dir>/<name>.wasm`.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Passed to the plugin's `configure` as JSON.
+    #[serde(default)]
+    pub config: Option<toml::Value>,
+    /// Time limit per call.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Memory limit per instance.
+    #[serde(default)]
+    pub memory_mb: Option<usize>,
+    /// Most outputs per input event.
+    #[serde(default)]
+    pub max_outputs: Option<usize>,
+    /// Most output bytes per input event.
+    #[serde(default, deserialize_with = "optional_size")]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl PluginConfig {
+    /// The runtime limits this section asks for, defaults elsewhere.
+    pub fn limits(&self) -> crate::plugin::Limits {
+        let mut limits = crate::plugin::Limits::default();
+        if let Some(ms) = self.timeout_ms {
+            limits.timeout = Duration::from_millis(ms);
+        }
+        if let Some(mb) = self.memory_mb {
+            limits.memory = mb << 20;
+            limits.recycle_memory = limits.memory / 4 * 3;
+        }
+        if let Some(outputs) = self.max_outputs {
+            limits.max_outputs = outputs;
+        }
+        if let Some(bytes) = self.max_output_bytes {
+            limits.max_output_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+        limits
+    }
+
+    /// The plugin's config as JSON text (`{}` when none).
+    pub fn config_json(&self) -> String {
+        match &self.config {
+            Some(value) => serde_json::to_string(value).unwrap_or_else(|_| "{}".to_string()),
+            None => "{}".to_string(),
+        }
+    }
+}
+
+/// Where events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// HTTP writes.
+    Http,
+    /// PostgreSQL change capture.
+    Postgres,
+}
+
+impl SourceKind {
+    /// The name used in events and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Http => "http",
+            SourceKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// How the published payload is shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    /// `{"id","source","entity","op","time","key","data","old","position"}`.
+    #[default]
+    Weir,
+    /// The data alone.
+    Data,
+    /// CloudEvents 1.0 structured JSON.
+    Cloudevents,
+}
+
+/// What happens to an event a plugin rejects or fails on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Publish it to the dead-letter subject (and acknowledge upstream).
+    #[default]
+    Dlq,
+    /// Drop it, counted.
+    Drop,
+    /// Refuse it upstream (HTTP `422`/`500`).
+    Reject,
+}
+
+/// `match = { source, entity, op }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Only events from this source.
+    #[serde(default)]
+    pub source: Option<SourceKind>,
+    /// Entity glob: `*` matches any run of characters (`orders*`, `public.*`).
+    #[serde(default)]
+    pub entity: Option<String>,
+    /// One op or a list of ops.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub op: Vec<String>,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name for logs and metrics (default `route-<n>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which events the route takes.
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Plugin chain, in order.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<String>>,
+    /// Subject template; default `weir.{entity}.{op}`.
+    #[serde(default)]
+    pub subject: Option<Spanned<String>>,
+    /// Subjects plugins emit must start with this; default the template's literal first token.
+    #[serde(default)]
+    pub allowed_prefix: Option<String>,
+    /// Payload shape.
+    #[serde(default)]
+    pub envelope: Envelope,
+    /// What to do with rejected and failed events.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Dead-letter subject template; default `weir.dlq.{entity}`.
+    #[serde(default)]
+    pub dlq_subject: Option<String>,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn stream_subjects() -> Vec<String> {
+        vec!["weir.>".to_string()]
+    }
+    pub fn duplicate_window() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn replicas() -> usize {
+        1
+    }
+    pub fn ack_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_in_flight() -> usize {
+        1024
+    }
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    }
+    pub fn max_body() -> u64 {
+        1 << 20
+    }
+    pub fn header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn body_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"2m\", \"7d\""))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("`{text}` is not a size; write e.g. \"512KiB\", \"1MiB\", \"2GB\""))
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map_err(de::Error::custom)
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Bytes(u64),
+        Text(String),
+    }
+    match SizeValue::deserialize(deserializer)? {
+        SizeValue::Bytes(bytes) => Ok(bytes),
+        SizeValue::Text(text) => parse_size(&text).map_err(de::Error::custom),
+    }
+}
+
+fn optional_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    size(deserializer).map(Some)
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| de::Error::custom(format!("`{text}` is not an address; write e.g. \"127.0.0.1:8080\"")))
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+/// `line:column` (1-based) of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Replaces `${NAME}` (and `${NAME:-default}`) with environment values; `$${` is a literal `${`.
+/// Values are escaped for TOML basic strings, since they stand inside quoted values.
+pub fn interpolate(text: &str, file: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut offset = 0;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            let consumed = start + 3;
+            rest = &rest[consumed..];
+            offset += consumed;
+            let _ = after;
+            continue;
+        }
+        let Some(body) = tail.strip_prefix("${") else {
+            out.push('$');
+            rest = &rest[start + 1..];
+            offset += start + 1;
+            continue;
+        };
+        let (line, column) = position(text, offset + start);
+        let Some(end) = body.find('}') else {
+            return Err(ConfigError(format!("{file}:{line}:{column}: `${{` without a closing `}}`")));
+        };
+        let expression = &body[..end];
+        let (name, default) = match expression.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (expression, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ConfigError(format!("{file}:{line}:{column}: `${{{expression}}}` is not a variable name")));
+        }
+        let value = match (lookup(name), default) {
+            (Some(value), _) => value,
+            (None, Some(default)) => default.to_string(),
+            (None, None) => {
+                return Err(ConfigError(format!(
+                    "{file}:{line}:{column}: environment variable `{name}` is not set (set it, or write `${{{name}:-default}}`)"
+                )));
+            }
+        };
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        let consumed = start + 2 + end + 1;
+        rest = &rest[consumed..];
+        offset += consumed;
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        let config = Config::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(config.resolve_paths(base))
+    }
+
+    /// Parses config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let text = interpolate(text, file, |name| std::env::var(name).ok())?;
+        let config: Config = toml::from_str(&text).map_err(|error| {
+            let message = error.message().trim_end().to_string();
+            match error.span() {
+                Some(span) => {
+                    let (line, column) = position(&text, span.start);
+                    ConfigError(format!("{file}:{line}:{column}: {message}"))
+                }
+                None => ConfigError(format!("{file}: {message}")),
+            }
+        })?;
+        let problems = config.validate(&text, file);
+        if !problems.is_empty() {
+            return Err(ConfigError(problems.join("\n")));
+        }
+        Ok(config)
+    }
+
+    /// Makes relative plugin paths relative to the config file's directory.
+    fn resolve_paths(mut self, base: &Path) -> Config {
+        if let Some(dir) = &self.plugins.dir
+            && dir.is_relative()
+        {
+            self.plugins.dir = Some(base.join(dir));
+        }
+        for plugin in self.plugins.entries.values_mut() {
+            if let Some(file) = &plugin.file
+                && file.is_relative()
+            {
+                plugin.file = Some(base.join(file));
+            }
+        }
+        self
+    }
+
+    /// The plugin file for `name`.
+    pub fn plugin_file(&self, name: &str) -> Option<PathBuf> {
+        match self.plugins.entries.get(name).and_then(|p| p.file.clone()) {
+            Some(file) => Some(file),
+            None => self.plugins.dir.as_ref().map(|dir| dir.join(format!("{name}.wasm"))),
+        }
+    }
+
+    /// Every plugin name routes use, in first-use order.
+    pub fn used_plugins(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for route in &self.routes {
+            for name in &route.plugins {
+                if !names.contains(name.get_ref()) {
+                    names.push(name.get_ref().clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// Cross-field checks; every problem found, each with its position and how to fix it.
+    fn validate(&self, text: &str, file: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let at = |span: std::ops::Range<usize>| {
+            let (line, column) = position(text, span.start);
+            format!("{file}:{line}:{column}")
+        };
+        if self.nats.url.is_none() && self.nats.urls.is_empty() {
+            problems.push(format!("{file}: [nats] needs `url` (e.g. \"nats://127.0.0.1:4222\")"));
+        }
+        if self.nats.token.is_some() && (self.nats.user.is_some() || self.nats.creds_file.is_some()) {
+            problems.push(format!("{file}: [nats] sets more than one of `token`, `user`, `creds_file`; choose one"));
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            problems.push(format!("{file}: [nats] `user` and `password` go together"));
+        }
+        if let Some(js) = &self.jetstream {
+            if js.stream.is_empty() || js.stream.contains(['.', '*', '>', ' ', '/', '\\']) {
+                problems.push(format!(
+                    "{file}: [jetstream] stream `{}` is not a valid stream name (no `.`, `*`, `>`, spaces or slashes)",
+                    js.stream
+                ));
+            }
+            if js.subjects.is_empty() {
+                problems.push(format!("{file}: [jetstream] `subjects` is empty; e.g. subjects = [\"weir.>\"]"));
+            }
+            if js.max_in_flight == 0 {
+                problems.push(format!("{file}: [jetstream] `max_in_flight` must be at least 1"));
+            }
+        }
+        if self.http.max_in_flight == 0 {
+            problems.push(format!("{file}: [http] `max_in_flight` must be at least 1"));
+        }
+        if self.http.tokens.iter().any(|t| t.len() < 16) {
+            problems.push(format!("{file}: [http] every token must be at least 16 characters long"));
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            for name in &route.plugins {
+                if !self.plugins.entries.contains_key(name.get_ref()) && self.plugins.dir.is_none() {
+                    problems.push(format!(
+                        "{}: route {} uses plugin `{}`, which has no [plugins.{}] section and there is no plugins.dir",
+                        at(name.span()),
+                        index + 1,
+                        name.get_ref(),
+                        name.get_ref()
+                    ));
+                }
+            }
+            if let Some(subject) = &route.subject
+                && let Err(error) = crate::pipeline::SubjectTemplate::parse(subject.get_ref())
+            {
+                problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, "weir.toml").map_err(|e| e.0)
+    }
+
+    const MINIMAL: &str = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.http.max_body, 1 << 20);
+        assert!(config.jetstream.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_column_and_key() {
+        let error = parse("[nats]\nurl = \"nats://x\"\n[http]\nlisten = \"127.0.0.1:1\"\ncolour = \"blue\"\n").unwrap_err();
+        assert!(error.starts_with("weir.toml:5:1: unknown field `colour`"), "{error}");
+        let error = parse(&format!("{MINIMAL}[plugins.redact]\nconfig = {{}}\ntimeout = 5\n")).unwrap_err();
+        assert!(error.starts_with("weir.toml:5:1: unknown field `timeout`"), "{error}");
+        let error = parse(&format!("{MINIMAL}[[routes]]\nmatch = {{ entity = \"a\", kind = \"b\" }}\n")).unwrap_err();
+        assert!(error.starts_with("weir.toml:4:") && error.contains("unknown field `kind`"), "{error}");
+    }
+
+    #[test]
+    fn durations_and_sizes_are_strings_with_helpful_errors() {
+        let config = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nduplicate_window = \"5m\"\nmax_bytes = \"1GiB\"\n[http]\nmax_body = \"512KiB\"\n")).unwrap();
+        let js = config.jetstream.unwrap();
+        assert_eq!(js.duplicate_window, Duration::from_secs(300));
+        assert_eq!(js.max_bytes, Some(1 << 30));
+        assert_eq!(config.http.max_body, 512 << 10);
+        let error = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nmax_age = \"forever\"\n")).unwrap_err();
+        assert!(error.starts_with("weir.toml:5:11:") && error.contains("not a duration") && error.contains("\"2m\""), "{error}");
+        let error = parse(&format!("{MINIMAL}[http]\nmax_body = \"lots\"\n")).unwrap_err();
+        assert!(error.contains("weir.toml:4:12:") && error.contains("not a size"), "{error}");
+    }
+
+    #[test]
+    fn env_interpolation() {
+        let lookup = |name: &str| (name == "TOKEN").then(|| "s\"e\\cret".to_string());
+        let text = interpolate("a = \"${TOKEN}\"\nb = \"${MISSING:-x}\"\nc = \"$${LITERAL}\"\n", "f", lookup).unwrap();
+        assert_eq!(text, "a = \"s\\\"e\\\\cret\"\nb = \"x\"\nc = \"${LITERAL}\"\n");
+        let error = interpolate("\na = \"${NOPE}\"", "f", |_| None).unwrap_err().0;
+        assert_eq!(error, "f:2:6: environment variable `NOPE` is not set (set it, or write `${NOPE:-default}`)");
+        assert!(interpolate("a = \"${A B}\"", "f", |_| None).unwrap_err().0.contains("not a variable name"));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_how_to_fix_it() {
+        let error = parse(
+            "[nats]\ntoken = \"t\"\nuser = \"u\"\n[jetstream]\nstream = \"a.b\"\n[[routes]]\nplugins = [\"nope\"]\nsubject = \"a..{op}\"\n",
+        )
+        .unwrap_err();
+        let lines: Vec<&str> = error.lines().collect();
+        assert!(lines.iter().any(|l| l.contains("needs `url`")), "{error}");
+        assert!(lines.iter().any(|l| l.contains("more than one of")), "{error}");
+        assert!(lines.iter().any(|l| l.contains("`user` and `password` go together")), "{error}");
+        assert!(lines.iter().any(|l| l.contains("not a valid stream name")), "{error}");
+        assert!(lines.iter().any(|l| l.starts_with("weir.toml:7:12: route 1 uses plugin `nope`")), "{error}");
+        assert!(lines.iter().any(|l| l.starts_with("weir.toml:8:11: route 1:") && l.contains("empty token")), "{error}");
+    }
+}

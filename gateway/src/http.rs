@@ -1,0 +1,696 @@
+//! The HTTP source: write endpoints that answer `202` only once every output is stored, plus
+//! health, readiness and metrics. The app is a function of its state ([`router`]), so tests can
+//! call it without a socket; [`serve`] adds the listener, timeouts and graceful shutdown.
+
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::pipeline::{Disposition, Message, Pipeline};
+use crate::sink::{Published, Sink, SinkError};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// Stripes for per-key ordering: events with the same entity and key take the same lock, in
+/// arrival order (tokio's mutex is fair), and hold it until their outputs are stored.
+const KEY_STRIPES: usize = 1024;
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Settings of the HTTP source.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Largest accepted body.
+    pub max_body: u64,
+    /// Time allowed to receive a body.
+    pub body_timeout: Duration,
+    /// Most requests processed at once.
+    pub max_in_flight: usize,
+    /// Accepted bearer tokens (empty: none required).
+    pub tokens: Vec<String>,
+    /// How long an `Idempotency-Key` is remembered (the stream's duplicate window).
+    pub idempotency_ttl: Duration,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pipeline: Arc<Pipeline>,
+    sink: Sink,
+    settings: HttpSettings,
+    token_digests: Vec<[u8; 32]>,
+    in_flight: Semaphore,
+    key_locks: Vec<tokio::sync::Mutex<()>>,
+    idempotency: Mutex<HashMap<String, Remembered>>,
+    /// Set when shutting down: `/readyz` answers 503.
+    pub draining: AtomicBool,
+    /// Counters and histograms served on `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+enum Remembered {
+    InFlight { fingerprint: [u8; 32] },
+    Done { fingerprint: [u8; 32], status: StatusCode, body: Value, expires: Instant },
+}
+
+impl AppState {
+    /// Shared state for the handlers.
+    pub fn new(pipeline: Arc<Pipeline>, sink: Sink, settings: HttpSettings, metrics: Arc<Metrics>) -> Arc<AppState> {
+        let token_digests = settings.tokens.iter().map(|t| Sha256::digest(t.as_bytes()).into()).collect();
+        Arc::new(AppState {
+            pipeline,
+            sink,
+            in_flight: Semaphore::new(settings.max_in_flight),
+            token_digests,
+            settings,
+            key_locks: (0..KEY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            idempotency: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            metrics,
+        })
+    }
+}
+
+/// A failure answered as `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), extra: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(Value::Object(extra)) = self.extra {
+            for (key, value) in extra {
+                body["error"][key] = value;
+            }
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"weir\""));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn sink_error(error: SinkError) -> ApiError {
+    match error {
+        SinkError::Disconnected | SinkError::Timeout => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable", format!("{error}; nothing was stored, retry"))
+        }
+        SinkError::NoStream(_) | SinkError::Refused(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
+        }
+    }
+}
+
+/// The HTTP app.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events/{entity}", post(post_event))
+        .route("/v1/events/{entity}/{key}", axum::routing::put(keyed_event).patch(keyed_event).delete(keyed_event))
+        .route("/v1/batch", post(batch))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let connected = state.sink.connected();
+    let draining = state.draining.load(Ordering::Relaxed);
+    let body = json!({"nats": connected, "plugins": true, "draining": draining});
+    let status = if connected && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.set_nats_connected(state.sink.connected());
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.token_digests.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>`"))?;
+    let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+    // Compare against every token in constant time, whatever matches first.
+    let matched = state
+        .token_digests
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, known| acc | subtle::ConstantTimeEq::ct_eq(&digest[..], &known[..]));
+    if bool::from(matched) { Ok(()) } else { Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token")) }
+}
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Reads the body, refusing (413) on `Content-Length` before reading, or as soon as a
+/// streamed body passes the limit; 408 when it arrives too slowly.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let limit = state.settings.max_body;
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("body is larger than the limit of {limit} bytes"));
+    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        && length > limit
+    {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(state.settings.body_timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the body did not arrive in time")),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(error)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("cannot read body: {error}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes().to_vec()),
+    }
+}
+
+fn bad_json(error: serde_json::Error) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not valid JSON: {error}"))
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn valid_word(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 64 && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Builds the event for a single-event request. CloudEvents in binary mode (`ce-*` headers)
+/// and structured mode (`application/cloudevents+json`) are unwrapped to their data.
+fn single_event(
+    headers: &HeaderMap,
+    entity: String,
+    key: Option<String>,
+    default_op: &str,
+    body: &[u8],
+    allow_empty: bool,
+) -> Result<Event, ApiError> {
+    let media = media_type(headers);
+    let mut id = header_text(headers, "idempotency-key").map(str::to_string);
+    let mut data = body.to_vec();
+    let mut op = header_text(headers, "weir-op").unwrap_or(default_op).to_ascii_lowercase();
+    if media == "application/cloudevents+json" {
+        let envelope: Value = serde_json::from_slice(body).map_err(bad_json)?;
+        let ce_id = envelope.get("id").and_then(Value::as_str);
+        if envelope.get("specversion").and_then(Value::as_str) != Some("1.0") || ce_id.is_none() {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_cloudevent", "a CloudEvent needs `specversion` \"1.0\" and an `id`"));
+        }
+        id = id.or(ce_id.map(str::to_string));
+        data = serde_json::to_vec(envelope.get("data").unwrap_or(&Value::Null)).map_err(bad_json)?;
+    } else if media == "application/json" || media.ends_with("+json") || (allow_empty && body.is_empty()) {
+        if body.is_empty() {
+            data = b"{}".to_vec();
+        } else {
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(bad_json)?;
+        }
+        if let Some(ce_id) = header_text(headers, "ce-id") {
+            id = id.or(Some(ce_id.to_string()));
+        }
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type `{media}` is not accepted; send application/json or application/cloudevents+json"),
+        ));
+    }
+    if let Some(id) = &id
+        && (id.is_empty() || id.len() > MAX_IDEMPOTENCY_KEY || id.chars().any(|c| c.is_control()))
+    {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", "Idempotency-Key must be 1–255 printable characters"));
+    }
+    if !valid_word(&op) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_op", "Weir-Op must be a word of letters, digits, `-` and `_`"));
+    }
+    if entity.is_empty() || entity.len() > 255 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_entity", "entity must be 1–255 characters"));
+    }
+    op.truncate(64);
+    let key = key.or_else(|| header_text(headers, "weir-key").map(str::to_string));
+    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|name| header_text(headers, name).map(|v| (name.to_string(), v.to_string())))
+        .collect();
+    Ok(Event {
+        id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        source: "http".into(),
+        entity,
+        op,
+        key,
+        time: now_rfc3339(),
+        subject: String::new(),
+        headers: trace,
+        data,
+        old: None,
+        position: None,
+    })
+}
+
+/// The answer for one event.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    body: Value,
+}
+
+fn published_json(published: &[Published]) -> Value {
+    json!(published)
+}
+
+/// Runs events through their routes and the sink; one answer per event, in order.
+async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer, ApiError>> {
+    if !state.sink.connected() {
+        return events
+            .iter()
+            .map(|_| Err(sink_error(SinkError::Disconnected)))
+            .collect();
+    }
+    // Per-key order: take the key stripes first, in a fixed order so batches cannot deadlock.
+    let mut stripes: Vec<usize> = events.iter().filter_map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
+    stripes.sort_unstable();
+    stripes.dedup();
+    let mut guards = Vec::with_capacity(stripes.len());
+    for index in stripes {
+        guards.push(state.key_locks[index].lock().await);
+    }
+
+    let count = events.len();
+    let mut routed: HashMap<usize, Vec<(usize, Event)>> = HashMap::new();
+    let mut answers: Vec<Option<Result<Answer, ApiError>>> = (0..count).map(|_| None).collect();
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    for (position, event) in events.into_iter().enumerate() {
+        state.metrics.received("http");
+        match state.pipeline.route_for(&event) {
+            Some(route) => routed.entry(route).or_default().push((position, event)),
+            None => {
+                state.metrics.dropped("http", "none");
+                answers[position] = Some(Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": event.id, "published": [], "dropped": true}) }));
+            }
+        }
+    }
+    for (route, items) in routed {
+        let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
+        let pipeline = state.pipeline.clone();
+        let started = Instant::now();
+        let dispositions = match tokio::task::spawn_blocking(move || pipeline.process(route, batch)).await {
+            Ok(dispositions) => dispositions,
+            Err(error) => {
+                tracing::error!(%error, "plugin chain task failed");
+                for position in positions {
+                    answers[position] = Some(Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "plugin chain failed")));
+                }
+                continue;
+            }
+        };
+        state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
+        let route_name = state.pipeline.route(route).name.clone();
+        let on_error = state.pipeline.route(route).on_error;
+        // Everything to store for this route's events, in order, published together.
+        let mut messages: Vec<Message> = Vec::new();
+        let mut spans = Vec::with_capacity(dispositions.len());
+        for disposition in &dispositions {
+            let start = messages.len();
+            match disposition {
+                Disposition::Publish(out) => messages.extend(out.iter().cloned()),
+                Disposition::Rejected { dead_letter: Some(m), .. } | Disposition::Failed { dead_letter: Some(m), .. } => {
+                    messages.push(m.clone())
+                }
+                _ => {}
+            }
+            spans.push(start..messages.len());
+        }
+        let published_started = Instant::now();
+        let stored = if messages.is_empty() { Ok(Vec::new()) } else { state.sink.publish_all(&messages).await };
+        state.metrics.publish_duration(published_started.elapsed());
+        for ((position, disposition), span) in positions.into_iter().zip(dispositions).zip(spans) {
+            let id = &ids[position];
+            let answer = match (&stored, disposition) {
+                (Err(error), Disposition::Publish(_) | Disposition::Rejected { dead_letter: Some(_), .. } | Disposition::Failed { dead_letter: Some(_), .. }) => {
+                    Err(sink_error(error.clone()))
+                }
+                (Ok(stored), Disposition::Publish(_)) => {
+                    state.metrics.published("http", &route_name, span.len());
+                    Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": published_json(&stored[span]), "dropped": false}) })
+                }
+                (_, Disposition::Dropped) => {
+                    state.metrics.dropped("http", &route_name);
+                    Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": [], "dropped": true}) })
+                }
+                (stored, Disposition::Rejected { plugin, reason, dead_letter }) => {
+                    state.metrics.rejected("http", &route_name, &plugin);
+                    let mut error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", reason);
+                    let dead = match (stored, dead_letter) {
+                        (Ok(stored), Some(_)) => {
+                            state.metrics.dead_lettered("http", &route_name);
+                            published_json(&stored[span])
+                        }
+                        _ => Value::Null,
+                    };
+                    error.extra = Some(json!({"plugin": plugin, "id": id, "dead_lettered": dead}));
+                    Err(error)
+                }
+                (stored, Disposition::Failed { plugin, error, dead_letter }) => {
+                    state.metrics.plugin_error(&plugin, error.kind.as_str());
+                    match (stored, dead_letter, on_error) {
+                        (Ok(stored), Some(_), _) => {
+                            state.metrics.dead_lettered("http", &route_name);
+                            Ok(Answer {
+                                status: StatusCode::ACCEPTED,
+                                body: json!({"id": id, "published": [], "dropped": false,
+                                             "dead_lettered": published_json(&stored[span]),
+                                             "error": {"plugin": plugin, "kind": error.kind.as_str(), "message": error.message}}),
+                            })
+                        }
+                        (_, _, crate::config::OnError::Drop) => {
+                            state.metrics.dropped("http", &route_name);
+                            Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": [], "dropped": true}) })
+                        }
+                        _ => {
+                            let mut failure = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", error.message);
+                            failure.extra = Some(json!({"plugin": plugin, "kind": error.kind.as_str(), "id": id}));
+                            Err(failure)
+                        }
+                    }
+                }
+            };
+            answers[position] = Some(answer);
+        }
+    }
+    drop(guards);
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no answer"))))
+        .collect()
+}
+
+fn stripe(entity: &str, key: &str) -> usize {
+    let digest = Sha256::new().chain_update(entity).chain_update([0]).chain_update(key).finalize();
+    usize::from(u16::from_le_bytes([digest[0], digest[1]])) % KEY_STRIPES
+}
+
+fn answer_response(answer: Result<Answer, ApiError>) -> Response {
+    match answer {
+        Ok(answer) => (answer.status, axum::Json(answer.body)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Admission: in-flight bound (429) and auth (401), before the body is read.
+fn admit<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
+    check_auth(state, headers)?;
+    state.in_flight.try_acquire().map_err(|_| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "too many requests in flight; retry shortly")
+    })
+}
+
+async fn single(state: Arc<AppState>, request: Request, entity: String, key: Option<String>, op: &str) -> Response {
+    let (parts, body) = request.into_parts();
+    let _permit = match admit(&state, &parts.headers) {
+        Ok(permit) => permit,
+        Err(error) => return error.into_response(),
+    };
+    let body = match read_body(&state, &parts.headers, body).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let event = match single_event(&parts.headers, entity, key, op, &body, parts.method == Method::DELETE) {
+        Ok(event) => event,
+        Err(error) => return error.into_response(),
+    };
+    let Some(idempotency_key) = header_text(&parts.headers, "idempotency-key").map(str::to_string) else {
+        return answer_response(ingest(&state, vec![event]).await.remove(0));
+    };
+    let fingerprint: [u8; 32] = Sha256::new()
+        .chain_update(parts.method.as_str())
+        .chain_update([0])
+        .chain_update(parts.uri.path())
+        .chain_update([0])
+        .chain_update(&event.op)
+        .chain_update([0])
+        .chain_update(&body)
+        .finalize()
+        .into();
+    if let Some(response) = remembered(&state, &idempotency_key, fingerprint) {
+        return response;
+    }
+    let answer = ingest(&state, vec![event]).await.remove(0);
+    let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+    // Remember stored outcomes and plugin rejections; forget "not stored, retry" answers.
+    let keep = match &answer {
+        Ok(answer) => Some((answer.status, answer.body.clone())),
+        Err(error) if error.status == StatusCode::UNPROCESSABLE_ENTITY => {
+            let response = json!({"error": {"code": error.code, "message": error.message}});
+            Some((error.status, merge(response, error.extra.clone())))
+        }
+        Err(_) => None,
+    };
+    match keep {
+        Some((status, body)) => {
+            let expires = Instant::now() + state.settings.idempotency_ttl;
+            memory.insert(idempotency_key, Remembered::Done { fingerprint, status, body, expires });
+        }
+        None => {
+            memory.remove(&idempotency_key);
+        }
+    }
+    drop(memory);
+    answer_response(answer)
+}
+
+fn merge(mut body: Value, extra: Option<Value>) -> Value {
+    if let Some(Value::Object(extra)) = extra {
+        for (key, value) in extra {
+            body["error"][key] = value;
+        }
+    }
+    body
+}
+
+/// The stored answer for a repeated key, a conflict, or `None` to go ahead (marked in flight).
+fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Response> {
+    let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if memory.len() > 100_000 {
+        memory.retain(|_, entry| !matches!(entry, Remembered::Done { expires, .. } if *expires < now));
+    }
+    match memory.get(key) {
+        Some(Remembered::Done { fingerprint: seen, status, body, expires }) if *expires >= now => {
+            if *seen != fingerprint {
+                return Some(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request").into_response());
+            }
+            Some((*status, axum::Json(body.clone())).into_response())
+        }
+        Some(Remembered::InFlight { fingerprint: seen }) => {
+            if *seen != fingerprint {
+                return Some(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request").into_response());
+            }
+            Some(ApiError::new(StatusCode::CONFLICT, "in_progress", "a request with this Idempotency-Key is in progress").into_response())
+        }
+        _ => {
+            memory.insert(key.to_string(), Remembered::InFlight { fingerprint });
+            None
+        }
+    }
+}
+
+async fn post_event(State(state): State<Arc<AppState>>, Path(entity): Path<String>, request: Request) -> Response {
+    single(state, request, entity, None, "insert").await
+}
+
+async fn keyed_event(State(state): State<Arc<AppState>>, Path((entity, key)): Path<(String, String)>, request: Request) -> Response {
+    let op = if request.method() == Method::DELETE { "delete" } else { "update" };
+    single(state, request, entity, Some(key), op).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    entity: String,
+    #[serde(default)]
+    op: Option<String>,
+    #[serde(default)]
+    key: Option<Value>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let _permit = match admit(&state, &parts.headers) {
+        Ok(permit) => permit,
+        Err(error) => return error.into_response(),
+    };
+    let media = media_type(&parts.headers);
+    if media != "application/x-ndjson" && media != "application/ndjson" && media != "application/jsonl" {
+        return ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send NDJSON as application/x-ndjson").into_response();
+    }
+    let body = match read_body(&state, &parts.headers, body).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_body", "NDJSON must be UTF-8").into_response();
+    };
+    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|name| header_text(&parts.headers, name).map(|v| (name.to_string(), v.to_string())))
+        .collect();
+    let mut results: Vec<Value> = Vec::new();
+    let mut events = Vec::new();
+    let mut slots = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_number = index + 1;
+        let parsed: Result<BatchLine, _> = serde_json::from_str(line);
+        let event = parsed.map_err(|e| e.to_string()).and_then(|line| {
+            let op = line.op.unwrap_or_else(|| "insert".into()).to_ascii_lowercase();
+            if !valid_word(&op) || line.entity.is_empty() {
+                return Err("`entity` must be non-empty and `op` a word".to_string());
+            }
+            Ok(Event {
+                id: line.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                source: "http".into(),
+                entity: line.entity,
+                op,
+                key: line.key.map(|k| match k {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                }),
+                time: now_rfc3339(),
+                subject: String::new(),
+                headers: trace.clone(),
+                data: line.data.unwrap_or_else(|| json!({})).to_string().into_bytes(),
+                old: None,
+                position: None,
+            })
+        });
+        match event {
+            Ok(event) => {
+                slots.push(results.len());
+                results.push(json!({"line": line_number}));
+                events.push(event);
+            }
+            Err(message) => results.push(json!({"line": line_number, "status": 400, "error": {"code": "bad_line", "message": message}})),
+        }
+    }
+    if results.is_empty() {
+        return ApiError::new(StatusCode::BAD_REQUEST, "empty_batch", "the batch has no lines").into_response();
+    }
+    let answers = ingest(&state, events).await;
+    let mut all_accepted = results.len() == answers.len();
+    for (slot, answer) in slots.into_iter().zip(answers) {
+        let line = results[slot]["line"].clone();
+        results[slot] = match answer {
+            Ok(answer) => merge_line(line, answer.status, answer.body),
+            Err(error) => {
+                all_accepted = false;
+                let status = error.status;
+                let body = merge(json!({"error": {"code": error.code, "message": error.message}}), error.extra);
+                merge_line(line, status, body)
+            }
+        };
+    }
+    let status = if all_accepted { StatusCode::ACCEPTED } else { StatusCode::MULTI_STATUS };
+    (status, axum::Json(json!({"results": results}))).into_response()
+}
+
+fn merge_line(line: Value, status: StatusCode, body: Value) -> Value {
+    let mut out = json!({"line": line, "status": status.as_u16()});
+    if let Value::Object(map) = body {
+        for (key, value) in map {
+            out[key] = value;
+        }
+    }
+    out
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets open
+/// requests finish for up to `drain`. Headers must arrive within `header_timeout`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                let watched = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = watched.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("stopped accepting connections; draining in-flight requests");
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?drain, "drain timeout passed with requests still open");
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Prometheus metrics (prefix `weir_`), served on `/metrics`. Names are a contract: every
+//! source and route reports the same counters.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn seconds_histogram() -> Histogram {
+    // 50 µs to ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<Labels, Counter>,
+    published: Family<Labels, Counter>,
+    dropped: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    dead_lettered: Family<Labels, Counter>,
+    plugin_errors: Family<Labels, Counter>,
+    chain_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    publish_seconds: Histogram,
+    nats_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weir");
+        let metrics = Metrics {
+            received: Family::default(),
+            published: Family::default(),
+            dropped: Family::default(),
+            rejected: Family::default(),
+            dead_lettered: Family::default(),
+            plugin_errors: Family::default(),
+            chain_seconds: Family::new_with_constructor(seconds_histogram),
+            publish_seconds: seconds_histogram(),
+            nats_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("events_received", "Events received, by source", metrics.received.clone());
+        registry.register("events_published", "Messages stored, by source and route", metrics.published.clone());
+        registry.register("events_dropped", "Events that produced nothing, by source and route", metrics.dropped.clone());
+        registry.register("events_rejected", "Events rejected by a plugin, by source, route and plugin", metrics.rejected.clone());
+        registry.register("events_dead_lettered", "Events stored on the dead-letter subject", metrics.dead_lettered.clone());
+        registry.register("plugin_errors", "Plugin failures, by plugin and kind", metrics.plugin_errors.clone());
+        registry.register("plugin_chain_duration_seconds", "Time to run a route's plugin chain over a batch", metrics.chain_seconds.clone());
+        registry.register("publish_duration_seconds", "Time from publishing to the last PubAck of a batch", metrics.publish_seconds.clone());
+        registry.register("nats_connected", "1 while connected to NATS", metrics.nats_connected.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// An event arrived from `source`.
+    pub fn received(&self, source: &str) {
+        self.received.get_or_create(&vec![("source", source.to_string())]).inc();
+    }
+    /// `count` messages were stored.
+    pub fn published(&self, source: &str, route: &str, count: usize) {
+        let labels = vec![("source", source.to_string()), ("route", route.to_string())];
+        self.published.get_or_create(&labels).inc_by(count as u64);
+    }
+    /// An event produced nothing.
+    pub fn dropped(&self, source: &str, route: &str) {
+        self.dropped.get_or_create(&vec![("source", source.to_string()), ("route", route.to_string())]).inc();
+    }
+    /// A plugin rejected an event.
+    pub fn rejected(&self, source: &str, route: &str, plugin: &str) {
+        let labels = vec![("source", source.to_string()), ("route", route.to_string()), ("plugin", plugin.to_string())];
+        self.rejected.get_or_create(&labels).inc();
+    }
+    /// An event went to the dead-letter subject.
+    pub fn dead_lettered(&self, source: &str, route: &str) {
+        self.dead_lettered.get_or_create(&vec![("source", source.to_string()), ("route", route.to_string())]).inc();
+    }
+    /// A plugin failed.
+    pub fn plugin_error(&self, plugin: &str, kind: &str) {
+        self.plugin_errors.get_or_create(&vec![("plugin", plugin.to_string()), ("kind", kind.to_string())]).inc();
+    }
+    /// A route's chain ran over a batch.
+    pub fn chain_duration(&self, route: &str, elapsed: Duration) {
+        self.chain_seconds.get_or_create(&vec![("route", route.to_string())]).observe(elapsed.as_secs_f64());
+    }
+    /// A batch was published and acknowledged.
+    pub fn publish_duration(&self, elapsed: Duration) {
+        self.publish_seconds.observe(elapsed.as_secs_f64());
+    }
+    /// NATS connection state.
+    pub fn set_nats_connected(&self, connected: bool) {
+        self.nats_connected.set(i64::from(connected));
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.push_str("# metrics could not be encoded\n");
+        }
+        text
+    }
+}

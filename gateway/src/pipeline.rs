@@ -1,0 +1,474 @@
+//! From events to messages: route matching, subject templates, the plugin chain, and the payload
+//! envelope. Sources hand events in; the sink takes messages out.
+
+use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind};
+use crate::event::Event;
+use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A parsed subject template such as `shop.{entity}.{op}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate {
+    tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Literal(String),
+    Entity,
+    Op,
+    Key,
+    Source,
+    Schema,
+    Table,
+}
+
+impl SubjectTemplate {
+    /// Parses a template: dot-separated tokens, each a literal or one of `{entity}`, `{op}`,
+    /// `{key}`, `{source}`, `{schema}`, `{table}`.
+    pub fn parse(template: &str) -> Result<SubjectTemplate, String> {
+        let mut tokens = Vec::new();
+        for part in template.split('.') {
+            let token = match part {
+                "" => return Err(format!("subject template `{template}` has an empty token")),
+                "{entity}" => Token::Entity,
+                "{op}" => Token::Op,
+                "{key}" => Token::Key,
+                "{source}" => Token::Source,
+                "{schema}" => Token::Schema,
+                "{table}" => Token::Table,
+                literal if literal.contains(['{', '}']) => {
+                    return Err(format!(
+                        "subject template token `{literal}` is not a placeholder; use a whole token: {{entity}}, {{op}}, {{key}}, {{source}}, {{schema}} or {{table}}"
+                    ));
+                }
+                literal => {
+                    crate::subject::validate(literal).map_err(|e| format!("subject template `{template}`: {e}"))?;
+                    Token::Literal(literal.to_string())
+                }
+            };
+            tokens.push(token);
+        }
+        Ok(SubjectTemplate { tokens })
+    }
+
+    /// The literal tokens before the first placeholder, joined: the default allowed prefix.
+    pub fn literal_prefix(&self) -> String {
+        let literals: Vec<&str> = self
+            .tokens
+            .iter()
+            .map_while(|t| match t {
+                Token::Literal(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect();
+        literals.join(".")
+    }
+
+    /// The subject for `event`; every value from the event becomes one sanitized token.
+    pub fn render(&self, event: &Event) -> String {
+        let (schema, table) = event.entity.split_once('.').unwrap_or(("public", event.entity.as_str()));
+        let parts: Vec<String> = self
+            .tokens
+            .iter()
+            .map(|token| match token {
+                Token::Literal(literal) => literal.clone(),
+                Token::Entity => crate::subject::token(&event.entity),
+                Token::Op => crate::subject::token(&event.op),
+                Token::Key => crate::subject::token(event.key.as_deref().unwrap_or("_")),
+                Token::Source => crate::subject::token(&event.source),
+                Token::Schema => crate::subject::token(schema),
+                Token::Table => crate::subject::token(table),
+            })
+            .collect();
+        parts.join(".")
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let Some((first, rest)) = pattern.split_once('*') else { return pattern == text };
+    let Some(mut remaining) = text.strip_prefix(first) else { return false };
+    let pieces: Vec<&str> = rest.split('*').collect();
+    for (index, piece) in pieces.iter().enumerate() {
+        if index == pieces.len() - 1 {
+            return remaining.ends_with(piece);
+        }
+        match remaining.find(piece) {
+            Some(at) => remaining = &remaining[at + piece.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A route, ready to run.
+pub struct Route {
+    /// Name for logs and metrics.
+    pub name: String,
+    source: Option<SourceKind>,
+    entity: Option<String>,
+    ops: Vec<String>,
+    chain: Vec<Arc<Plugin>>,
+    subject: SubjectTemplate,
+    allowed_prefix: String,
+    /// Payload shape.
+    pub envelope: Envelope,
+    /// What to do with rejected and failed events.
+    pub on_error: OnError,
+    dlq: SubjectTemplate,
+}
+
+impl Route {
+    fn matches(&self, event: &Event) -> bool {
+        self.source.is_none_or(|s| s.as_str() == event.source)
+            && self.entity.as_deref().is_none_or(|p| glob_matches(p, &event.entity))
+            && (self.ops.is_empty() || self.ops.iter().any(|op| op == &event.op))
+    }
+}
+
+/// A message ready for NATS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Subject to publish to.
+    pub subject: String,
+    /// Headers, `Nats-Msg-Id` first.
+    pub headers: Vec<(String, String)>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// The `Nats-Msg-Id` header.
+    pub fn id(&self) -> &str {
+        self.headers.iter().find(|(k, _)| k == "Nats-Msg-Id").map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// What became of one input event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Publish these messages (one per output event).
+    Publish(Vec<Message>),
+    /// Every output was dropped (or no route matched).
+    Dropped,
+    /// A plugin rejected it; `dead_letter` is set when the route sends it to the DLQ.
+    Rejected { plugin: String, reason: String, dead_letter: Option<Message> },
+    /// A plugin failed on it; `dead_letter` is set when the route sends it to the DLQ.
+    Failed { plugin: String, error: PluginError, dead_letter: Option<Message> },
+}
+
+/// The routes and their plugin chains.
+pub struct Pipeline {
+    routes: Vec<Route>,
+}
+
+impl Pipeline {
+    /// Builds routes from the config, with the already loaded `plugins` by name. Without routes,
+    /// a default route publishes every event to `weir.{entity}.{op}`.
+    pub fn new(config: &Config, plugins: &HashMap<String, Arc<Plugin>>) -> anyhow::Result<Pipeline> {
+        let mut routes = Vec::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            routes.push(build_route(index, route, plugins)?);
+        }
+        if routes.is_empty() {
+            let default = RouteConfig {
+                name: Some("default".into()),
+                matcher: Default::default(),
+                plugins: Vec::new(),
+                subject: None,
+                allowed_prefix: None,
+                envelope: Envelope::Weir,
+                on_error: OnError::Dlq,
+                dlq_subject: None,
+            };
+            routes.push(build_route(0, &default, plugins)?);
+        }
+        Ok(Pipeline { routes })
+    }
+
+    /// Index of the first route matching `event`.
+    pub fn route_for(&self, event: &Event) -> Option<usize> {
+        self.routes.iter().position(|route| route.matches(event))
+    }
+
+    /// The route at `index`.
+    pub fn route(&self, index: usize) -> &Route {
+        &self.routes[index]
+    }
+
+    /// Runs `events`, which all match route `index`, through its chain: one disposition per
+    /// event, in order. Blocking (plugins run here); call it off the async reactor.
+    pub fn process(&self, index: usize, mut events: Vec<Event>) -> Vec<Disposition> {
+        let route = &self.routes[index];
+        for event in &mut events {
+            event.subject = route.subject.render(event);
+        }
+        let originals = events.clone();
+        // Each live event remembers which input it descends from.
+        let mut live: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
+        let mut verdicts: Vec<Option<Disposition>> = vec![None; originals.len()];
+        for plugin in &route.chain {
+            let (origins, batch): (Vec<usize>, Vec<Event>) = live.into_iter().unzip();
+            let results = plugin.run(batch);
+            live = Vec::new();
+            for (origin, result) in origins.into_iter().zip(results) {
+                if verdicts[origin].is_some() {
+                    continue;
+                }
+                let checked = result.and_then(|outcome| self.check_prefix(route, plugin, outcome));
+                match checked {
+                    Ok(Outcome::Keep(event)) => live.push((origin, event)),
+                    Ok(Outcome::Split(events)) => live.extend(events.into_iter().map(|e| (origin, e))),
+                    Ok(Outcome::Drop) => {}
+                    Ok(Outcome::Reject(reason)) => {
+                        let dead_letter = (route.on_error == OnError::Dlq)
+                            .then(|| dead_letter(route, &originals[origin], plugin, "rejected", &reason));
+                        verdicts[origin] = Some(Disposition::Rejected { plugin: plugin.name().into(), reason, dead_letter });
+                    }
+                    Err(error) => {
+                        let dead_letter = (route.on_error == OnError::Dlq)
+                            .then(|| dead_letter(route, &originals[origin], plugin, error.kind.as_str(), &error.message));
+                        verdicts[origin] = Some(Disposition::Failed { plugin: plugin.name().into(), error, dead_letter });
+                    }
+                }
+            }
+            // Outputs of an input that failed later in the batch are not published.
+            live.retain(|(origin, _)| verdicts[*origin].is_none());
+        }
+        let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); originals.len()];
+        for (origin, event) in live {
+            outputs[origin].push(to_message(route, &event));
+        }
+        verdicts
+            .into_iter()
+            .zip(outputs)
+            .map(|(verdict, messages)| match verdict {
+                Some(verdict) => verdict,
+                None if messages.is_empty() => Disposition::Dropped,
+                None => Disposition::Publish(messages),
+            })
+            .collect()
+    }
+
+    fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {
+        let inside = |subject: &str| {
+            route.allowed_prefix.is_empty()
+                || subject == route.allowed_prefix
+                || subject.strip_prefix(route.allowed_prefix.as_str()).is_some_and(|rest| rest.starts_with('.'))
+        };
+        let events: Vec<&Event> = match &outcome {
+            Outcome::Keep(event) => vec![event],
+            Outcome::Split(events) => events.iter().collect(),
+            _ => Vec::new(),
+        };
+        if let Some(bad) = events.iter().find(|e| !inside(&e.subject)) {
+            return Err(PluginError {
+                kind: ErrorKind::InvalidSubject,
+                message: format!(
+                    "plugin `{}` emitted subject `{}` outside the route's allowed prefix `{}`",
+                    plugin.name(),
+                    bad.subject,
+                    route.allowed_prefix
+                ),
+            });
+        }
+        Ok(outcome)
+    }
+}
+
+fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc<Plugin>>) -> anyhow::Result<Route> {
+    let name = config.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
+    let template = config.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
+    let subject = SubjectTemplate::parse(template).map_err(|e| anyhow::anyhow!("route `{name}`: {e}"))?;
+    let dlq = SubjectTemplate::parse(config.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}"))
+        .map_err(|e| anyhow::anyhow!("route `{name}` dlq_subject: {e}"))?;
+    let chain = config
+        .plugins
+        .iter()
+        .map(|plugin| {
+            plugins
+                .get(plugin.get_ref())
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("route `{name}` uses plugin `{}`, which is not loaded", plugin.get_ref()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Route {
+        allowed_prefix: config.allowed_prefix.clone().unwrap_or_else(|| subject.literal_prefix()),
+        name,
+        source: config.matcher.source,
+        entity: config.matcher.entity.clone(),
+        ops: config.matcher.op.clone(),
+        chain,
+        subject,
+        envelope: config.envelope,
+        on_error: config.on_error,
+        dlq,
+    })
+}
+
+fn json_or_base64(bytes: &[u8]) -> (Value, bool) {
+    match serde_json::from_slice(bytes) {
+        Ok(value) => (value, true),
+        Err(_) => {
+            use base64::Engine as _;
+            (Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)), false)
+        }
+    }
+}
+
+/// The Weir JSON envelope of an event.
+pub fn weir_envelope(event: &Event) -> Value {
+    let mut out = Map::new();
+    out.insert("id".into(), json!(event.id));
+    out.insert("source".into(), json!(event.source));
+    out.insert("entity".into(), json!(event.entity));
+    out.insert("op".into(), json!(event.op));
+    out.insert("time".into(), json!(event.time));
+    out.insert("key".into(), json!(event.key));
+    let (data, is_json) = json_or_base64(&event.data);
+    out.insert(if is_json { "data" } else { "data_base64" }.into(), data);
+    match &event.old {
+        Some(old) => {
+            let (old, is_json) = json_or_base64(old);
+            out.insert(if is_json { "old" } else { "old_base64" }.into(), old);
+        }
+        None => {
+            out.insert("old".into(), Value::Null);
+        }
+    }
+    out.insert("position".into(), json!(event.position));
+    Value::Object(out)
+}
+
+fn cloudevent(event: &Event) -> Value {
+    let (data, is_json) = json_or_base64(&event.data);
+    let mut out = Map::new();
+    out.insert("specversion".into(), json!("1.0"));
+    out.insert("id".into(), json!(event.id));
+    out.insert("source".into(), json!(format!("/weir/{}/{}", event.source, event.entity)));
+    out.insert("type".into(), json!(format!("weir.{}.{}", event.entity, event.op)));
+    if let Some(key) = &event.key {
+        out.insert("subject".into(), json!(key));
+    }
+    out.insert("time".into(), json!(event.time));
+    out.insert("datacontenttype".into(), json!(if is_json { "application/json" } else { "application/octet-stream" }));
+    out.insert(if is_json { "data" } else { "data_base64" }.into(), data);
+    Value::Object(out)
+}
+
+/// Host headers (which win over plugin headers of the same name), then the event's own.
+fn headers_for(event: &Event, content_type: &str) -> Vec<(String, String)> {
+    let mut headers = vec![
+        ("Nats-Msg-Id".to_string(), event.id.clone()),
+        ("Weir-Source".to_string(), event.source.clone()),
+        ("Weir-Entity".to_string(), event.entity.clone()),
+        ("Weir-Op".to_string(), event.op.clone()),
+        ("Content-Type".to_string(), content_type.to_string()),
+    ];
+    if let Some(position) = &event.position {
+        headers.push(("Weir-Position".to_string(), position.clone()));
+    }
+    if let Some(key) = &event.key {
+        headers.push(("Weir-Key".to_string(), key.clone()));
+    }
+    for (name, value) in &event.headers {
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    headers
+}
+
+fn to_message(route: &Route, event: &Event) -> Message {
+    let (payload, content_type) = match route.envelope {
+        Envelope::Weir => (weir_envelope(event).to_string().into_bytes(), "application/json"),
+        Envelope::Data => (event.data.clone(), "application/json"),
+        Envelope::Cloudevents => (cloudevent(event).to_string().into_bytes(), "application/cloudevents+json"),
+    };
+    Message { subject: event.subject.clone(), headers: headers_for(event, content_type), payload }
+}
+
+fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, message: &str) -> Message {
+    let mut headers = headers_for(original, "application/json");
+    // A distinct id: a later successful retry of the same event must not be deduplicated
+    // against its dead letter.
+    headers[0].1 = format!("dlq:{}", original.id);
+    for (name, value) in [
+        ("Weir-Error", message.chars().take(1024).collect::<String>()),
+        ("Weir-Error-Kind", kind.to_string()),
+        ("Weir-Plugin", plugin.name().to_string()),
+        ("Weir-Plugin-Version", plugin.info().version_label()),
+        ("Weir-Route", route.name.clone()),
+        ("Weir-Original-Subject", original.subject.clone()),
+    ] {
+        // Header values cannot carry line breaks.
+        headers.push((name.to_string(), value.replace(['\r', '\n'], " ")));
+    }
+    Message {
+        subject: route.dlq.render(original),
+        headers,
+        payload: weir_envelope(original).to_string().into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(entity: &str, op: &str) -> Event {
+        Event {
+            id: "e1".into(),
+            source: "http".into(),
+            entity: entity.into(),
+            op: op.into(),
+            key: Some("k.1".into()),
+            time: "t".into(),
+            subject: String::new(),
+            headers: vec![("Nats-Msg-Id".into(), "spoofed".into()), ("x-a".into(), "1".into())],
+            data: br#"{"a":1}"#.to_vec(),
+            old: None,
+            position: None,
+        }
+    }
+
+    #[test]
+    fn templates_render_sanitized_tokens() {
+        let template = SubjectTemplate::parse("shop.{entity}.{op}.{key}").unwrap();
+        assert_eq!(template.render(&event("orders", "insert")), "shop.orders.insert.k_1");
+        assert_eq!(template.literal_prefix(), "shop");
+        let pg = SubjectTemplate::parse("weir.{schema}.{table}.{op}").unwrap();
+        assert_eq!(pg.render(&event("public.orders", "update")), "weir.public.orders.update");
+        assert!(SubjectTemplate::parse("a..b").unwrap_err().contains("empty token"));
+        assert!(SubjectTemplate::parse("a.x{op}").unwrap_err().contains("not a placeholder"));
+        assert!(SubjectTemplate::parse("a.*").unwrap_err().contains("wildcard"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_matches("orders*", "orders_archive"));
+        assert!(glob_matches("*", "anything"));
+        assert!(glob_matches("public.*", "public.orders"));
+        assert!(glob_matches("*.orders", "shop.orders"));
+        assert!(glob_matches("a*c*e", "abcde"));
+        assert!(!glob_matches("orders", "orders2"));
+        assert!(!glob_matches("a*c", "abd"));
+    }
+
+    #[test]
+    fn host_headers_win_and_the_envelope_embeds_data() {
+        let mut e = event("orders", "insert");
+        e.subject = "weir.orders.insert".into();
+        let headers = headers_for(&e, "application/json");
+        assert_eq!(headers[0], ("Nats-Msg-Id".to_string(), "e1".to_string()));
+        assert!(!headers.iter().any(|(_, v)| v == "spoofed"));
+        assert!(headers.contains(&("x-a".to_string(), "1".to_string())));
+        let envelope = weir_envelope(&e);
+        assert_eq!(envelope["data"], json!({"a": 1}));
+        assert_eq!(envelope["key"], "k.1");
+        e.data = b"\xff".to_vec();
+        assert_eq!(weir_envelope(&e)["data_base64"], "/w==");
+    }
+}

@@ -1,0 +1,168 @@
+//! `weir run` and `weir check`: wiring config, plugins, pipeline, sink and HTTP source together.
+
+use crate::config::Config;
+use crate::http::{AppState, HttpSettings};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::plugin::{CompileCache, Plugin, PluginRuntime, RuntimeOptions};
+use crate::sink::Sink;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Loads every plugin the config names (in routes or in its own section). Errors are collected,
+/// one line per plugin.
+pub fn load_plugins(runtime: &PluginRuntime, config: &Config) -> Result<HashMap<String, Arc<Plugin>>, Vec<String>> {
+    let mut names = config.used_plugins();
+    for name in config.plugins.entries.keys() {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    let mut plugins = HashMap::new();
+    let mut problems = Vec::new();
+    for name in names {
+        let Some(file) = config.plugin_file(&name) else {
+            problems.push(format!("plugin `{name}`: no file; set [plugins.{name}] file or plugins.dir"));
+            continue;
+        };
+        let section = config.plugins.entries.get(&name);
+        let limits = section.map(|s| s.limits()).unwrap_or_default();
+        let plugin_config = section.map_or_else(|| "{}".to_string(), |s| s.config_json());
+        match runtime.load_file(&name, &file, &plugin_config, limits) {
+            Ok(plugin) => {
+                tracing::info!(plugin = %name, file = %file.display(), world = plugin.info().world.as_str(), version = %plugin.info().version_label(), "plugin loaded");
+                plugins.insert(name, Arc::new(plugin));
+            }
+            Err(error) => problems.push(format!("plugin `{name}` ({}): {error}", file.display())),
+        }
+    }
+    if problems.is_empty() { Ok(plugins) } else { Err(problems) }
+}
+
+async fn shutdown_signal(state: Arc<AppState>) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+    state.draining.store(true, Ordering::Relaxed);
+}
+
+/// Runs the gateway until SIGINT or SIGTERM, then drains for up to `drain`.
+pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let runtime = PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() })?;
+    let plugins = load_plugins(&runtime, &config).map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
+    let pipeline = Arc::new(Pipeline::new(&config, &plugins)?);
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tokio.block_on(async move {
+        let sink = Sink::connect(&config).await?;
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http.listen))?;
+        let address = listener.local_addr()?;
+        let settings = HttpSettings {
+            max_body: config.http.max_body,
+            body_timeout: config.http.body_timeout,
+            max_in_flight: config.http.max_in_flight,
+            tokens: config.http.tokens.clone(),
+            idempotency_ttl: config.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window),
+        };
+        let state = AppState::new(pipeline, sink, settings, Arc::new(Metrics::new()));
+        tracing::info!("weir listening on http://{address}");
+        crate::http::serve(
+            listener,
+            crate::http::router(state.clone()),
+            config.http.header_timeout,
+            shutdown_signal(state),
+            drain,
+        )
+        .await?;
+        tracing::info!("drained; exiting");
+        Ok(())
+    })
+}
+
+/// `weir check`: every problem with the config, plugins, NATS and the stream, one per line.
+/// Returns the exit code.
+pub fn check(config_path: &Path) -> i32 {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            println!("{error}");
+            return 1;
+        }
+    };
+    println!("ok    config {}", config_path.display());
+    let mut problems = Vec::new();
+    match PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() }) {
+        Ok(runtime) => match load_plugins(&runtime, &config) {
+            Ok(plugins) => {
+                let mut names: Vec<_> = plugins.keys().collect();
+                names.sort();
+                for name in names {
+                    println!("ok    plugin {name} ({}, {})", plugins[name].info().world.as_str(), plugins[name].info().version_label());
+                }
+                if let Err(error) = Pipeline::new(&config, &plugins) {
+                    problems.push(format!("{error:#}"));
+                }
+            }
+            Err(mut found) => problems.append(&mut found),
+        },
+        Err(error) => problems.push(format!("cannot start the plugin runtime: {error:#}")),
+    }
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(tokio) => problems.extend(tokio.block_on(check_nats(&config))),
+        Err(error) => problems.push(format!("cannot start the async runtime: {error}")),
+    }
+    for problem in &problems {
+        println!("error {problem}");
+    }
+    if problems.is_empty() { 0 } else { 1 }
+}
+
+async fn check_nats(config: &Config) -> Vec<String> {
+    let client = match crate::sink::connect_client(config).await {
+        Ok(client) => client,
+        Err(error) => return vec![format!("{error:#}")],
+    };
+    println!("ok    NATS connected");
+    let Some(js) = &config.jetstream else {
+        println!("note  no [jetstream]: core NATS publishing is at-most-once");
+        return Vec::new();
+    };
+    let context = async_nats::jetstream::new(client);
+    let want = crate::sink::stream_config(js);
+    match context.get_stream(&js.stream).await {
+        Ok(mut stream) => match stream.info().await {
+            Ok(info) => {
+                let differences = crate::sink::stream_differences(&want, &info.config);
+                if differences.is_empty() {
+                    println!("ok    stream {} matches the config", js.stream);
+                }
+                differences
+                    .into_iter()
+                    .map(|d| format!("stream {} differs from [jetstream] ({d}); change the config or update the stream with `nats stream edit`", js.stream))
+                    .collect()
+            }
+            Err(error) => vec![format!("cannot read stream {}: {error}", js.stream)],
+        },
+        Err(_) => {
+            println!("note  stream {} does not exist yet; `weir run` creates it", js.stream);
+            Vec::new()
+        }
+    }
+}

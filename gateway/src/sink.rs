@@ -1,0 +1,290 @@
+//! The NATS sink: connection (auth, TLS, reconnect forever), JetStream stream provisioning, and
+//! publishing with PubAcks awaited concurrently and timed-out acks retried under the same id.
+
+use crate::config::{Config, JetStreamConfig, NatsConfig, Storage};
+use crate::pipeline::Message;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use std::time::Duration;
+
+/// Where a message was stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Published {
+    /// Subject it was published to.
+    pub subject: String,
+    /// Stream that stored it (JetStream), or `null` for core NATS.
+    pub stream: Option<String>,
+    /// Stream sequence (JetStream).
+    pub seq: Option<u64>,
+    /// JetStream already had a message with this id: stored once.
+    pub duplicate: bool,
+}
+
+/// Why a message is not stored; each means "not stored, retry later" to the source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Not connected to NATS right now.
+    #[error("NATS is not reachable")]
+    Disconnected,
+    /// No PubAck arrived in time, even after retrying.
+    #[error("NATS did not acknowledge the message in time")]
+    Timeout,
+    /// No stream captures the subject.
+    #[error("no JetStream stream captures subject `{0}`; add it to [jetstream] subjects")]
+    NoStream(String),
+    /// The server refused the message (stream full, too large, …).
+    #[error("NATS refused the message: {0}")]
+    Refused(String),
+}
+
+/// A connected sink.
+#[derive(Clone)]
+pub struct Sink {
+    client: async_nats::Client,
+    jetstream: Option<(jetstream::Context, String)>,
+    ack_timeout: Duration,
+}
+
+/// Connection options from `[nats]`.
+async fn options(nats: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut options = match (&nats.token, &nats.user, &nats.password, &nats.creds_file, &nats.nkey) {
+        (Some(token), ..) => async_nats::ConnectOptions::with_token(token.clone()),
+        (None, Some(user), Some(password), ..) => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        (None, None, _, Some(creds), _) => async_nats::ConnectOptions::with_credentials_file(creds.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read NATS creds file {}: {e}", creds.display()))?,
+        (None, None, _, None, Some(seed)) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+        _ => async_nats::ConnectOptions::new(),
+    };
+    if let Some(tls) = &nats.tls {
+        options = options.require_tls(tls.required);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    Ok(options
+        .name("weir")
+        .connection_timeout(nats.connect_timeout)
+        // Reconnect forever (with the client's backoff); sources answer 503 meanwhile.
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        }))
+}
+
+fn server_list(nats: &NatsConfig) -> Vec<String> {
+    let mut urls: Vec<String> = nats.url.iter().flat_map(|u| u.split(',')).map(|u| u.trim().to_string()).collect();
+    urls.extend(nats.urls.iter().cloned());
+    urls
+}
+
+/// The stream configuration `[jetstream]` asks for.
+pub fn stream_config(js: &JetStreamConfig) -> stream::Config {
+    stream::Config {
+        name: js.stream.clone(),
+        subjects: js.subjects.clone(),
+        duplicate_window: js.duplicate_window,
+        max_age: js.max_age.unwrap_or_default(),
+        max_messages: js.max_msgs.unwrap_or(-1),
+        max_bytes: js.max_bytes.and_then(|b| i64::try_from(b).ok()).unwrap_or(-1),
+        storage: match js.storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        },
+        num_replicas: js.replicas,
+        ..Default::default()
+    }
+}
+
+/// Differences between the stream on the server and the config, as readable lines.
+pub fn stream_differences(want: &stream::Config, have: &stream::Config) -> Vec<String> {
+    let mut differences = Vec::new();
+    let mut compare = |what: &str, want: String, have: String| {
+        if want != have {
+            differences.push(format!("{what}: config says {want}, the stream has {have}"));
+        }
+    };
+    let mut want_subjects = want.subjects.clone();
+    let mut have_subjects = have.subjects.clone();
+    want_subjects.sort();
+    have_subjects.sort();
+    compare("subjects", format!("{want_subjects:?}"), format!("{have_subjects:?}"));
+    compare("duplicate_window", format!("{:?}", want.duplicate_window), format!("{:?}", have.duplicate_window));
+    compare("max_age", format!("{:?}", want.max_age), format!("{:?}", have.max_age));
+    compare("max_msgs", want.max_messages.to_string(), have.max_messages.to_string());
+    compare("max_bytes", want.max_bytes.to_string(), have.max_bytes.to_string());
+    compare("storage", format!("{:?}", want.storage), format!("{:?}", have.storage));
+    compare("replicas", want.num_replicas.to_string(), have.num_replicas.to_string());
+    differences
+}
+
+/// Connects a NATS client with the `[nats]` settings, waiting up to `connect_timeout`.
+pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
+    let urls = server_list(&config.nats);
+    tokio::time::timeout(config.nats.connect_timeout, async {
+        options(&config.nats).await?.connect(urls.clone()).await.map_err(anyhow::Error::from)
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "cannot reach NATS at {} within {:?}; is nats-server running?",
+            urls.join(", "),
+            config.nats.connect_timeout
+        )
+    })?
+}
+
+impl Sink {
+    /// Connects (waiting up to `connect_timeout` for the first connection) and, with
+    /// JetStream, creates the stream if missing. An existing stream that differs from the config
+    /// is reported in the log, never changed.
+    pub async fn connect(config: &Config) -> anyhow::Result<Sink> {
+        let client = connect_client(config).await?;
+        let (jetstream, ack_timeout) = match &config.jetstream {
+            Some(js) => {
+                let context = jetstream::ContextBuilder::new()
+                    .timeout(js.ack_timeout)
+                    .max_ack_inflight(js.max_in_flight)
+                    .backpressure_on_inflight(true)
+                    .build(client.clone());
+                let want = stream_config(js);
+                let mut stream = match context.get_stream(&js.stream).await {
+                    Ok(stream) => stream,
+                    Err(_) => context
+                        .create_stream(want.clone())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot create JetStream stream `{}`: {e}", js.stream))?,
+                };
+                let info = stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
+                for difference in stream_differences(&want, &info.config) {
+                    tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
+                }
+                (Some((context, js.stream.clone())), js.ack_timeout)
+            }
+            None => {
+                tracing::warn!("no [jetstream] section: publishing to core NATS, which is at-most-once");
+                (None, Duration::from_secs(5))
+            }
+        };
+        Ok(Sink { client, jetstream, ack_timeout })
+    }
+
+    /// Whether the client is connected right now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Publishes `messages` in order and waits until every one is stored (JetStream PubAck) or
+    /// flushed (core). Sends go out back to back; acks are awaited together.
+    pub async fn publish_all(&self, messages: &[Message]) -> Result<Vec<Published>, SinkError> {
+        if !self.connected() {
+            return Err(SinkError::Disconnected);
+        }
+        match &self.jetstream {
+            Some((context, _)) => {
+                let mut pending = Vec::with_capacity(messages.len());
+                for message in messages {
+                    pending.push(self.send(context, message).await?);
+                }
+                let acks = futures::future::join_all(
+                    pending.into_iter().zip(messages).map(|(ack, message)| self.await_ack(context, message, ack)),
+                )
+                .await;
+                acks.into_iter().collect()
+            }
+            None => {
+                for message in messages {
+                    self.client
+                        .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone().into())
+                        .await
+                        .map_err(|e| SinkError::Refused(e.to_string()))?;
+                }
+                tokio::time::timeout(self.ack_timeout, self.client.flush())
+                    .await
+                    .map_err(|_| SinkError::Timeout)?
+                    .map_err(|_| SinkError::Disconnected)?;
+                Ok(messages
+                    .iter()
+                    .map(|m| Published { subject: m.subject.clone(), stream: None, seq: None, duplicate: false })
+                    .collect())
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        context: &jetstream::Context,
+        message: &Message,
+    ) -> Result<jetstream::context::PublishAckFuture, SinkError> {
+        context
+            .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone().into())
+            .await
+            .map_err(|e| classify(e.kind(), &message.subject, e.to_string()))
+    }
+
+    /// Awaits one PubAck; a timed-out ack is retried with the same `Nats-Msg-Id` (so JetStream
+    /// stores one copy) until the retries run out. Never reports a message stored that is not.
+    async fn await_ack(
+        &self,
+        context: &jetstream::Context,
+        message: &Message,
+        first: jetstream::context::PublishAckFuture,
+    ) -> Result<Published, SinkError> {
+        let mut ack = first;
+        let mut attempt = 1;
+        loop {
+            match ack.await {
+                Ok(ack) => {
+                    return Ok(Published {
+                        subject: message.subject.clone(),
+                        stream: Some(ack.stream),
+                        seq: Some(ack.sequence),
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(error) => {
+                    let failure = classify(error.kind(), &message.subject, error.to_string());
+                    let retriable = matches!(failure, SinkError::Timeout | SinkError::Disconnected);
+                    if !retriable || attempt >= 3 || !self.connected() {
+                        return Err(failure);
+                    }
+                    attempt += 1;
+                    tracing::debug!(id = message.id(), attempt, "PubAck timed out; publishing again with the same id");
+                    ack = self.send(context, message).await?;
+                }
+            }
+        }
+    }
+}
+
+fn classify(kind: PublishErrorKind, subject: &str, text: String) -> SinkError {
+    match kind {
+        PublishErrorKind::TimedOut | PublishErrorKind::MaxAckPending => SinkError::Timeout,
+        PublishErrorKind::BrokenPipe => SinkError::Disconnected,
+        PublishErrorKind::StreamNotFound => SinkError::NoStream(subject.to_string()),
+        _ if text.contains("no responders") => SinkError::NoStream(subject.to_string()),
+        _ => SinkError::Refused(text),
+    }
+}
+
+fn headers(message: &Message) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in &message.headers {
+        map.append(name.as_str(), value.as_str());
+    }
+    map
+}
