@@ -2,8 +2,8 @@
 //! key, `${ENV}` interpolation, durations and sizes as strings, and validation that says how to
 //! fix each problem.
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -663,7 +663,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_file_line_column_and_key() {
-        let error = parse("[nats]\nurl = \"nats://x\"\n[http]\nlisten = \"127.0.0.1:1\"\ncolour = \"blue\"\n").unwrap_err();
+        let error =
+            parse("[nats]\nurl = \"nats://x\"\n[http]\nlisten = \"127.0.0.1:1\"\ncolour = \"blue\"\n").unwrap_err();
         assert!(error.starts_with("weir.toml:5:1: unknown field `colour`"), "{error}");
         let error = parse(&format!("{MINIMAL}[plugins.redact]\nconfig = {{}}\ntimeout = 5\n")).unwrap_err();
         assert!(error.starts_with("weir.toml:5:1: unknown field `timeout`"), "{error}");
@@ -679,7 +680,10 @@ mod tests {
         assert_eq!(js.max_bytes, Some(1 << 30));
         assert_eq!(config.http.max_body, 512 << 10);
         let error = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nmax_age = \"forever\"\n")).unwrap_err();
-        assert!(error.starts_with("weir.toml:5:11:") && error.contains("not a duration") && error.contains("\"2m\""), "{error}");
+        assert!(
+            error.starts_with("weir.toml:5:11:") && error.contains("not a duration") && error.contains("\"2m\""),
+            "{error}"
+        );
         let error = parse(&format!("{MINIMAL}[http]\nmax_body = \"lots\"\n")).unwrap_err();
         assert!(error.contains("weir.toml:4:12:") && error.contains("not a size"), "{error}");
     }
@@ -706,6 +710,9 @@ mod tests {
         assert!(lines.iter().any(|l| l.contains("`user` and `password` go together")), "{error}");
         assert!(lines.iter().any(|l| l.contains("not a valid stream name")), "{error}");
         assert!(lines.iter().any(|l| l.starts_with("weir.toml:7:12: route 1 uses plugin `nope`")), "{error}");
-        assert!(lines.iter().any(|l| l.starts_with("weir.toml:8:11: route 1:") && l.contains("empty token")), "{error}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("weir.toml:8:11: route 1:") && l.contains("empty token")),
+            "{error}"
+        );
     }
 }

@@ -109,7 +109,9 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             StatusCode::UNAUTHORIZED => {
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"weir\""));
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"weir\""));
             }
             _ => {}
         }
@@ -119,9 +121,11 @@ impl IntoResponse for ApiError {
 
 fn sink_error(error: SinkError) -> ApiError {
     match error {
-        SinkError::Disconnected | SinkError::Timeout => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable", format!("{error}; nothing was stored, retry"))
-        }
+        SinkError::Disconnected | SinkError::Timeout => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nats_unavailable",
+            format!("{error}; nothing was stored, retry"),
+        ),
         SinkError::NoStream(_) | SinkError::Refused(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
         }
@@ -150,10 +154,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.set_nats_connected(state.sink.connected());
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
 
@@ -165,14 +166,20 @@ fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>`"))?;
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>`")
+        })?;
     let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
     // Compare against every token in constant time, whatever matches first.
     let matched = state
         .token_digests
         .iter()
         .fold(subtle::Choice::from(0), |acc, known| acc | subtle::ConstantTimeEq::ct_eq(&digest[..], &known[..]));
-    if bool::from(matched) { Ok(()) } else { Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token")) }
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token"))
+    }
 }
 
 fn media_type(headers: &HeaderMap) -> String {
@@ -187,8 +194,15 @@ fn media_type(headers: &HeaderMap) -> String {
 /// streamed body passes the limit; 408 when it arrives too slowly.
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let limit = state.settings.max_body;
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("body is larger than the limit of {limit} bytes"));
-    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(length) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && length > limit
     {
         return Err(too_large());
@@ -236,7 +250,11 @@ fn single_event(
         let envelope: Value = serde_json::from_slice(body).map_err(bad_json)?;
         let ce_id = envelope.get("id").and_then(Value::as_str);
         if envelope.get("specversion").and_then(Value::as_str) != Some("1.0") || ce_id.is_none() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_cloudevent", "a CloudEvent needs `specversion` \"1.0\" and an `id`"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_cloudevent",
+                "a CloudEvent needs `specversion` \"1.0\" and an `id`",
+            ));
         }
         id = id.or(ce_id.map(str::to_string));
         data = serde_json::to_vec(envelope.get("data").unwrap_or(&Value::Null)).map_err(bad_json)?;
@@ -259,10 +277,18 @@ fn single_event(
     if let Some(id) = &id
         && (id.is_empty() || id.len() > MAX_IDEMPOTENCY_KEY || id.chars().any(|c| c.is_control()))
     {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", "Idempotency-Key must be 1–255 printable characters"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1–255 printable characters",
+        ));
     }
     if !valid_word(&op) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_op", "Weir-Op must be a word of letters, digits, `-` and `_`"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_op",
+            "Weir-Op must be a word of letters, digits, `-` and `_`",
+        ));
     }
     if entity.is_empty() || entity.len() > 255 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_entity", "entity must be 1–255 characters"));
@@ -302,10 +328,7 @@ fn published_json(published: &[Published]) -> Value {
 /// Runs events through their routes and the sink; one answer per event, in order.
 async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer, ApiError>> {
     if !state.sink.connected() {
-        return events
-            .iter()
-            .map(|_| Err(sink_error(SinkError::Disconnected)))
-            .collect();
+        return events.iter().map(|_| Err(sink_error(SinkError::Disconnected))).collect();
     }
     // Per-key order: take the key stripes first, in a fixed order so batches cannot deadlock.
     let mut stripes: Vec<usize> = events.iter().filter_map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
@@ -326,7 +349,10 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
             Some(route) => routed.entry(route).or_default().push((position, event)),
             None => {
                 state.metrics.dropped("http", "none");
-                answers[position] = Some(Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": event.id, "published": [], "dropped": true}) }));
+                answers[position] = Some(Ok(Answer {
+                    status: StatusCode::ACCEPTED,
+                    body: json!({"id": event.id, "published": [], "dropped": true}),
+                }));
             }
         }
     }
@@ -339,7 +365,8 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
             Err(error) => {
                 tracing::error!(%error, "plugin chain task failed");
                 for position in positions {
-                    answers[position] = Some(Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "plugin chain failed")));
+                    answers[position] =
+                        Some(Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "plugin chain failed")));
                 }
                 continue;
             }
@@ -354,9 +381,8 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
             let start = messages.len();
             match disposition {
                 Disposition::Publish(out) => messages.extend(out.iter().cloned()),
-                Disposition::Rejected { dead_letter: Some(m), .. } | Disposition::Failed { dead_letter: Some(m), .. } => {
-                    messages.push(m.clone())
-                }
+                Disposition::Rejected { dead_letter: Some(m), .. }
+                | Disposition::Failed { dead_letter: Some(m), .. } => messages.push(m.clone()),
                 _ => {}
             }
             spans.push(start..messages.len());
@@ -367,16 +393,25 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         for ((position, disposition), span) in positions.into_iter().zip(dispositions).zip(spans) {
             let id = &ids[position];
             let answer = match (&stored, disposition) {
-                (Err(error), Disposition::Publish(_) | Disposition::Rejected { dead_letter: Some(_), .. } | Disposition::Failed { dead_letter: Some(_), .. }) => {
-                    Err(sink_error(error.clone()))
-                }
+                (
+                    Err(error),
+                    Disposition::Publish(_)
+                    | Disposition::Rejected { dead_letter: Some(_), .. }
+                    | Disposition::Failed { dead_letter: Some(_), .. },
+                ) => Err(sink_error(error.clone())),
                 (Ok(stored), Disposition::Publish(_)) => {
                     state.metrics.published("http", &route_name, span.len());
-                    Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": published_json(&stored[span]), "dropped": false}) })
+                    Ok(Answer {
+                        status: StatusCode::ACCEPTED,
+                        body: json!({"id": id, "published": published_json(&stored[span]), "dropped": false}),
+                    })
                 }
                 (_, Disposition::Dropped) => {
                     state.metrics.dropped("http", &route_name);
-                    Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": [], "dropped": true}) })
+                    Ok(Answer {
+                        status: StatusCode::ACCEPTED,
+                        body: json!({"id": id, "published": [], "dropped": true}),
+                    })
                 }
                 (stored, Disposition::Rejected { plugin, reason, dead_letter }) => {
                     state.metrics.rejected("http", &route_name, &plugin);
@@ -405,10 +440,14 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
                         }
                         (_, _, crate::config::OnError::Drop) => {
                             state.metrics.dropped("http", &route_name);
-                            Ok(Answer { status: StatusCode::ACCEPTED, body: json!({"id": id, "published": [], "dropped": true}) })
+                            Ok(Answer {
+                                status: StatusCode::ACCEPTED,
+                                body: json!({"id": id, "published": [], "dropped": true}),
+                            })
                         }
                         _ => {
-                            let mut failure = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", error.message);
+                            let mut failure =
+                                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", error.message);
                             failure.extra = Some(json!({"plugin": plugin, "kind": error.kind.as_str(), "id": id}));
                             Err(failure)
                         }
@@ -518,15 +557,36 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resp
     match memory.get(key) {
         Some(Remembered::Done { fingerprint: seen, status, body, expires }) if *expires >= now => {
             if *seen != fingerprint {
-                return Some(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request").into_response());
+                return Some(
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request",
+                    )
+                    .into_response(),
+                );
             }
             Some((*status, axum::Json(body.clone())).into_response())
         }
         Some(Remembered::InFlight { fingerprint: seen }) => {
             if *seen != fingerprint {
-                return Some(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used with a different request").into_response());
+                return Some(
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request",
+                    )
+                    .into_response(),
+                );
             }
-            Some(ApiError::new(StatusCode::CONFLICT, "in_progress", "a request with this Idempotency-Key is in progress").into_response())
+            Some(
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "in_progress",
+                    "a request with this Idempotency-Key is in progress",
+                )
+                .into_response(),
+            )
         }
         _ => {
             memory.insert(key.to_string(), Remembered::InFlight { fingerprint });
@@ -539,7 +599,11 @@ async fn post_event(State(state): State<Arc<AppState>>, Path(entity): Path<Strin
     single(state, request, entity, None, "insert").await
 }
 
-async fn keyed_event(State(state): State<Arc<AppState>>, Path((entity, key)): Path<(String, String)>, request: Request) -> Response {
+async fn keyed_event(
+    State(state): State<Arc<AppState>>,
+    Path((entity, key)): Path<(String, String)>,
+    request: Request,
+) -> Response {
     let op = if request.method() == Method::DELETE { "delete" } else { "update" };
     single(state, request, entity, Some(key), op).await
 }
@@ -566,7 +630,12 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     };
     let media = media_type(&parts.headers);
     if media != "application/x-ndjson" && media != "application/ndjson" && media != "application/jsonl" {
-        return ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send NDJSON as application/x-ndjson").into_response();
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send NDJSON as application/x-ndjson",
+        )
+        .into_response();
     }
     let body = match read_body(&state, &parts.headers, body).await {
         Ok(body) => body,
@@ -616,7 +685,8 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                 results.push(json!({"line": line_number}));
                 events.push(event);
             }
-            Err(message) => results.push(json!({"line": line_number, "status": 400, "error": {"code": "bad_line", "message": message}})),
+            Err(message) => results
+                .push(json!({"line": line_number, "status": 400, "error": {"code": "bad_line", "message": message}})),
         }
     }
     if results.is_empty() {

@@ -54,12 +54,32 @@ impl Metrics {
         };
         registry.register("events_received", "Events received, by source", metrics.received.clone());
         registry.register("events_published", "Messages stored, by source and route", metrics.published.clone());
-        registry.register("events_dropped", "Events that produced nothing, by source and route", metrics.dropped.clone());
-        registry.register("events_rejected", "Events rejected by a plugin, by source, route and plugin", metrics.rejected.clone());
-        registry.register("events_dead_lettered", "Events stored on the dead-letter subject", metrics.dead_lettered.clone());
+        registry.register(
+            "events_dropped",
+            "Events that produced nothing, by source and route",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events rejected by a plugin, by source, route and plugin",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events stored on the dead-letter subject",
+            metrics.dead_lettered.clone(),
+        );
         registry.register("plugin_errors", "Plugin failures, by plugin and kind", metrics.plugin_errors.clone());
-        registry.register("plugin_chain_duration_seconds", "Time to run a route's plugin chain over a batch", metrics.chain_seconds.clone());
-        registry.register("publish_duration_seconds", "Time from publishing to the last PubAck of a batch", metrics.publish_seconds.clone());
+        registry.register(
+            "plugin_chain_duration_seconds",
+            "Time to run a route's plugin chain over a batch",
+            metrics.chain_seconds.clone(),
+        );
+        registry.register(
+            "publish_duration_seconds",
+            "Time from publishing to the last PubAck of a batch",
+            metrics.publish_seconds.clone(),
+        );
         registry.register("nats_connected", "1 while connected to NATS", metrics.nats_connected.clone());
         Metrics { registry, ..metrics }
     }

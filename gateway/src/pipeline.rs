@@ -226,12 +226,15 @@ impl Pipeline {
                     Ok(Outcome::Reject(reason)) => {
                         let dead_letter = (route.on_error == OnError::Dlq)
                             .then(|| dead_letter(route, &originals[origin], plugin, "rejected", &reason));
-                        verdicts[origin] = Some(Disposition::Rejected { plugin: plugin.name().into(), reason, dead_letter });
+                        verdicts[origin] =
+                            Some(Disposition::Rejected { plugin: plugin.name().into(), reason, dead_letter });
                     }
                     Err(error) => {
-                        let dead_letter = (route.on_error == OnError::Dlq)
-                            .then(|| dead_letter(route, &originals[origin], plugin, error.kind.as_str(), &error.message));
-                        verdicts[origin] = Some(Disposition::Failed { plugin: plugin.name().into(), error, dead_letter });
+                        let dead_letter = (route.on_error == OnError::Dlq).then(|| {
+                            dead_letter(route, &originals[origin], plugin, error.kind.as_str(), &error.message)
+                        });
+                        verdicts[origin] =
+                            Some(Disposition::Failed { plugin: plugin.name().into(), error, dead_letter });
                     }
                 }
             }
@@ -289,10 +292,9 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc
         .plugins
         .iter()
         .map(|plugin| {
-            plugins
-                .get(plugin.get_ref())
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("route `{name}` uses plugin `{}`, which is not loaded", plugin.get_ref()))
+            plugins.get(plugin.get_ref()).cloned().ok_or_else(|| {
+                anyhow::anyhow!("route `{name}` uses plugin `{}`, which is not loaded", plugin.get_ref())
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Route {
@@ -407,11 +409,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
         // Header values cannot carry line breaks.
         headers.push((name.to_string(), value.replace(['\r', '\n'], " ")));
     }
-    Message {
-        subject: route.dlq.render(original),
-        headers,
-        payload: weir_envelope(original).to_string().into_bytes(),
-    }
+    Message { subject: route.dlq.render(original), headers, payload: weir_envelope(original).to_string().into_bytes() }
 }
 
 #[cfg(test)]

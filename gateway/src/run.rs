@@ -114,7 +114,11 @@ pub fn check(config_path: &Path) -> i32 {
                 let mut names: Vec<_> = plugins.keys().collect();
                 names.sort();
                 for name in names {
-                    println!("ok    plugin {name} ({}, {})", plugins[name].info().world.as_str(), plugins[name].info().version_label());
+                    println!(
+                        "ok    plugin {name} ({}, {})",
+                        plugins[name].info().world.as_str(),
+                        plugins[name].info().version_label()
+                    );
                 }
                 if let Err(error) = Pipeline::new(&config, &plugins) {
                     problems.push(format!("{error:#}"));

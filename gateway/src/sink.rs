@@ -127,20 +127,26 @@ pub fn stream_differences(want: &stream::Config, have: &stream::Config) -> Vec<S
     differences
 }
 
-/// Connects a NATS client with the `[nats]` settings, waiting up to `connect_timeout`.
+/// Connects a NATS client with the `[nats]` settings and waits up to `connect_timeout` for the
+/// first connection. (The client itself then reconnects forever.)
 pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
     let urls = server_list(&config.nats);
-    tokio::time::timeout(config.nats.connect_timeout, async {
-        options(&config.nats).await?.connect(urls.clone()).await.map_err(anyhow::Error::from)
-    })
-    .await
-    .map_err(|_| {
+    let unreachable = || {
         anyhow::anyhow!(
             "cannot reach NATS at {} within {:?}; is nats-server running?",
             urls.join(", "),
             config.nats.connect_timeout
         )
-    })?
+    };
+    let connecting = async {
+        // With retry_on_initial_connect, `connect` returns before the connection is up.
+        let client = options(&config.nats).await?.connect(urls.clone()).await.map_err(anyhow::Error::from)?;
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>(client)
+    };
+    tokio::time::timeout(config.nats.connect_timeout, connecting).await.map_err(|_| unreachable())?
 }
 
 impl Sink {
@@ -164,7 +170,8 @@ impl Sink {
                         .await
                         .map_err(|e| anyhow::anyhow!("cannot create JetStream stream `{}`: {e}", js.stream))?,
                 };
-                let info = stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
+                let info =
+                    stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
                 for difference in stream_differences(&want, &info.config) {
                     tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
                 }

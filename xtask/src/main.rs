@@ -2,7 +2,8 @@
 //!
 //! - `plugins`: install the `wasm32-wasip2` target if missing and build every plugin and test
 //!   fixture in `plugins/` into `plugins/target/wasm32-wasip2/release/`.
-//! - `test`: `plugins`, then every test: the host workspace and the plugins' native unit tests.
+//! - `test`: install `nats-server` if missing (Debian package), `plugins`, then every test: the
+//!   plugins' native unit tests and the host workspace (runtime, CLI, gateway end to end).
 //! - `bench`: `plugins`, then the runtime benchmarks (criterion), printing a table.
 
 use anyhow::{Context, bail};
@@ -14,7 +15,7 @@ fn main() {
     let extra: Vec<String> = std::env::args().skip(2).collect();
     let result = match task.as_str() {
         "plugins" => build_plugins(),
-        "test" => build_plugins().and_then(|()| test(&extra)),
+        "test" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| test(&extra)),
         "bench" => build_plugins().and_then(|()| bench(&extra)),
         _ => {
             eprintln!("usage: cargo xtask <plugins|test|bench> [args for cargo test/bench]");
@@ -55,6 +56,36 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
     let mut add = Command::new("rustup");
     add.args(["target", "add", "wasm32-wasip2"]);
     run(add, "rustup target add wasm32-wasip2")
+}
+
+fn nats_server_installed() -> bool {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+        || Command::new("nats-server").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// The gateway tests start private `nats-server` instances; install the Debian package if the
+/// binary is missing.
+fn ensure_nats_server() -> anyhow::Result<()> {
+    if nats_server_installed() {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| {
+        let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            command.arg("apt-get");
+        }
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    run(apt(&["update", "-q"]), "apt-get update")?;
+    run(apt(&["install", "-y", "-q", "nats-server"]), "apt-get install nats-server")?;
+    if !nats_server_installed() {
+        bail!("nats-server is still missing after installing the Debian package");
+    }
+    Ok(())
 }
 
 fn build_plugins() -> anyhow::Result<()> {

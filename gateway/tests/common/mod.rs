@@ -70,3 +70,4 @@ pub fn rss_bytes() -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("number");
     kib * 1024
 }
+pub mod services;

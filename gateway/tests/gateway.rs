@@ -1,0 +1,509 @@
+//! `weir run` end to end: HTTP in, plugins, JetStream out, through the real binary against a
+//! real (private) nats-server. Every answer is checked against what the stream holds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::services::{Gateway, Nats};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn config(nats: &Nats, extra: &str) -> String {
+    format!(
+        r#"
+[nats]
+url = "{url}"
+connect_timeout = "10s"
+
+[jetstream]
+stream = "WEIR"
+subjects = ["weir.>", "shop.>"]
+duplicate_window = "2m"
+ack_timeout = "1s"
+
+[http]
+listen = "127.0.0.1:0"
+max_body = "64KiB"
+
+[plugins]
+dir = "{{plugins}}"
+
+[plugins.redact]
+config = {{ fields = ["email"] }}
+
+[plugins.route]
+config = {{ subject = "shop.{{data.region}}.{{op}}" }}
+
+[plugins.fixture_panic_every_10th]
+[plugins.fixture_invalid_subject]
+[plugins.fixture_infinite_loop]
+timeout_ms = 50
+
+[[routes]]
+match = {{ entity = "users" }}
+plugins = ["redact"]
+
+[[routes]]
+match = {{ entity = "orders" }}
+plugins = ["route"]
+subject = "shop.{{entity}}.{{op}}"
+
+[[routes]]
+match = {{ entity = "poison" }}
+plugins = ["fixture_panic_every_10th"]
+
+[[routes]]
+match = {{ entity = "subjects" }}
+plugins = ["fixture_invalid_subject"]
+
+[[routes]]
+match = {{ entity = "loops" }}
+plugins = ["fixture_infinite_loop"]
+on_error = "reject"
+
+[[routes]]
+match = {{ entity = "*" }}
+{extra}
+"#,
+        url = nats.url()
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+async fn post(
+    gateway: &Gateway,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut request =
+        client().post(gateway.url(path)).header("content-type", "application/json").body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+fn header<'a>(message: &'a async_nats::jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
+    message.headers.get(name).map(|v| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_is_transformed_stored_and_answered_with_its_sequence() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let (status, body, _) = post(
+        &gateway,
+        "/v1/events/users",
+        r#"{"name":"Ann","email":"ann@example.com"}"#,
+        &[("weir-key", "u1"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["published"][0]["subject"], "weir.users.insert");
+    assert_eq!(body["published"][0]["stream"], "WEIR");
+    assert_eq!(body["published"][0]["duplicate"], false);
+    let seq = body["published"][0]["seq"].as_u64().unwrap();
+
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(message.sequence, seq);
+    let envelope: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(envelope["data"], json!({"name": "Ann"}), "redact removed the email before storing");
+    assert_eq!(envelope["entity"], "users");
+    assert_eq!(envelope["op"], "insert");
+    assert_eq!(envelope["key"], "u1");
+    assert_eq!(header(message, "Nats-Msg-Id"), body["id"].as_str());
+    assert_eq!(header(message, "Weir-Source"), Some("http"));
+    assert_eq!(header(message, "Weir-Entity"), Some("users"));
+    assert_eq!(header(message, "Weir-Op"), Some("insert"));
+    assert_eq!(header(message, "traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+
+    // PUT, PATCH and DELETE carry the key from the path.
+    for (method, op) in [("PUT", "update"), ("PATCH", "update"), ("DELETE", "delete")] {
+        let response = client()
+            .request(method.parse().unwrap(), gateway.url("/v1/events/users/u1"))
+            .header("content-type", "application/json")
+            .body(if method == "DELETE" { String::new() } else { r#"{"name":"Bo"}"#.to_string() })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 202, "{method}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["published"][0]["subject"], format!("weir.users.{op}"), "{method}");
+    }
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 4);
+    assert_eq!(header(&messages[3], "Weir-Key"), Some("u1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotent_retry_is_stored_once_and_a_reused_key_is_refused() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let body = r#"{"name":"Ann"}"#;
+    let first = post(&gateway, "/v1/events/people", body, &[("idempotency-key", "order-42")]).await;
+    let second = post(&gateway, "/v1/events/people", body, &[("idempotency-key", "order-42")]).await;
+    assert_eq!(first.0, 202);
+    assert_eq!((second.0, &second.1), (202, &first.1), "the same answer");
+    assert_eq!(first.1["id"], "order-42");
+    let other = post(&gateway, "/v1/events/people", r#"{"name":"Bob"}"#, &[("idempotency-key", "order-42")]).await;
+    assert_eq!(other.0, 422);
+    assert_eq!(other.1["error"]["code"], "idempotency_key_reused");
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 1, "stored once");
+    assert_eq!(header(&messages[0], "Nats-Msg-Id"), Some("order-42"));
+
+    // A second gateway (or a restart) has no memory of the key; JetStream still stores one copy.
+    drop(gateway);
+    let gateway = Gateway::start(&config(&nats, ""));
+    let again = post(&gateway, "/v1/events/people", body, &[("idempotency-key", "order-42")]).await;
+    assert_eq!(again.0, 202);
+    assert_eq!(again.1["published"][0]["duplicate"], true);
+    assert_eq!(again.1["published"][0]["seq"], first.1["published"][0]["seq"]);
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_errors_and_store_nothing() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let (status, body, _) = post(&gateway, "/v1/events/users", "{not json", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_json")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("line 1"), "{body}");
+
+    let response = client()
+        .post(gateway.url("/v1/events/users"))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415);
+
+    let big = format!("{{\"a\":\"{}\"}}", "x".repeat(100 * 1024));
+    let (status, body, _) = post(&gateway, "/v1/events/users", &big, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")));
+
+    // A chunked body (no Content-Length) is cut off at the limit too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..100).map(|_| Ok(vec![b' '; 1024])).collect();
+    let response = client()
+        .post(gateway.url("/v1/events/users"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+
+    let (status, body, _) = post(&gateway, "/v1/events/users", "{}", &[("weir-op", "has space")]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_op")));
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let (status, _, _) = post(&gateway, "/v1/events/users", &deep, &[]).await;
+    assert!(status == 400 || status == 413, "deep nesting refused: {status}");
+
+    assert!(nats.messages("WEIR").await.is_empty(), "nothing stored");
+    let health = client().get(gateway.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_failures_publish_nothing() {
+    let nats = Nats::start();
+    let config =
+        config(&nats, "").replace("max_body = \"64KiB\"", &format!("max_body = \"64KiB\"\ntokens = [\"{TOKEN}\"]"));
+    let gateway = Gateway::start(&config);
+    for auth in [None, Some("Bearer wrong-token-000000000"), Some("Basic abc"), Some(&format!("Bearer {TOKEN}x")[..])] {
+        let mut request =
+            client().post(gateway.url("/v1/events/users")).header("content-type", "application/json").body("{}");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{auth:?}");
+        assert!(response.headers().get("www-authenticate").is_some());
+    }
+    assert!(nats.messages("WEIR").await.is_empty());
+    let authorization = format!("Bearer {TOKEN}");
+    let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[("authorization", &authorization)]).await;
+    assert_eq!(status, 202);
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_rejects_traps_and_bad_subjects_go_to_the_dead_letter_subject() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    // `route` rejects an order without a region: 422 with the reason, and a dead letter.
+    let (status, body, _) = post(&gateway, "/v1/events/orders", r#"{"total":5}"#, &[]).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("{data.region}"), "{body}");
+    assert_eq!(body["error"]["plugin"], "route");
+    // A trap: stored on the DLQ, answered 202 since nothing is lost.
+    let (status, body, _) = post(&gateway, "/v1/events/poison", r#"{"seq":10}"#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["dead_lettered"][0]["subject"], "weir.dlq.poison");
+    assert_eq!(body["error"]["kind"], "trap");
+    // A subject with a wildcard, and one outside the route's prefix.
+    let (status, body, _) = post(&gateway, "/v1/events/subjects", r#"{"subject":"weir.a.*"}"#, &[]).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (202, Some("invalid-subject")), "{body}");
+    let (status, body, _) = post(&gateway, "/v1/events/subjects", r#"{"subject":"elsewhere.x"}"#, &[]).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (202, Some("invalid-subject")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("allowed prefix"), "{body}");
+    // on_error = "reject": a timeout is answered 500 and nothing is stored.
+    let (status, body, _) = post(&gateway, "/v1/events/loops", "{}", &[]).await;
+    assert_eq!((status, body["error"]["kind"].as_str()), (500, Some("timeout")), "{body}");
+    // A valid order still goes through.
+    let (status, body, _) = post(&gateway, "/v1/events/orders", r#"{"region":"eu"}"#, &[]).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["published"][0]["subject"], "shop.eu.insert");
+
+    let messages = nats.messages("WEIR").await;
+    let dead: Vec<_> = messages.iter().filter(|m| m.subject.starts_with("weir.dlq.")).collect();
+    assert_eq!(dead.len(), 4, "reject, trap and two bad subjects");
+    let kinds: Vec<_> = dead.iter().map(|m| header(m, "Weir-Error-Kind").unwrap()).collect();
+    assert_eq!(kinds, vec!["rejected", "trap", "invalid-subject", "invalid-subject"]);
+    for message in &dead {
+        assert!(
+            header(message, "Weir-Plugin").is_some()
+                && header(message, "Weir-Plugin-Version").unwrap().starts_with("sha256:")
+        );
+        assert!(header(message, "Nats-Msg-Id").unwrap().starts_with("dlq:"));
+        let original: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert!(original["data"].is_object(), "the original event is kept: {original}");
+    }
+    assert_eq!(header(dead[0], "Weir-Plugin"), Some("route"));
+    assert_eq!(messages.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_answer_per_line_and_keep_per_key_order() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let mut lines = String::new();
+    for n in 0..60 {
+        lines.push_str(&format!("{{\"entity\":\"accounts\",\"key\":\"k{}\",\"data\":{{\"n\":{n}}}}}\n", n % 3));
+    }
+    lines.push_str("not json\n");
+    lines.push_str("{\"entity\":\"poison\",\"data\":{\"seq\":20}}\n");
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 207);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 62);
+    assert!(results[..60].iter().all(|r| r["status"] == 202));
+    assert_eq!(results[60]["status"], 400);
+    assert_eq!(results[60]["line"], 61);
+    assert_eq!(results[61]["dead_lettered"][0]["subject"], "weir.dlq.poison");
+
+    // Concurrent single requests, sequential per key: the stream keeps each key's order.
+    let mut tasks = Vec::new();
+    for key in 0..4 {
+        let url = gateway.url("/v1/events/accounts");
+        tasks.push(tokio::spawn(async move {
+            for n in 0..25 {
+                let response = client()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("weir-key", format!("c{key}"))
+                    .body(format!("{{\"n\":{n}}}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 202);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let messages = nats.messages("WEIR").await;
+    let mut seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for message in messages.iter().filter(|m| m.subject.as_str() == "weir.accounts.insert") {
+        let envelope: Value = serde_json::from_slice(&message.payload).unwrap();
+        seen.entry(envelope["key"].as_str().unwrap().to_string())
+            .or_default()
+            .push(envelope["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(seen.len(), 7);
+    for (key, ns) in &seen {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, &sorted, "key {key} kept its order");
+    }
+    assert_eq!(seen["k0"].len(), 20);
+    assert_eq!(seen["c3"].len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
+    let mut nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let (status, _, _) = post(&gateway, "/v1/events/users", r#"{"n":1}"#, &[]).await;
+    assert_eq!(status, 202);
+
+    nats.stop();
+    // Give the client a moment to notice the closed connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut accepted_while_down = 0;
+    for n in 0..5 {
+        let started = Instant::now();
+        let (status, body, headers) = post(&gateway, "/v1/events/users", &format!("{{\"n\":{}}}", 100 + n), &[]).await;
+        if status == 202 {
+            accepted_while_down += 1;
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(headers.get("retry-after").unwrap(), "1");
+        assert!(started.elapsed() < Duration::from_secs(3), "answered in {:?}", started.elapsed());
+    }
+    assert_eq!(accepted_while_down, 0, "no 202 while NATS is down");
+    let ready = client().get(gateway.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) =
+            post(&gateway, "/v1/events/users", r#"{"n":2}"#, &[("idempotency-key", "after-restart")]).await;
+        if status == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovered after NATS came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored: Vec<u64> = nats
+        .messages("WEIR")
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stored, vec![1, 2], "only what was answered 202 is stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_drains_and_every_accepted_event_is_stored() {
+    let nats = Nats::start();
+    let mut gateway = Gateway::start(&config(&nats, ""));
+    let url = gateway.url("/v1/events/load");
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for n in 0..400 {
+                let id = format!("w{worker}-{n}");
+                let result = client()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", &id)
+                    .body("{}")
+                    .send()
+                    .await;
+                match result {
+                    Ok(response) if response.status().as_u16() == 202 => accepted.push(id),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.terminate();
+        (status, gateway.log())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit 0 after draining: {:?}\n{}", status.0, status.1);
+    let mut accepted = Vec::new();
+    for task in tasks {
+        accepted.extend(task.await.unwrap());
+    }
+    assert!(!accepted.is_empty(), "load was running");
+    let stored: std::collections::HashSet<String> =
+        nats.messages("WEIR").await.iter().filter_map(|m| header(m, "Nats-Msg-Id").map(str::to_string)).collect();
+    for id in &accepted {
+        assert!(stored.contains(id), "{id} was answered 202 but is not in the stream");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    assert_eq!(client().get(gateway.url("/healthz")).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(client().get(gateway.url("/readyz")).send().await.unwrap().status().as_u16(), 200);
+    post(&gateway, "/v1/events/users", "{}", &[]).await;
+    post(&gateway, "/v1/events/poison", r#"{"seq":10}"#, &[]).await;
+    let text = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "weir_events_received_total{source=\"http\"} 2",
+        "weir_events_published_total{source=\"http\",route=\"route-1\"} 1",
+        "weir_events_dead_lettered_total{source=\"http\",route=\"route-3\"} 1",
+        "weir_plugin_errors_total{plugin=\"fixture_panic_every_10th\",kind=\"trap\"} 1",
+        "weir_nats_connected 1",
+        "weir_publish_duration_seconds_count",
+    ] {
+        assert!(text.contains(needle), "`{needle}` in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_lists_every_problem() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    let good = config(&nats, "").replace("{plugins}", &common::plugins_dir().display().to_string());
+    std::fs::write(&path, &good).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("ok    plugin redact") && stdout.contains("ok    NATS connected"), "{stdout}");
+
+    let bad = good
+        .replace(&nats.url(), "nats://127.0.0.1:1")
+        .replace("connect_timeout = \"10s\"", "connect_timeout = \"1s\"")
+        .replace("config = { fields = [\"email\"] }", "config = { fields = [] }");
+    std::fs::write(&path, bad).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("error plugin `redact`") && stdout.contains("`fields` is empty"), "{stdout}");
+    assert!(stdout.contains("error cannot reach NATS at nats://127.0.0.1:1"), "{stdout}");
+
+    std::fs::write(&path, "[nats]\nurl = \"nats://x\"\n[http]\nlisten = \"nowhere\"\n").unwrap();
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir")).args(["check", "--config"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout.contains("weir.toml:4:10: `nowhere` is not an address"), "{stdout}");
+}
