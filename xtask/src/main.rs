@@ -4,6 +4,8 @@
 //!   fixture in `plugins/` into `plugins/target/wasm32-wasip2/release/`.
 //! - `test`: install `nats-server` if missing (Debian package), `plugins`, then every test: the
 //!   plugins' native unit tests and the host workspace (runtime, CLI, gateway end to end).
+//! - `quickstart`: start a local JetStream `nats-server` when none answers on 127.0.0.1:4222
+//!   (installing it if missing), build plugins and `weir`, run the quick-start config.
 //! - `bench`: `plugins`, then the runtime benchmarks (criterion), printing a table.
 
 use anyhow::{Context, bail};
@@ -17,8 +19,9 @@ fn main() {
         "plugins" => build_plugins(),
         "test" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| test(&extra)),
         "bench" => build_plugins().and_then(|()| bench(&extra)),
+        "quickstart" => quickstart(),
         _ => {
-            eprintln!("usage: cargo xtask <plugins|test|bench> [args for cargo test/bench]");
+            eprintln!("usage: cargo xtask <quickstart|plugins|test|bench> [args for cargo test/bench]");
             std::process::exit(2);
         }
     };
@@ -32,8 +35,21 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// A cargo command without the package variables `cargo run` gave xtask: build scripts that
+/// read them (ring's) would otherwise rebuild whenever a build alternates between xtask and a
+/// plain `cargo` call.
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
 }
 
 fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
@@ -160,4 +176,48 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
     let mut bench = cargo();
     bench.args(["bench", "-p", "weir", "--bench", "runtime", "--"]).args(extra).current_dir(root());
     run(bench, "cargo bench -p weir --bench runtime")
+}
+
+fn nats_reachable() -> bool {
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 4222).into(), std::time::Duration::from_millis(500)).is_ok()
+}
+
+fn quickstart() -> anyhow::Result<()> {
+    if !nats_reachable() {
+        ensure_nats_server()?;
+        let store = root().join("target/quickstart-nats");
+        std::fs::create_dir_all(&store)?;
+        let log = std::fs::File::create(root().join("target/quickstart-nats.log"))?;
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        eprintln!("xtask: starting nats-server with JetStream on 127.0.0.1:4222 (log: target/quickstart-nats.log)");
+        Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd"])
+            .arg(&store)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start nats-server")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !nats_reachable() {
+            if std::time::Instant::now() > deadline {
+                bail!("nats-server did not start; see target/quickstart-nats.log");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    build_plugins()?;
+    let mut build = cargo();
+    build.args(["build", "-p", "weir"]).current_dir(root());
+    run(build, "cargo build -p weir")?;
+    let weir = root().join("target/debug/weir");
+    let config = root().join("examples/quickstart/weir.toml");
+    eprintln!(
+        "\nxtask: weir is starting. In another terminal:\n\n  watch:  target/debug/weir tail --config examples/quickstart/weir.toml 'weir.>'\n  send:   curl -i http://127.0.0.1:8080/v1/events/orders -H 'Content-Type: application/json' -H 'Idempotency-Key: order-1001' -d '{{\"id\":1001,\"region\":\"eu\",\"customer\":{{\"email\":\"ann@example.com\"}},\"card\":{{\"number\":\"4111111111111111\"}}}}'\n"
+    );
+    let mut gateway = Command::new(weir);
+    gateway.args(["run", "--config"]).arg(config).current_dir(root());
+    run(gateway, "weir run --config examples/quickstart/weir.toml")
 }

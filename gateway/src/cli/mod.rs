@@ -37,6 +37,15 @@ pub enum Command {
         #[arg(long, short, default_value = "weir.toml")]
         config: PathBuf,
     },
+    /// Print messages published on a subject (NATS wildcards allowed), to watch the gateway work.
+    Tail {
+        /// Config file (for the NATS connection).
+        #[arg(long, short, default_value = "weir.toml")]
+        config: PathBuf,
+        /// Subject to subscribe to.
+        #[arg(default_value = "weir.>")]
+        subject: String,
+    },
     /// Build, inspect and try plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -103,10 +112,36 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run { config, drain_timeout } => crate::run::run(&config, drain_timeout).map(|()| 0),
         Command::Check { config } => Ok(crate::run::check(&config)),
+        Command::Tail { config, subject } => tail(&config, &subject).map(|()| 0),
         Command::Plugin(PluginCommand::Test(args)) => plugin_test(&args),
         Command::Plugin(PluginCommand::Inspect { wasm, json }) => plugin_inspect(&wasm, json),
         Command::Plugin(PluginCommand::New(args)) => scaffold::new_project(&args).map(|()| 0),
     }
+}
+
+/// `weir tail`: prints each message as `subject  headers` and the payload on the next line.
+fn tail(config_path: &std::path::Path, subject: &str) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let config = crate::config::Config::load(config_path)?;
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio.block_on(async {
+        let client = crate::sink::connect_client(&config).await?;
+        let mut subscription = client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
+        eprintln!("watching {subject} (Ctrl-C to stop)");
+        while let Some(message) = subscription.next().await {
+            let headers: Vec<String> = message
+                .headers
+                .iter()
+                .flat_map(|headers| headers.iter())
+                .flat_map(|(name, values)| values.iter().map(move |v| format!("{name}={}", v.as_str())))
+                .collect();
+            println!("{}  {}\n{}", message.subject, headers.join(" "), String::from_utf8_lossy(&message.payload));
+        }
+        Ok(())
+    })
 }
 
 fn runtime() -> anyhow::Result<PluginRuntime> {
