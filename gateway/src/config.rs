@@ -354,6 +354,34 @@ pub struct RouteConfig {
     /// Dead-letter subject template; default `weir.dlq.{entity}`.
     #[serde(default)]
     pub dlq_subject: Option<String>,
+    /// Require an HMAC-SHA256 signature (webhook senders such as GitHub or Stripe).
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `webhook = { … }` on a route: HMAC-SHA256 over the raw body, checked before parsing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Accepted secrets; more than one lets a secret be rotated without downtime.
+    pub secrets: Vec<String>,
+    /// Header carrying the signature.
+    #[serde(default = "defaults::signature_header")]
+    pub header: String,
+    /// Text before the hex digest in the header.
+    #[serde(default = "defaults::signature_prefix")]
+    pub prefix: String,
+    /// Header with a Unix timestamp; when set, the signed text is `{timestamp}.{body}` and
+    /// requests outside `tolerance` are refused.
+    #[serde(default)]
+    pub timestamp_header: Option<String>,
+    /// Largest accepted clock difference.
+    #[serde(default = "defaults::tolerance", deserialize_with = "duration")]
+    pub tolerance: Duration,
+    /// Header with the sender's delivery id: it becomes the event id, so a replayed delivery is
+    /// stored once.
+    #[serde(default)]
+    pub delivery_header: Option<String>,
 }
 
 mod defaults {
@@ -389,6 +417,15 @@ mod defaults {
     }
     pub fn body_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn signature_header() -> String {
+        "X-Signature-256".to_string()
+    }
+    pub fn signature_prefix() -> String {
+        "sha256=".to_string()
+    }
+    pub fn tolerance() -> Duration {
+        Duration::from_secs(300)
     }
 }
 
@@ -632,6 +669,12 @@ impl Config {
                         name.get_ref()
                     ));
                 }
+            }
+            if let Some(webhook) = &route.webhook
+                && (webhook.secrets.is_empty() || webhook.secrets.iter().any(|s| s.len() < 16))
+            {
+                problems
+                    .push(format!("{file}: route {}: webhook needs `secrets`, each at least 16 characters", index + 1));
             }
             if let Some(subject) = &route.subject
                 && let Err(error) = crate::pipeline::SubjectTemplate::parse(subject.get_ref())

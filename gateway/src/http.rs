@@ -314,6 +314,22 @@ fn single_event(
     })
 }
 
+fn empty_event() -> Event {
+    Event {
+        id: String::new(),
+        source: String::new(),
+        entity: String::new(),
+        op: String::new(),
+        key: None,
+        time: String::new(),
+        subject: String::new(),
+        headers: Vec::new(),
+        data: Vec::new(),
+        old: None,
+        position: None,
+    }
+}
+
 /// The answer for one event.
 #[derive(Debug)]
 struct Answer {
@@ -484,8 +500,50 @@ fn admit<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<tokio::sync::Se
     })
 }
 
+/// Verifies a webhook signature over the raw body (before anything parses it). Returns the
+/// delivery id when the route names a delivery header.
+fn verify_webhook(
+    webhook: &crate::config::WebhookConfig,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<String>, ApiError> {
+    use hmac::Mac as _;
+    let refuse = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message.to_string());
+    let signature = header_text(headers, &webhook.header)
+        .and_then(|v| v.trim().strip_prefix(webhook.prefix.as_str()))
+        .and_then(|hex_digest| hex::decode(hex_digest.trim()).ok())
+        .ok_or_else(|| refuse(&format!("missing or malformed `{}` signature header", webhook.header)))?;
+    let timestamp = match &webhook.timestamp_header {
+        Some(name) => {
+            let value = header_text(headers, name).ok_or_else(|| refuse(&format!("missing `{name}` header")))?;
+            let seconds: i64 =
+                value.trim().parse().map_err(|_| refuse(&format!("`{name}` is not a Unix timestamp")))?;
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            if (now - seconds).unsigned_abs() > webhook.tolerance.as_secs() {
+                return Err(refuse("timestamp is outside the accepted tolerance"));
+            }
+            Some(value.trim().to_string())
+        }
+        None => None,
+    };
+    let valid = webhook.secrets.iter().any(|secret| {
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
+        if let Some(timestamp) = &timestamp {
+            mac.update(timestamp.as_bytes());
+            mac.update(b".");
+        }
+        mac.update(body);
+        mac.verify_slice(&signature).is_ok()
+    });
+    if !valid {
+        return Err(refuse("signature does not match"));
+    }
+    Ok(webhook.delivery_header.as_ref().and_then(|name| header_text(headers, name)).map(str::to_string))
+}
+
 async fn single(state: Arc<AppState>, request: Request, entity: String, key: Option<String>, op: &str) -> Response {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let _permit = match admit(&state, &parts.headers) {
         Ok(permit) => permit,
         Err(error) => return error.into_response(),
@@ -494,6 +552,31 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
+    // Webhook routes: find the route from what the path and headers say, verify, then parse.
+    let probe_op = header_text(&parts.headers, "weir-op").unwrap_or(op).to_ascii_lowercase();
+    let probe = Event { source: "http".into(), entity: entity.clone(), op: probe_op, ..empty_event() };
+    if let Some(route) = state.pipeline.route_for(&probe)
+        && let Some(webhook) = &state.pipeline.route(route).webhook
+    {
+        match verify_webhook(webhook, &parts.headers, &body) {
+            // The delivery id is the idempotency key: a replayed delivery is answered, not stored again.
+            Ok(Some(delivery)) => match HeaderValue::from_str(&delivery) {
+                Ok(value) => {
+                    parts.headers.insert("idempotency-key", value);
+                }
+                Err(_) => {
+                    return ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_delivery_id",
+                        "delivery id is not a valid header value",
+                    )
+                    .into_response();
+                }
+            },
+            Ok(None) => {}
+            Err(error) => return error.into_response(),
+        }
+    }
     let event = match single_event(&parts.headers, entity, key, op, &body, parts.method == Method::DELETE) {
         Ok(event) => event,
         Err(error) => return error.into_response(),
@@ -678,6 +761,14 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                 old: None,
                 position: None,
             })
+        });
+        // A webhook route's signature covers one request body; it cannot be checked per line.
+        let event = event.and_then(|event| match state.pipeline.route_for(&event) {
+            Some(route) if state.pipeline.route(route).webhook.is_some() => Err(format!(
+                "entity `{}` is a webhook route; send it to /v1/events/{} with its signature",
+                event.entity, event.entity
+            )),
+            _ => Ok(event),
         });
         match event {
             Ok(event) => {

@@ -1,7 +1,7 @@
 //! From events to messages: route matching, subject templates, the plugin chain, and the payload
 //! envelope. Sources hand events in; the sink takes messages out.
 
-use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind};
+use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind, WebhookConfig};
 use crate::event::Event;
 use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError};
 use serde_json::{Map, Value, json};
@@ -119,6 +119,8 @@ pub struct Route {
     /// What to do with rejected and failed events.
     pub on_error: OnError,
     dlq: SubjectTemplate,
+    /// Signature check for webhook senders.
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Route {
@@ -183,6 +185,7 @@ impl Pipeline {
                 envelope: Envelope::Weir,
                 on_error: OnError::Dlq,
                 dlq_subject: None,
+                webhook: None,
             };
             routes.push(build_route(0, &default, plugins)?);
         }
@@ -308,6 +311,7 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc
         envelope: config.envelope,
         on_error: config.on_error,
         dlq,
+        webhook: config.webhook.clone(),
     })
 }
 

@@ -507,3 +507,161 @@ async fn check_lists_every_problem() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout.contains("weir.toml:4:10: `nowhere` is not an address"), "{stdout}");
 }
+
+fn sign(secret: &str, text: &str) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(text.as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_routes_verify_signatures_and_deduplicate_deliveries() {
+    let nats = Nats::start();
+    let secret = "old-secret-0123456789";
+    let rotated = "new-secret-0123456789";
+    let extra = format!(
+        r#"
+[[routes]]
+match = {{ entity = "github" }}
+webhook = {{ secrets = ["{secret}", "{rotated}"], header = "X-Hub-Signature-256", delivery_header = "X-GitHub-Delivery" }}
+
+[[routes]]
+match = {{ entity = "stripe" }}
+webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", timestamp_header = "X-Timestamp", tolerance = "300s" }}
+"#
+    );
+    // Webhook routes go before the catch-all route.
+    let config = config(&nats, "").replace(
+        "[[routes]]\nmatch = { entity = \"*\" }",
+        &format!("{extra}\n[[routes]]\nmatch = {{ entity = \"*\" }}"),
+    );
+    let gateway = Gateway::start(&config);
+    let body = r#"{"action":"opened","number":7}"#;
+    let good = sign(secret, body);
+    let with_new_secret = sign(rotated, body);
+    let flipped = body.replace("7", "8");
+    let reserialized = r#"{"number":7,"action":"opened"}"#;
+    let cases: Vec<(&str, Vec<(&str, &str)>, u16)> = vec![
+        (body, vec![], 401),
+        (body, vec![("x-hub-signature-256", "sha256=00")], 401),
+        (&flipped, vec![("x-hub-signature-256", &good)], 401),
+        (reserialized, vec![("x-hub-signature-256", &good)], 401),
+        (body, vec![("x-hub-signature-256", &good), ("x-github-delivery", "d-1")], 202),
+        (body, vec![("x-hub-signature-256", &with_new_secret), ("x-github-delivery", "d-2")], 202),
+        (body, vec![("x-hub-signature-256", &good), ("x-github-delivery", "d-1")], 202),
+    ];
+    let mut answers = Vec::new();
+    for (text, headers, expected) in &cases {
+        let (status, answer, _) = post(&gateway, "/v1/events/github", text, headers).await;
+        assert_eq!(status, *expected, "{headers:?}: {answer}");
+        answers.push(answer);
+    }
+    assert_eq!(answers[6], answers[4], "a replayed delivery gets the same answer");
+    // A batch line cannot bypass the signature.
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"entity\":\"github\",\"data\":{}}\n")
+        .send()
+        .await
+        .unwrap();
+    let batch: Value = response.json().await.unwrap();
+    assert_eq!(batch["results"][0]["status"], 400, "{batch}");
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    for (timestamp, expected) in [(now, 202), (now - 301, 401), (now + 301, 401)] {
+        let ts = timestamp.to_string();
+        let signature = sign(secret, &format!("{ts}.{body}")).replace("sha256=", "v1=");
+        let (status, answer, _) =
+            post(&gateway, "/v1/events/stripe", body, &[("x-signature", &signature), ("x-timestamp", &ts)]).await;
+        assert_eq!(status, expected, "timestamp {timestamp} (now {now}): {answer}");
+    }
+    let stored = nats.messages("WEIR").await;
+    let ids: Vec<_> = stored.iter().map(|m| header(m, "Nats-Msg-Id").unwrap().to_string()).collect();
+    assert_eq!(stored.len(), 3, "two deliveries and one timely Stripe event: {ids:?}");
+    assert!(ids.contains(&"d-1".to_string()) && ids.contains(&"d-2".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudevents_in_structured_and_binary_mode() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, "envelope = \"cloudevents\""));
+    let structured = r#"{"specversion":"1.0","id":"ce-1","source":"/shop","type":"order.created","data":{"total":5}}"#;
+    let response = client()
+        .post(gateway.url("/v1/events/invoices"))
+        .header("content-type", "application/cloudevents+json")
+        .body(structured)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let binary = client()
+        .post(gateway.url("/v1/events/invoices"))
+        .header("content-type", "application/json")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "ce-2")
+        .header("ce-source", "/shop")
+        .header("ce-type", "order.created")
+        .body(r#"{"total":6}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(binary.status().as_u16(), 202);
+    let bad = client()
+        .post(gateway.url("/v1/events/invoices"))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"id":"x","data":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 2);
+    for (message, (id, total)) in messages.iter().zip([("ce-1", 5), ("ce-2", 6)]) {
+        assert_eq!(header(message, "Nats-Msg-Id"), Some(id));
+        assert_eq!(header(message, "Content-Type"), Some("application/cloudevents+json"));
+        let event: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["id"], id);
+        assert_eq!(event["data"], json!({"total": total}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_is_answered_429_and_slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = Nats::start();
+    let config = config(&nats, "").replace(
+        "max_body = \"64KiB\"",
+        "max_body = \"64KiB\"\nmax_in_flight = 1\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"",
+    );
+    let gateway = Gateway::start(&config);
+    // Hold the only slot with a body that never finishes, then knock.
+    let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/events/users HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body, headers) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("overloaded")));
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    // The slow body is cut off at the body timeout with 408.
+    let mut answer = String::new();
+    let started = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Headers that never finish: the connection is closed at the header timeout.
+    let mut loris = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    loris.write_all(b"POST /v1/events/users HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), loris.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok() && started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!(status, 202, "serving normally again");
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
