@@ -18,7 +18,7 @@ fn main() {
     let result = match task.as_str() {
         "plugins" => build_plugins(),
         "test" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| test(&extra)),
-        "bench" => build_plugins().and_then(|()| bench(&extra)),
+        "bench" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| bench(&extra)),
         "quickstart" => quickstart(),
         _ => {
             eprintln!("usage: cargo xtask <quickstart|plugins|test|bench> [args for cargo test/bench]");
@@ -174,8 +174,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     let mut bench = cargo();
-    bench.args(["bench", "-p", "weir", "--bench", "runtime", "--"]).args(extra).current_dir(root());
-    run(bench, "cargo bench -p weir --bench runtime")
+    bench.args(["bench", "-p", "weir", "--bench", "runtime", "--bench", "http", "--"]).args(extra).current_dir(root());
+    run(bench, "cargo bench -p weir --bench runtime --bench http")
 }
 
 fn nats_reachable() -> bool {
