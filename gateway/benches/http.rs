@@ -72,27 +72,32 @@ async fn max_rate(client: &reqwest::Client, url: &str) -> f64 {
     done.load(Ordering::Relaxed) as f64 / MEASURE.as_secs_f64()
 }
 
-/// Open loop at `rate` requests per second for `MEASURE`; (p50, p99) latency in milliseconds.
+/// `CONNECTIONS` workers together sending `rate` requests per second on a fixed schedule for
+/// `MEASURE`; (p50, p99) latency in milliseconds, measured from each request's scheduled time (so
+/// a slow answer that delays the next request counts against the server, not hidden).
 async fn latency_at(client: &reqwest::Client, url: &str, rate: f64) -> (f64, f64) {
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let interval = Duration::from_secs_f64(CONNECTIONS as f64 / rate.max(1.0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    let mut next = started;
-    while started.elapsed() < MEASURE {
-        tokio::time::sleep_until(next.into()).await;
-        next += interval;
+    for worker in 0..CONNECTIONS {
         let (client, url) = (client.clone(), url.to_string());
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let response = client.post(&url).header("content-type", "application/json").body(BODY).send().await;
-            response.is_ok_and(|r| r.status().as_u16() == 202).then(|| sent.elapsed().as_secs_f64() * 1000.0)
+            let mut latencies = Vec::new();
+            let mut scheduled = started + interval.mul_f64(worker as f64 / CONNECTIONS as f64);
+            while scheduled < started + MEASURE {
+                tokio::time::sleep_until(scheduled.into()).await;
+                let response = client.post(&url).header("content-type", "application/json").body(BODY).send().await;
+                if response.is_ok_and(|r| r.status().as_u16() == 202) {
+                    latencies.push(scheduled.elapsed().as_secs_f64() * 1000.0);
+                }
+                scheduled += interval;
+            }
+            latencies
         }));
     }
     let mut latencies: Vec<f64> = Vec::new();
     for task in tasks {
-        if let Some(ms) = task.await.unwrap() {
-            latencies.push(ms);
-        }
+        latencies.extend(task.await.unwrap());
     }
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
@@ -100,7 +105,8 @@ async fn latency_at(client: &reqwest::Client, url: &str, rate: f64) -> (f64, f64
 }
 
 async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
-    let lines: String = (0..1000).map(|i| format!("{{\"entity\":\"orders\",\"key\":\"{i}\",\"data\":{BODY}}}\n")).collect();
+    let lines: String =
+        (0..1000).map(|i| format!("{{\"entity\":\"orders\",\"key\":\"{i}\",\"data\":{BODY}}}\n")).collect();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + MEASURE;
     let mut tasks = Vec::new();
@@ -108,7 +114,8 @@ async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
         let (client, url, done, lines) = (client.clone(), url.to_string(), done.clone(), lines.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let response = client.post(&url).header("content-type", "application/x-ndjson").body(lines.clone()).send().await;
+                let response =
+                    client.post(&url).header("content-type", "application/x-ndjson").body(lines.clone()).send().await;
                 if response.is_ok_and(|r| r.status().as_u16() == 202) {
                     done.fetch_add(1000, Ordering::Relaxed);
                 }
@@ -162,7 +169,11 @@ plugins = ["noop"]
     let (bare_p50, bare_p99) = latency_at(&client, &bare_url, bare_max / 2.0).await;
     let (weir_p50, weir_p99) = latency_at(&client, &weir_url, weir_max / 2.0).await;
 
-    println!("single-event body: {} bytes; {CONNECTIONS} keep-alive connections; {}s per measurement\n", BODY.len(), MEASURE.as_secs());
+    println!(
+        "single-event body: {} bytes; {CONNECTIONS} keep-alive connections; {}s per measurement\n",
+        BODY.len(),
+        MEASURE.as_secs()
+    );
     println!("| path | max events/s | p50 ms at half load | p99 ms at half load |");
     println!("|---|---:|---:|---:|");
     println!("| bare forwarder (hyper → JetStream) | {bare_max:.0} | {bare_p50:.2} | {bare_p99:.2} |");

@@ -702,7 +702,7 @@ struct BatchLine {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -731,6 +731,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         .iter()
         .filter_map(|name| header_text(&parts.headers, name).map(|v| (name.to_string(), v.to_string())))
         .collect();
+    let now = now_rfc3339();
     let mut results: Vec<Value> = Vec::new();
     let mut events = Vec::new();
     let mut slots = Vec::new();
@@ -754,10 +755,10 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                     Value::String(s) => s,
                     other => other.to_string(),
                 }),
-                time: now_rfc3339(),
+                time: now.clone(),
                 subject: String::new(),
                 headers: trace.clone(),
-                data: line.data.unwrap_or_else(|| json!({})).to_string().into_bytes(),
+                data: line.data.map_or_else(|| b"{}".to_vec(), |raw| raw.get().as_bytes().to_vec()),
                 old: None,
                 position: None,
             })

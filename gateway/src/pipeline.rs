@@ -325,28 +325,71 @@ fn json_or_base64(bytes: &[u8]) -> (Value, bool) {
     }
 }
 
-/// The Weir JSON envelope of an event.
-pub fn weir_envelope(event: &Event) -> Value {
-    let mut out = Map::new();
-    out.insert("id".into(), json!(event.id));
-    out.insert("source".into(), json!(event.source));
-    out.insert("entity".into(), json!(event.entity));
-    out.insert("op".into(), json!(event.op));
-    out.insert("time".into(), json!(event.time));
-    out.insert("key".into(), json!(event.key));
-    let (data, is_json) = json_or_base64(&event.data);
-    out.insert(if is_json { "data" } else { "data_base64" }.into(), data);
-    match &event.old {
-        Some(old) => {
-            let (old, is_json) = json_or_base64(old);
-            out.insert(if is_json { "old" } else { "old_base64" }.into(), old);
-        }
-        None => {
-            out.insert("old".into(), Value::Null);
+/// Event data embedded as JSON: the raw text when it is valid JSON (no re-encoding), otherwise
+/// base64 under a `*_base64` key.
+enum Embedded<'a> {
+    Json(&'a serde_json::value::RawValue),
+    Base64(String),
+}
+
+fn embed(bytes: &[u8]) -> Embedded<'_> {
+    match serde_json::from_slice::<&serde_json::value::RawValue>(bytes) {
+        Ok(raw) => Embedded::Json(raw),
+        Err(_) => {
+            use base64::Engine as _;
+            Embedded::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
         }
     }
-    out.insert("position".into(), json!(event.position));
-    Value::Object(out)
+}
+
+/// The Weir JSON envelope of an event, serialized.
+pub fn weir_envelope_bytes(event: &Event) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        id: &'a str,
+        source: &'a str,
+        entity: &'a str,
+        op: &'a str,
+        time: &'a str,
+        key: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a serde_json::value::RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
+        old: Option<&'a serde_json::value::RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        old_base64: Option<String>,
+        position: Option<&'a str>,
+    }
+    let (data, data_base64) = match embed(&event.data) {
+        Embedded::Json(raw) => (Some(raw), None),
+        Embedded::Base64(text) => (None, Some(text)),
+    };
+    let (old, old_base64) = match event.old.as_deref().map(embed) {
+        Some(Embedded::Json(raw)) => (Some(raw), None),
+        Some(Embedded::Base64(text)) => (None, Some(text)),
+        None => (None, None),
+    };
+    let envelope = Envelope {
+        id: &event.id,
+        source: &event.source,
+        entity: &event.entity,
+        op: &event.op,
+        time: &event.time,
+        key: event.key.as_deref(),
+        data,
+        data_base64,
+        old,
+        old_base64,
+        position: event.position.as_deref(),
+    };
+    // Serializing borrowed strings and raw JSON cannot fail.
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
+/// The Weir JSON envelope of an event.
+pub fn weir_envelope(event: &Event) -> Value {
+    serde_json::from_slice(&weir_envelope_bytes(event)).unwrap_or(Value::Null)
 }
 
 fn cloudevent(event: &Event) -> Value {
@@ -390,7 +433,7 @@ fn headers_for(event: &Event, content_type: &str) -> Vec<(String, String)> {
 
 fn to_message(route: &Route, event: &Event) -> Message {
     let (payload, content_type) = match route.envelope {
-        Envelope::Weir => (weir_envelope(event).to_string().into_bytes(), "application/json"),
+        Envelope::Weir => (weir_envelope_bytes(event), "application/json"),
         Envelope::Data => (event.data.clone(), "application/json"),
         Envelope::Cloudevents => (cloudevent(event).to_string().into_bytes(), "application/cloudevents+json"),
     };
