@@ -597,7 +597,11 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     if let Some(response) = remembered(&state, &idempotency_key, fingerprint) {
         return response;
     }
+    // If the client goes away mid-request, hyper drops this future: the guard then forgets the
+    // in-flight mark, so a retry is processed instead of being answered 409 forever.
+    let guard = InFlightGuard { state: &state, key: &idempotency_key };
     let answer = ingest(&state, vec![event]).await.remove(0);
+    std::mem::forget(guard);
     let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
     // Remember stored outcomes and plugin rejections; forget "not stored, retry" answers.
     let keep = match &answer {
@@ -619,6 +623,21 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     }
     drop(memory);
     answer_response(answer)
+}
+
+/// Removes an `InFlight` idempotency mark when the request ends without an answer.
+struct InFlightGuard<'a> {
+    state: &'a AppState,
+    key: &'a str,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut memory = self.state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(memory.get(self.key), Some(Remembered::InFlight { .. })) {
+            memory.remove(self.key);
+        }
+    }
 }
 
 fn merge(mut body: Value, extra: Option<Value>) -> Value {

@@ -1,6 +1,6 @@
 //! `weir run` end to end: HTTP in, plugins, JetStream out, through the real binary against a
 //! real (private) nats-server. Every answer is checked against what the stream holds.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
 
 mod common;
 
@@ -664,4 +664,21 @@ async fn overload_is_answered_429_and_slow_clients_are_cut_off() {
     let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
     assert_eq!(status, 202, "serving normally again");
     assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_token_auth_is_used_and_a_wrong_token_stops_the_start_with_a_clear_error() {
+    let nats = Nats::start_with(&["--auth", "nats-secret-token"]);
+    let with_token = config(&nats, "").replace(
+        "connect_timeout = \"10s\"",
+        "connect_timeout = \"3s\"\ntoken = \"${TEST_NATS_TOKEN:-nats-secret-token}\"",
+    );
+    let gateway = Gateway::start(&with_token);
+    let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!(status, 202);
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+
+    let wrong = with_token.replace("${TEST_NATS_TOKEN:-nats-secret-token}", "wrong");
+    let log = Gateway::try_start(&wrong).err().expect("weir must not start with a wrong token");
+    assert!(log.contains("cannot reach NATS") || log.contains("uthorization"), "{log}");
 }

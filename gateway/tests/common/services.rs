@@ -38,11 +38,22 @@ pub struct Nats {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Nats {
     pub fn start() -> Nats {
-        let mut nats = Nats { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        Nats::start_with(&[])
+    }
+
+    /// With extra `nats-server` arguments, e.g. `["--auth", "secret"]`.
+    pub fn start_with(extra: &[&str]) -> Nats {
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
         nats.spawn();
         nats
     }
@@ -51,6 +62,7 @@ impl Nats {
         let child = Command::new(nats_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -76,7 +88,12 @@ impl Nats {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.unwrap()
+        match self.extra.iter().position(|a| a == "--auth") {
+            Some(i) => {
+                async_nats::ConnectOptions::with_token(self.extra[i + 1].clone()).connect(self.url()).await.unwrap()
+            }
+            None => async_nats::connect(self.url()).await.unwrap(),
+        }
     }
 
     /// Every message in `stream`, in sequence order.
