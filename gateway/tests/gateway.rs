@@ -682,3 +682,55 @@ async fn nats_token_auth_is_used_and_a_wrong_token_stops_the_start_with_a_clear_
     let log = Gateway::try_start(&wrong).err().expect("weir must not start with a wrong token");
     assert!(log.contains("cannot reach NATS") || log.contains("uthorization"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn core_nats_mode_publishes_and_flushes_without_a_stream() {
+    use futures::StreamExt as _;
+    let nats = Nats::start();
+    let core = config(&nats, "").replace(
+        "[jetstream]\nstream = \"WEIR\"\nsubjects = [\"weir.>\", \"shop.>\"]\nduplicate_window = \"2m\"\nack_timeout = \"1s\"\n",
+        "",
+    );
+    assert!(!core.contains("[jetstream]"));
+    let gateway = Gateway::start(&core);
+    assert!(gateway.log().contains("at-most-once"), "the start-up warning says what core NATS means");
+    let mut subscription = nats.client().await.subscribe("weir.>").await.unwrap();
+    let (status, body, _) = post(&gateway, "/v1/events/users", r#"{"email":"x@y","n":1}"#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["published"][0]["stream"], Value::Null);
+    let message = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await.unwrap().unwrap();
+    assert_eq!(message.subject.as_str(), "weir.users.insert");
+    let envelope: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(envelope["data"], json!({"n": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_stream_that_differs_is_reported_not_changed() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    drop(gateway);
+    let changed = config(&nats, "").replace("duplicate_window = \"2m\"", "duplicate_window = \"10m\"");
+    let gateway = Gateway::start(&changed);
+    assert!(gateway.log().contains("stream differs from config (not changed): duplicate_window"), "{}", gateway.log());
+    let context = async_nats::jetstream::new(nats.client().await);
+    let mut stream = context.get_stream("WEIR").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.duplicate_window, Duration::from_secs(120));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, changed.replace("{plugins}", &common::plugins_dir().display().to_string())).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "error stream WEIR differs from [jetstream] (duplicate_window: config says 600s, the stream has 120s)"
+        ),
+        "{stdout}"
+    );
+}
