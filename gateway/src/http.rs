@@ -649,6 +649,15 @@ fn merge(mut body: Value, extra: Option<Value>) -> Value {
     body
 }
 
+fn key_reused() -> Response {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request",
+    )
+    .into_response()
+}
+
 /// The stored answer for a repeated key, a conflict, or `None` to go ahead (marked in flight).
 fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Response> {
     let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
@@ -659,27 +668,13 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resp
     match memory.get(key) {
         Some(Remembered::Done { fingerprint: seen, status, body, expires }) if *expires >= now => {
             if *seen != fingerprint {
-                return Some(
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was used with a different request",
-                    )
-                    .into_response(),
-                );
+                return Some(key_reused());
             }
             Some((*status, axum::Json(body.clone())).into_response())
         }
         Some(Remembered::InFlight { fingerprint: seen }) => {
             if *seen != fingerprint {
-                return Some(
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was used with a different request",
-                    )
-                    .into_response(),
-                );
+                return Some(key_reused());
             }
             Some(
                 ApiError::new(
