@@ -734,3 +734,35 @@ async fn an_existing_stream_that_differs_is_reported_not_changed() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_concurrent_request_with_the_same_key_gets_409_and_a_failed_one_can_be_retried() {
+    let nats = Nats::start();
+    let slow = config(&nats, "").replace(
+        "[plugins.fixture_infinite_loop]\ntimeout_ms = 50",
+        "[plugins.fixture_infinite_loop]\ntimeout_ms = 600",
+    );
+    assert!(slow.contains("timeout_ms = 600"));
+    let gateway = Gateway::start(&slow);
+    let url = gateway.url("/v1/events/loops");
+    let send = |url: String| async move {
+        client()
+            .post(url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "same-key")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let first = tokio::spawn(send(url.clone()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = send(url.clone()).await;
+    assert_eq!(second, 409, "the first is still running");
+    assert_eq!(first.await.unwrap(), 500, "the plugin timed out on a reject route");
+    // A failure is not remembered: the retry runs again (and fails again the same way).
+    assert_eq!(send(url).await, 500);
+    assert!(nats.messages("WEIR").await.is_empty());
+}
