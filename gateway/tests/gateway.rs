@@ -766,3 +766,75 @@ async fn a_concurrent_request_with_the_same_key_gets_409_and_a_failed_one_can_be
     assert_eq!(send(url).await, 500);
     assert!(nats.messages("WEIR").await.is_empty());
 }
+
+/// A TCP proxy to NATS that can hold back everything the server sends (PubAcks included) until
+/// released, as a network that swallows acknowledgements would.
+async fn ack_holding_proxy(upstream: u16, hold: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+            let hold = hold.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let read = match server_read.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => read,
+                    };
+                    while hold.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if client_write.write_all(&buffer[..read]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_puback_is_never_answered_202_and_the_retry_is_stored_once() {
+    use std::sync::atomic::Ordering;
+    let nats = Nats::start();
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = ack_holding_proxy(nats.port, hold.clone()).await;
+    let proxied = config(&nats, "").replace(&nats.url(), &format!("nats://127.0.0.1:{port}"));
+    let gateway = Gateway::start(&proxied);
+    let (status, _, _) = post(&gateway, "/v1/events/people", r#"{"n":0}"#, &[("idempotency-key", "warm")]).await;
+    assert_eq!(status, 202);
+
+    hold.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let (status, body, headers) =
+        post(&gateway, "/v1/events/people", r#"{"n":1}"#, &[("idempotency-key", "lost-ack")]).await;
+    assert_eq!(status, 503, "no PubAck, no 202: {body}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert!(started.elapsed() < Duration::from_secs(10), "gave up after {:?}", started.elapsed());
+    hold.store(false, Ordering::SeqCst);
+
+    // The publish did reach the stream (and its retries were deduplicated); the client's retry
+    // with the same key is answered from JetStream's dedup: stored once.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let retry = loop {
+        let (status, body, _) =
+            post(&gateway, "/v1/events/people", r#"{"n":1}"#, &[("idempotency-key", "lost-ack")]).await;
+        if status == 202 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(retry.0, 202, "{}", retry.1);
+    assert_eq!(retry.1["published"][0]["duplicate"], true);
+    let ids: Vec<String> =
+        nats.messages("WEIR").await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap().to_string()).collect();
+    assert_eq!(ids, vec!["warm".to_string(), "lost-ack".to_string()], "one copy of the event whose ack was lost");
+}
