@@ -838,3 +838,18 @@ async fn a_lost_puback_is_never_answered_202_and_the_retry_is_stored_once() {
         nats.messages("WEIR").await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap().to_string()).collect();
     assert_eq!(ids, vec!["warm".to_string(), "lost-ack".to_string()], "one copy of the event whose ack was lost");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_user_and_password_auth() {
+    let nats = Nats::start_with(&["--user", "weir", "--pass", "weir-password-123"]);
+    let with_user = config(&nats, "").replace(
+        "connect_timeout = \"10s\"",
+        "connect_timeout = \"3s\"\nuser = \"weir\"\npassword = \"weir-password-123\"",
+    );
+    let gateway = Gateway::start(&with_user);
+    let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!(status, 202);
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+    let wrong = with_user.replace("password = \"weir-password-123\"", "password = \"nope\"");
+    assert!(Gateway::try_start(&wrong).is_err(), "a wrong password stops the start");
+}

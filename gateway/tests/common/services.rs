@@ -88,11 +88,13 @@ impl Nats {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        match self.extra.iter().position(|a| a == "--auth") {
-            Some(i) => {
-                async_nats::ConnectOptions::with_token(self.extra[i + 1].clone()).connect(self.url()).await.unwrap()
+        let arg = |flag: &str| self.extra.iter().position(|a| a == flag).map(|i| self.extra[i + 1].clone());
+        match (arg("--auth"), arg("--user"), arg("--pass")) {
+            (Some(token), ..) => async_nats::ConnectOptions::with_token(token).connect(self.url()).await.unwrap(),
+            (None, Some(user), Some(pass)) => {
+                async_nats::ConnectOptions::with_user_and_password(user, pass).connect(self.url()).await.unwrap()
             }
-            None => async_nats::connect(self.url()).await.unwrap(),
+            _ => async_nats::connect(self.url()).await.unwrap(),
         }
     }
 
