@@ -239,14 +239,7 @@ pub struct PluginConfig {
 impl PluginConfig {
     /// The runtime limits this section asks for, defaults elsewhere.
     pub fn limits(&self) -> crate::plugin::Limits {
-        let mut limits = crate::plugin::Limits::default();
-        if let Some(ms) = self.timeout_ms {
-            limits.timeout = Duration::from_millis(ms);
-        }
-        if let Some(mb) = self.memory_mb {
-            limits.memory = mb << 20;
-            limits.recycle_memory = limits.memory / 4 * 3;
-        }
+        let mut limits = crate::plugin::Limits::with_overrides(self.timeout_ms, self.memory_mb);
         if let Some(outputs) = self.max_outputs {
             limits.max_outputs = outputs;
         }

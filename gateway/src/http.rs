@@ -97,12 +97,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": {"code": self.code, "message": self.message}});
-        if let Some(Value::Object(extra)) = self.extra {
-            for (key, value) in extra {
-                body["error"][key] = value;
-            }
-        }
+        let body = merge(json!({"error": {"code": self.code, "message": self.message}}), self.extra);
         let mut response = (self.status, axum::Json(body)).into_response();
         match self.status {
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
@@ -220,7 +215,8 @@ fn bad_json(error: serde_json::Error) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not valid JSON: {error}"))
 }
 
-fn now_rfc3339() -> String {
+/// Now, as RFC 3339 with milliseconds (event times).
+pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 

@@ -4,7 +4,6 @@
 use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind, WebhookConfig};
 use crate::event::Event;
 use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError};
-use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -209,10 +208,13 @@ impl Pipeline {
         for event in &mut events {
             event.subject = route.subject.render(event);
         }
-        let originals = events.clone();
+        let count = events.len();
+        // Dead letters carry the event as it came in; keep a copy only when one can be written.
+        let originals =
+            if route.on_error == OnError::Dlq && !route.chain.is_empty() { events.clone() } else { Vec::new() };
         // Each live event remembers which input it descends from.
         let mut live: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
-        let mut verdicts: Vec<Option<Disposition>> = vec![None; originals.len()];
+        let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
         for plugin in &route.chain {
             let (origins, batch): (Vec<usize>, Vec<Event>) = live.into_iter().unzip();
             let results = plugin.run(batch);
@@ -244,7 +246,7 @@ impl Pipeline {
             // Outputs of an input that failed later in the batch are not published.
             live.retain(|(origin, _)| verdicts[*origin].is_none());
         }
-        let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); originals.len()];
+        let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); count];
         for (origin, event) in live {
             outputs[origin].push(to_message(route, &event));
         }
@@ -315,16 +317,6 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc
     })
 }
 
-fn json_or_base64(bytes: &[u8]) -> (Value, bool) {
-    match serde_json::from_slice(bytes) {
-        Ok(value) => (value, true),
-        Err(_) => {
-            use base64::Engine as _;
-            (Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)), false)
-        }
-    }
-}
-
 /// Event data embedded as JSON: the raw text when it is valid JSON (no re-encoding), otherwise
 /// base64 under a `*_base64` key.
 enum Embedded<'a> {
@@ -387,25 +379,39 @@ pub fn weir_envelope_bytes(event: &Event) -> Vec<u8> {
     serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
-/// The Weir JSON envelope of an event.
-pub fn weir_envelope(event: &Event) -> Value {
-    serde_json::from_slice(&weir_envelope_bytes(event)).unwrap_or(Value::Null)
-}
-
-fn cloudevent(event: &Event) -> Value {
-    let (data, is_json) = json_or_base64(&event.data);
-    let mut out = Map::new();
-    out.insert("specversion".into(), json!("1.0"));
-    out.insert("id".into(), json!(event.id));
-    out.insert("source".into(), json!(format!("/weir/{}/{}", event.source, event.entity)));
-    out.insert("type".into(), json!(format!("weir.{}.{}", event.entity, event.op)));
-    if let Some(key) = &event.key {
-        out.insert("subject".into(), json!(key));
+fn cloudevent(event: &Event) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct CloudEvent<'a> {
+        specversion: &'static str,
+        id: &'a str,
+        source: String,
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subject: Option<&'a str>,
+        time: &'a str,
+        datacontenttype: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a serde_json::value::RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
     }
-    out.insert("time".into(), json!(event.time));
-    out.insert("datacontenttype".into(), json!(if is_json { "application/json" } else { "application/octet-stream" }));
-    out.insert(if is_json { "data" } else { "data_base64" }.into(), data);
-    Value::Object(out)
+    let (data, data_base64, datacontenttype) = match embed(&event.data) {
+        Embedded::Json(raw) => (Some(raw), None, "application/json"),
+        Embedded::Base64(text) => (None, Some(text), "application/octet-stream"),
+    };
+    let envelope = CloudEvent {
+        specversion: "1.0",
+        id: &event.id,
+        source: format!("/weir/{}/{}", event.source, event.entity),
+        kind: format!("weir.{}.{}", event.entity, event.op),
+        subject: event.key.as_deref(),
+        time: &event.time,
+        datacontenttype,
+        data,
+        data_base64,
+    };
+    serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
 /// Host headers (which win over plugin headers of the same name), then the event's own.
@@ -435,7 +441,7 @@ fn to_message(route: &Route, event: &Event) -> Message {
     let (payload, content_type) = match route.envelope {
         Envelope::Weir => (weir_envelope_bytes(event), "application/json"),
         Envelope::Data => (event.data.clone(), "application/json"),
-        Envelope::Cloudevents => (cloudevent(event).to_string().into_bytes(), "application/cloudevents+json"),
+        Envelope::Cloudevents => (cloudevent(event), "application/cloudevents+json"),
     };
     Message { subject: event.subject.clone(), headers: headers_for(event, content_type), payload }
 }
@@ -456,12 +462,13 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
         // Header values cannot carry line breaks.
         headers.push((name.to_string(), value.replace(['\r', '\n'], " ")));
     }
-    Message { subject: route.dlq.render(original), headers, payload: weir_envelope(original).to_string().into_bytes() }
+    Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     fn event(entity: &str, op: &str) -> Event {
         Event {
@@ -500,6 +507,10 @@ mod tests {
         assert!(glob_matches("a*c*e", "abcde"));
         assert!(!glob_matches("orders", "orders2"));
         assert!(!glob_matches("a*c", "abd"));
+    }
+
+    fn weir_envelope(event: &Event) -> Value {
+        serde_json::from_slice(&weir_envelope_bytes(event)).unwrap()
     }
 
     #[test]

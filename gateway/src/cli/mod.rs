@@ -95,15 +95,7 @@ pub struct TestArgs {
 
 impl TestArgs {
     fn limits(&self) -> Limits {
-        let mut limits = Limits::default();
-        if let Some(ms) = self.timeout_ms {
-            limits.timeout = Duration::from_millis(ms);
-        }
-        if let Some(mb) = self.memory_mb {
-            limits.memory = mb << 20;
-            limits.recycle_memory = limits.memory / 4 * 3;
-        }
-        limits
+        Limits::with_overrides(self.timeout_ms, self.memory_mb)
     }
 }
 
@@ -148,27 +140,6 @@ fn runtime() -> anyhow::Result<PluginRuntime> {
     PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() })
 }
 
-fn now_rfc3339() -> String {
-    // Seconds are enough for test events; avoids a date-time dependency.
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 fn plugin_test(args: &TestArgs) -> anyhow::Result<i32> {
     serde_json::from_str::<serde_json::Value>(&args.config)
         .map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
@@ -192,7 +163,7 @@ fn plugin_test(args: &TestArgs) -> anyhow::Result<i32> {
     } else {
         std::fs::read_to_string(&args.input).with_context(|| format!("cannot read {}", args.input))?
     };
-    let events = events::parse_ndjson(&text, &now_rfc3339())?;
+    let events = events::parse_ndjson(&text, &crate::http::now_rfc3339())?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut remaining = events.into_iter().peekable();
     while remaining.peek().is_some() {
@@ -247,13 +218,6 @@ fn plugin_inspect(wasm: &std::path::Path, as_json: bool) -> anyhow::Result<i32> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
-    }
 
     #[test]
     fn offered_imports() {

@@ -66,6 +66,22 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The defaults with a config's or command line's `timeout_ms` and `memory_mb` applied; the
+    /// recycling mark follows the memory limit at three quarters.
+    pub fn with_overrides(timeout_ms: Option<u64>, memory_mb: Option<usize>) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(ms) = timeout_ms {
+            limits.timeout = Duration::from_millis(ms);
+        }
+        if let Some(mb) = memory_mb {
+            limits.memory = mb << 20;
+            limits.recycle_memory = limits.memory / 4 * 3;
+        }
+        limits
+    }
+}
+
 /// Why a plugin file could not be loaded. Each message is one line that says what to do.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
