@@ -39,6 +39,8 @@ pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// How the test's own client connects, when the server needs more than token or user/password.
+    client_options: Option<Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>>,
 }
 
 impl Nats {
@@ -53,6 +55,7 @@ impl Nats {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            client_options: None,
         };
         nats.spawn();
         nats
@@ -87,7 +90,19 @@ impl Nats {
         self.spawn();
     }
 
+    /// Sets how [`Nats::client`] connects (nkey, creds, TLS).
+    pub fn with_client_options(
+        mut self,
+        options: impl Fn() -> async_nats::ConnectOptions + Send + Sync + 'static,
+    ) -> Nats {
+        self.client_options = Some(Arc::new(options));
+        self
+    }
+
     pub async fn client(&self) -> async_nats::Client {
+        if let Some(options) = &self.client_options {
+            return options().connect(self.url()).await.unwrap();
+        }
         let arg = |flag: &str| self.extra.iter().position(|a| a == flag).map(|i| self.extra[i + 1].clone());
         match (arg("--auth"), arg("--user"), arg("--pass")) {
             (Some(token), ..) => async_nats::ConnectOptions::with_token(token).connect(self.url()).await.unwrap(),
@@ -123,6 +138,7 @@ impl Drop for Nats {
 }
 
 /// The real `weir run` with a config written to a temp dir.
+#[derive(Debug)]
 pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
