@@ -114,7 +114,7 @@ fn main() {
         for batch in [1usize, 16, 128] {
             let make = || (0..batch).map(|i| host_event(i, &data)).collect::<Vec<_>>();
             let wasm = measure(batch, make, |events| {
-                let results = plugin.run(events);
+                let results = plugin.run_blocking(events);
                 assert!(results.iter().all(Result::is_ok));
             });
             let make_native = || (0..batch).map(|i| sdk_event(&host_event(i, &data))).collect::<Vec<_>>();

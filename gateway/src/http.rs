@@ -370,19 +370,8 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     }
     for (route, items) in routed {
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
-        let pipeline = state.pipeline.clone();
         let started = Instant::now();
-        let dispositions = match tokio::task::spawn_blocking(move || pipeline.process(route, batch)).await {
-            Ok(dispositions) => dispositions,
-            Err(error) => {
-                tracing::error!(%error, "plugin chain task failed");
-                for position in positions {
-                    answers[position] =
-                        Some(Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "plugin chain failed")));
-                }
-                continue;
-            }
-        };
+        let dispositions = state.pipeline.process(route, batch).await;
         state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
         let route_name = state.pipeline.route(route).name.clone();
         let on_error = state.pipeline.route(route).on_error;

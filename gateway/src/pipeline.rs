@@ -202,8 +202,8 @@ impl Pipeline {
     }
 
     /// Runs `events`, which all match route `index`, through its chain: one disposition per
-    /// event, in order. Blocking (plugins run here); call it off the async reactor.
-    pub fn process(&self, index: usize, mut events: Vec<Event>) -> Vec<Disposition> {
+    /// event, in order. Plugins run on the calling task and yield at each epoch tick.
+    pub async fn process(&self, index: usize, mut events: Vec<Event>) -> Vec<Disposition> {
         let route = &self.routes[index];
         for event in &mut events {
             event.subject = route.subject.render(event);
@@ -217,7 +217,7 @@ impl Pipeline {
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
         for plugin in &route.chain {
             let (origins, batch): (Vec<usize>, Vec<Event>) = live.into_iter().unzip();
-            let results = plugin.run(batch);
+            let results = plugin.run(batch).await;
             live = Vec::new();
             for (origin, result) in origins.into_iter().zip(results) {
                 if verdicts[origin].is_some() {

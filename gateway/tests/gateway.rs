@@ -767,6 +767,37 @@ async fn a_concurrent_request_with_the_same_key_gets_409_and_a_failed_one_can_be
     assert!(nats.messages("WEIR").await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_spinning_to_their_limit_do_not_hold_up_other_requests() {
+    let nats = Nats::start();
+    let slow = config(&nats, "").replace(
+        "[plugins.fixture_infinite_loop]\ntimeout_ms = 50",
+        "[plugins.fixture_infinite_loop]\ntimeout_ms = 3000",
+    );
+    assert!(slow.contains("timeout_ms = 3000"));
+    let gateway = Gateway::start(&slow);
+    // More spinning plugins than the machine has cores (and so async workers).
+    let spinning: Vec<_> = (0..6)
+        .map(|_| {
+            let url = gateway.url("/v1/events/loops");
+            tokio::spawn(async move {
+                let response =
+                    client().post(url).header("content-type", "application/json").body("{}").send().await.unwrap();
+                response.status().as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body, _) = post(&gateway, "/v1/events/users", r#"{"name":"Ann"}"#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    let health = client().get(gateway.url("/healthz")).send().await.unwrap().status().as_u16();
+    assert_eq!(health, 200);
+    assert!(spinning.iter().all(|task| !task.is_finished()), "answered while the plugins were still spinning");
+    for task in spinning {
+        assert_eq!(task.await.unwrap(), 500, "each spinning plugin still times out");
+    }
+}
+
 /// A TCP proxy to NATS that can hold back everything the server sends (PubAcks included) until
 /// released, as a network that swallows acknowledgements would.
 async fn ack_holding_proxy(upstream: u16, hold: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {

@@ -21,7 +21,7 @@ fn kinds(results: &[Result<Outcome, weir::plugin::PluginError>]) -> Vec<Option<E
 
 fn keep_all(plugin: &Plugin, count: usize) {
     let events: Vec<_> = (0..count).map(|i| event(&format!("ok-{i}"), json!({"seq": i + 1}))).collect();
-    let results = plugin.run(events.clone());
+    let results = plugin.run_blocking(events.clone());
     assert_eq!(results.len(), count);
     for (input, result) in events.iter().zip(results) {
         assert_eq!(result, Ok(Outcome::Keep(input.clone())), "event {} comes back unchanged", input.id);
@@ -38,7 +38,7 @@ fn noop_keeps_a_batch_in_order_on_one_reused_instance() {
     assert_eq!(plugin.stats().instances_created.load(Ordering::Relaxed), 1, "instances are reused, never one per call");
     assert_eq!(plugin.info().world, weir::plugin::World::Transform);
     assert_eq!(plugin.info().sdk.as_ref().map(|s| s.sdk_version.as_str()), Some(weir_sdk_version()));
-    assert!(plugin.run(Vec::new()).is_empty());
+    assert!(plugin.run_blocking(Vec::new()).is_empty());
 }
 
 fn weir_sdk_version() -> &'static str {
@@ -52,13 +52,13 @@ fn infinite_loop_is_stopped_at_its_deadline_and_the_next_events_still_work() {
     let looping = load(&runtime, "fixture-infinite-loop", "{}", limits);
     let noop = load(&runtime, "noop", "{}", Limits::default());
     let started = Instant::now();
-    let results = looping.run(vec![event("a", json!({}))]);
+    let results = looping.run_blocking(vec![event("a", json!({}))]);
     let elapsed = started.elapsed();
     assert_eq!(kinds(&results), vec![Some(ErrorKind::Timeout)]);
     assert!(elapsed < Duration::from_secs(5), "a 50 ms deadline stopped the loop after {elapsed:?}");
     assert!(elapsed >= Duration::from_millis(50), "stopped before its deadline: {elapsed:?}");
     // The plugin is still usable (a fresh instance) and other plugins are unaffected.
-    assert_eq!(kinds(&looping.run(vec![event("b", json!({}))])), vec![Some(ErrorKind::Timeout)]);
+    assert_eq!(kinds(&looping.run_blocking(vec![event("b", json!({}))])), vec![Some(ErrorKind::Timeout)]);
     keep_all(&noop, 16);
 }
 
@@ -69,7 +69,7 @@ fn memory_bomb_is_denied_at_its_cap_and_host_memory_stays_bounded() {
     let bomb = load(&runtime, "fixture-memory-bomb", "{}", limits);
     let before = common::rss_bytes();
     for round in 0..5 {
-        let results = bomb.run(vec![event(&format!("bomb-{round}"), json!({}))]);
+        let results = bomb.run_blocking(vec![event(&format!("bomb-{round}"), json!({}))]);
         assert_eq!(kinds(&results), vec![Some(ErrorKind::MemoryLimit)]);
         let message = &results[0].as_ref().unwrap_err().message;
         assert!(message.contains("memory_mb"), "the error says how to fix it: {message}");
@@ -84,7 +84,7 @@ fn deep_recursion_traps_with_stack_overflow() {
     let runtime = runtime();
     let plugin = load(&runtime, "fixture-deep-recursion", "{}", Limits::default());
     for _ in 0..3 {
-        assert_eq!(kinds(&plugin.run(vec![event("r", json!({}))])), vec![Some(ErrorKind::StackOverflow)]);
+        assert_eq!(kinds(&plugin.run_blocking(vec![event("r", json!({}))])), vec![Some(ErrorKind::StackOverflow)]);
     }
 }
 
@@ -92,7 +92,7 @@ fn deep_recursion_traps_with_stack_overflow() {
 fn panics_become_traps_and_a_fresh_instance_serves_the_next_call() {
     let runtime = runtime();
     let plugin = load(&runtime, "fixture-panic", "{}", Limits::default());
-    let results = plugin.run(vec![event("p1", json!({})), event("p2", json!({}))]);
+    let results = plugin.run_blocking(vec![event("p1", json!({})), event("p2", json!({}))]);
     assert_eq!(kinds(&results), vec![Some(ErrorKind::Trap), Some(ErrorKind::Trap)]);
     let message = &results[0].as_ref().unwrap_err().message;
     assert!(message.contains("unreachable"), "{message}");
@@ -104,7 +104,7 @@ fn one_poison_event_does_not_fail_its_neighbours() {
     let runtime = runtime();
     let plugin = load(&runtime, "fixture-panic-every-10th", "{}", Limits::default());
     let events: Vec<_> = (1..=100).map(|seq| event(&format!("e{seq}"), json!({"seq": seq}))).collect();
-    let results = plugin.run(events.clone());
+    let results = plugin.run_blocking(events.clone());
     assert_eq!(results.len(), 100);
     for (input, result) in events.iter().zip(&results) {
         let seq: u64 = input.id[1..].parse().unwrap();
@@ -123,7 +123,7 @@ fn oversized_outputs_are_refused_per_event() {
     // output cap, not the clock, that refuses them.
     let limits = Limits { timeout: Duration::from_secs(10), ..Limits::default() };
     let plugin = load(&runtime, "fixture-oversized-output", "{}", limits);
-    let results = plugin.run(vec![
+    let results = plugin.run_blocking(vec![
         event("bytes", json!({"mode": "bytes"})),
         event("fine", json!({"mode": "none"})),
         event("count", json!({"mode": "count"})),
@@ -139,10 +139,10 @@ fn invalid_subjects_are_plugin_errors() {
     let plugin = load(&runtime, "fixture-invalid-subject", "{}", Limits::default());
     let subjects = ["orders.*", "a..b", "has space", "weir.>", "", "tab\tbed"];
     let events: Vec<_> = subjects.iter().map(|s| event(s, json!({"subject": s}))).collect();
-    for (subject, kind) in subjects.iter().zip(kinds(&plugin.run(events))) {
+    for (subject, kind) in subjects.iter().zip(kinds(&plugin.run_blocking(events))) {
         assert_eq!(kind, Some(ErrorKind::InvalidSubject), "subject {subject:?}");
     }
-    let good = plugin.run(vec![event("ok", json!({"subject": "shop.orders.created"}))]);
+    let good = plugin.run_blocking(vec![event("ok", json!({"subject": "shop.orders.created"}))]);
     let Ok(Outcome::Keep(kept)) = &good[0] else { panic!("valid subject kept: {good:?}") };
     assert_eq!(kept.subject, "shop.orders.created");
 }
@@ -154,7 +154,7 @@ fn files_environment_and_sockets_are_not_reachable() {
     let target = listener.local_addr().unwrap().to_string();
     let runtime = runtime();
     let plugin = load(&runtime, "fixture-file-and-socket", "{}", Limits::default());
-    let results = plugin.run(vec![event("fs", json!({"connect": target}))]);
+    let results = plugin.run_blocking(vec![event("fs", json!({"connect": target}))]);
     let Ok(Outcome::Keep(out)) = &results[0] else { panic!("plugin runs and reports: {results:?}") };
     let report: serde_json::Value = serde_json::from_slice(&out.data).unwrap();
     for attempt in ["file", "dir", "socket"] {
@@ -206,7 +206,7 @@ fn configure_may_refuse_a_config() {
         }
     }
     let plugin = runtime.load("refuse", &bytes, r#"{"limit":7}"#, Limits::default()).unwrap();
-    let Ok(Outcome::Keep(out)) = &plugin.run(vec![event("c", json!({}))])[0] else { panic!() };
+    let Ok(Outcome::Keep(out)) = &plugin.run_blocking(vec![event("c", json!({}))])[0] else { panic!() };
     assert!(out.headers.contains(&("limit".to_string(), "7".to_string())));
     // A plugin without a config type refuses a config it would silently ignore.
     let noop = runtime.load("noop", &plugin_bytes("noop"), r#"{"fields":["a"]}"#, Limits::default());
@@ -219,7 +219,7 @@ fn leaky_plugins_are_recycled_at_their_memory_mark_instead_of_failing() {
     let limits = Limits { memory: 24 << 20, recycle_memory: 8 << 20, ..Limits::default() };
     let plugin = load(&runtime, "fixture-leaky", "{}", limits);
     for i in 0..200 {
-        let results = plugin.run(vec![event(&format!("l{i}"), json!({}))]);
+        let results = plugin.run_blocking(vec![event(&format!("l{i}"), json!({}))]);
         assert!(matches!(results[0], Ok(Outcome::Keep(_))), "event {i}: {:?}", results[0]);
     }
     assert!(plugin.stats().instances_recycled.load(Ordering::Relaxed) >= 5, "recycled repeatedly");
@@ -259,7 +259,7 @@ fn a_hanging_plugin_does_not_stall_another_running_beside_it() {
     let looping = load(&runtime, "fixture-infinite-loop", "{}", limits);
     let noop = load(&runtime, "noop", "{}", Limits::default());
     std::thread::scope(|scope| {
-        let hung = scope.spawn(|| looping.run(vec![event("h", json!({}))]));
+        let hung = scope.spawn(|| looping.run_blocking(vec![event("h", json!({}))]));
         let started = Instant::now();
         let mut calls = 0;
         while !hung.is_finished() {
@@ -339,7 +339,7 @@ fn filter_plugins_keep_or_drop_each_event_unchanged() {
     assert_eq!(plugin.info().world, weir::plugin::World::Filter);
     let mut events: Vec<_> = [50, 150, 100, 99].iter().map(|t| event(&format!("t{t}"), json!({"total": t}))).collect();
     events[2].op = "delete".into();
-    let results = plugin.run(events.clone());
+    let results = plugin.run_blocking(events.clone());
     assert_eq!(
         results,
         vec![Ok(Outcome::Drop), Ok(Outcome::Keep(events[1].clone())), Ok(Outcome::Drop), Ok(Outcome::Drop)]
@@ -352,9 +352,9 @@ fn bundled_transforms_run_in_the_runtime() {
     let redact = load(&runtime, "redact", r#"{"fields":["email"]}"#, Limits::default());
     let route = load(&runtime, "route", r#"{"subject":"shop.{data.region}.{op}"}"#, Limits::default());
     let input = event("r1", json!({"email": "a@b.c", "region": "eu.west"}));
-    let Ok(Outcome::Keep(redacted)) = redact.run(vec![input.clone()]).remove(0) else { panic!("redact keeps") };
+    let Ok(Outcome::Keep(redacted)) = redact.run_blocking(vec![input.clone()]).remove(0) else { panic!("redact keeps") };
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&redacted.data).unwrap(), json!({"region": "eu.west"}));
-    let Ok(Outcome::Keep(routed)) = route.run(vec![redacted]).remove(0) else { panic!("route keeps") };
+    let Ok(Outcome::Keep(routed)) = route.run_blocking(vec![redacted]).remove(0) else { panic!("route keeps") };
     assert_eq!(routed.subject, "shop.eu_west.insert");
     assert_eq!((routed.id.as_str(), routed.time.as_str()), (input.id.as_str(), input.time.as_str()));
 }

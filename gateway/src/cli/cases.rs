@@ -112,7 +112,7 @@ pub fn run_cases(runtime: &PluginRuntime, wasm: &Path, cases_path: &Path, limits
         let event = input.into_event(format!("case-{}", index + 1), "2026-01-01T00:00:00Z");
         let verdict = match plugin {
             Ok(plugin) => {
-                let result = plugin.run(vec![event]).pop().unwrap_or_else(|| {
+                let result = plugin.run_blocking(vec![event]).pop().unwrap_or_else(|| {
                     Err(PluginError { kind: crate::plugin::ErrorKind::InvalidOutput, message: "no result".into() })
                 });
                 judge(&case.expect, Ok(&result))

@@ -168,7 +168,7 @@ fn plugin_test(args: &TestArgs) -> anyhow::Result<i32> {
     let mut remaining = events.into_iter().peekable();
     while remaining.peek().is_some() {
         let batch: Vec<_> = remaining.by_ref().take(args.batch.max(1)).collect();
-        for result in plugin.run(batch) {
+        for result in plugin.run_blocking(batch) {
             writeln!(out, "{}", events::outcome_json(&result))?;
         }
     }

@@ -10,6 +10,9 @@ pub mod transform {
         path: "../wit",
         world: "transform",
         additional_derives: [PartialEq, Eq],
+        // Calls into the plugin are async so a long one yields to the executor at each epoch
+        // tick instead of holding an async worker; the host's own imports stay synchronous.
+        exports: { default: async },
     });
 }
 
@@ -18,6 +21,7 @@ pub mod filter {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "filter",
+        exports: { default: async },
         with: {
             "weir:plugin/host": super::transform::weir::plugin::host,
             "weir:plugin/types": super::transform::weir::plugin::types,

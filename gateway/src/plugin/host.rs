@@ -20,6 +20,8 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
+    /// When the current call began; its time limit counts from here.
+    pub(super) call_started: std::time::Instant,
 }
 
 impl HostState {
@@ -36,7 +38,13 @@ impl HostState {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .max_random_size(64 * 1024)
             .build();
-        HostState { plugin, wasi, table: ResourceTable::new(), limiter: MemoryLimiter::new(memory_limit) }
+        HostState {
+            plugin,
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_limit),
+            call_started: std::time::Instant::now(),
+        }
     }
 }
 

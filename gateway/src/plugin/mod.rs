@@ -6,6 +6,10 @@
 //! reused instances. An instance is discarded after any trap and recycled after
 //! `recycle_after_calls` calls or when its memory passes `recycle_memory`. When a batch traps,
 //! the events are re-run one at a time so only the event that traps fails.
+//!
+//! Calls are async: a plugin runs on the caller's task and, at every epoch tick, yields back to
+//! the executor (or traps once its time limit has passed), so a slow plugin never holds an async
+//! worker and the hot path needs no hop to a blocking thread.
 
 pub(crate) mod bindings;
 mod cache;
@@ -21,9 +25,9 @@ use host::{HostState, MemoryLimitExceeded};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
 /// How often the epoch advances; a call's time limit is enforced to within one tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -229,7 +233,7 @@ impl PluginRuntime {
         spawn_epoch_ticker(&engine)?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         bindings::transform::Transform::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
             |state| state,
@@ -281,7 +285,7 @@ impl PluginRuntime {
             idle: Mutex::new(Vec::new()),
             stats: Stats::default(),
         };
-        let first = plugin.new_instance().map_err(|error| match error.kind {
+        let first = block_on(plugin.new_instance()).map_err(|error| match error.kind {
             ErrorKind::StartFailed if error.message.starts_with(CONFIG_REFUSED) => {
                 LoadError::ConfigRefused(error.message[CONFIG_REFUSED.len()..].to_string())
             }
@@ -400,36 +404,47 @@ impl Plugin {
         &self.stats
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        let tick = EPOCH_TICK.as_nanos().max(1);
-        let ticks = self.limits.timeout.as_nanos().div_ceil(tick);
-        u64::try_from(ticks).unwrap_or(u64::MAX / 2).saturating_add(1)
+    /// Starts the clock of one call: the plugin is checked at the next epoch tick.
+    fn start_call(&self, store: &mut Store<HostState>) {
+        store.data_mut().call_started = Instant::now();
+        store.set_epoch_deadline(1);
     }
 
-    fn new_instance(&self) -> Result<Instance, PluginError> {
+    async fn new_instance(&self) -> Result<Instance, PluginError> {
         self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
         let mut store = Store::new(&self.engine, HostState::new(self.name.clone(), self.limits.memory));
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        let timeout = self.limits.timeout;
+        // At each tick: trap once the call has run past its limit, otherwise let other tasks
+        // run and check again at the next tick.
+        store.epoch_deadline_callback(move |store| {
+            Ok(if store.data().call_started.elapsed() >= timeout {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        self.start_call(&mut store);
         let start_failed = |error: wasmtime::Error| {
             let failure = self.classify(&error);
             PluginError::new(ErrorKind::StartFailed, format!("{}: {}", failure.kind.as_str(), failure.message))
         };
         let (handler, configured) = match &self.pre {
             Pre::Transform(pre) => {
-                let handler = pre.instantiate(&mut store).map_err(start_failed)?;
+                let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
                 let configured = handler
                     .weir_plugin_transform_handler()
                     .call_configure(&mut store, &self.config)
+                    .await
                     .map_err(start_failed)?;
                 (Handler::Transform(handler), configured)
             }
             Pre::Filter(pre) => {
-                let handler = pre.instantiate(&mut store).map_err(start_failed)?;
+                let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
                 let configured = handler
                     .weir_plugin_filter_handler()
                     .call_configure(&mut store, &self.config)
+                    .await
                     .map_err(start_failed)?;
                 (Handler::Filter(handler), configured)
             }
@@ -438,11 +453,11 @@ impl Plugin {
         Ok(Instance { store, handler, calls: 0 })
     }
 
-    fn acquire(&self) -> Result<Instance, PluginError> {
+    async fn acquire(&self) -> Result<Instance, PluginError> {
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         match idle {
             Some(instance) => Ok(instance),
-            None => self.new_instance(),
+            None => self.new_instance().await,
         }
     }
 
@@ -483,17 +498,17 @@ impl Plugin {
     }
 
     /// One call on one instance; a failure discards the instance.
-    fn call(&self, events: &[Event]) -> Result<RawResults, PluginError> {
-        let mut instance = self.acquire()?;
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+    async fn call(&self, events: &[Event]) -> Result<RawResults, PluginError> {
+        let mut instance = self.acquire().await?;
+        self.start_call(&mut instance.store);
         instance.calls += 1;
         let Instance { store, handler, .. } = &mut instance;
         let result = match handler {
             Handler::Transform(t) => {
-                t.weir_plugin_transform_handler().call_handle(&mut *store, events).map(RawResults::Transform)
+                t.weir_plugin_transform_handler().call_handle(&mut *store, events).await.map(RawResults::Transform)
             }
             Handler::Filter(f) => {
-                f.weir_plugin_filter_handler().call_handle(&mut *store, events).map(RawResults::Filter)
+                f.weir_plugin_filter_handler().call_handle(&mut *store, events).await.map(RawResults::Filter)
             }
         };
         match result {
@@ -521,26 +536,43 @@ impl Plugin {
 
     /// Runs a batch through the plugin: one result per input event, in order. A failed call is
     /// retried one event at a time, so only the events that fail on their own get an error.
-    pub fn run(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
+    pub async fn run(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
         if events.is_empty() {
             return Vec::new();
         }
-        match self.call(&events) {
-            Ok(RawResults::Transform(outcomes)) => {
+        match self.call(&events).await {
+            Ok(raw) => self.outcomes(events, raw),
+            Err(error) if events.len() > 1 && error.kind != ErrorKind::StartFailed => {
+                tracing::debug!(plugin = %self.name, %error, events = events.len(), "batch failed; re-running its events one at a time");
+                let mut results = Vec::with_capacity(events.len());
+                for event in events {
+                    match self.call(std::slice::from_ref(&event)).await {
+                        Ok(raw) => results.extend(self.outcomes(vec![event], raw)),
+                        Err(error) => results.push(Err(error)),
+                    }
+                }
+                results
+            }
+            Err(error) => events.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
+    /// [`Plugin::run`] for callers outside async code (tests, tools): blocks the thread.
+    pub fn run_blocking(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
+        block_on(self.run(events))
+    }
+
+    /// The checked outcome of each of `events` from one successful call.
+    fn outcomes(&self, events: Vec<Event>, raw: RawResults) -> Vec<Result<Outcome, PluginError>> {
+        match raw {
+            RawResults::Transform(outcomes) => {
                 events.iter().zip(outcomes).map(|(input, outcome)| self.check_outcome(input, outcome)).collect()
             }
-            Ok(RawResults::Filter(keep)) => events
+            RawResults::Filter(keep) => events
                 .into_iter()
                 .zip(keep)
                 .map(|(event, keep)| Ok(if keep { Outcome::Keep(event) } else { Outcome::Drop }))
                 .collect(),
-            Err(error) if events.len() == 1 || error.kind == ErrorKind::StartFailed => {
-                events.iter().map(|_| Err(error.clone())).collect()
-            }
-            Err(error) => {
-                tracing::debug!(plugin = %self.name, %error, events = events.len(), "batch failed; re-running its events one at a time");
-                events.into_iter().flat_map(|event| self.run(vec![event])).collect()
-            }
         }
     }
 
@@ -616,4 +648,38 @@ impl Plugin {
         }
         Ok(())
     }
+}
+
+/// Drives a plugin future to completion from synchronous code. Inside a multi-threaded tokio
+/// runtime the worker is handed over for the duration; elsewhere a per-thread current-thread
+/// runtime runs it, so WASI clocks and timers have a reactor.
+fn block_on<F>(future: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(future))
+        }
+        // A current-thread runtime cannot be blocked from inside; leave it for a moment.
+        Ok(_) => std::thread::scope(|scope| match scope.spawn(|| local_block_on(future)).join() {
+            Ok(output) => output,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+        Err(_) => local_block_on(future),
+    }
+}
+
+fn local_block_on<F: std::future::Future>(future: F) -> F::Output {
+    thread_local! {
+        static RUNTIME: std::io::Result<tokio::runtime::Runtime> =
+            tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    RUNTIME.with(|runtime| match runtime {
+        Ok(runtime) => runtime.block_on(future),
+        // Without a runtime (out of file descriptors?) there is still a plain executor.
+        Err(_) => futures::executor::block_on(future),
+    })
 }
