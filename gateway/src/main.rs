@@ -3,6 +3,11 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// glibc's allocator showed up in profiles as arena-lock contention between the HTTP, NATS and
+/// plugin tasks; mimalloc's per-thread heaps avoid it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let filter = EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let json_logs = std::env::var("WEIR_LOG_FORMAT").is_ok_and(|f| f == "json");
