@@ -1,9 +1,11 @@
 //! HTTP → no-op plugin → JetStream, beside a bare forwarder, in one run.
 //!
 //! `cargo xtask bench` (or `cargo bench -p weir --bench http`) starts a private nats-server, the
-//! real `weir` binary (route with the no-op plugin) and, in this process, a bare forwarder: a
-//! minimal hyper handler that publishes the body to JetStream with the same ack window and
-//! answers 202 after the PubAck — no plugins, no parsing. It prints a table: single-event
+//! real `weir` binary (route with the no-op plugin) and a bare forwarder: a minimal hyper
+//! handler that publishes the body to JetStream with the same ack window and answers 202 after
+//! the PubAck — no plugins, no parsing. The forwarder runs in a process of its own (this bench
+//! binary started again with `WEIR_BENCH_ROLE=bare-forwarder`), with the same allocator as
+//! `weir`, so that neither shares a runtime with the load generator. It prints a table: single-event
 //! throughput for both, NDJSON batch throughput, and p50/p99 latency at half of each one's
 //! maximum rate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,11 +18,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CONNECTIONS: usize = 32;
 const MEASURE: Duration = Duration::from_secs(5);
 const BODY: &str = r#"{"id":123456,"status":"paid","total":129.87,"customer":{"id":42,"name":"Ann Example"}}"#;
 
-async fn bare_forwarder(nats_url: String) -> std::net::SocketAddr {
+/// Serves the bare forwarder until killed; prints its address on stdout.
+async fn serve_bare_forwarder(nats_url: String) {
     use axum::routing::post;
     let client = async_nats::connect(nats_url).await.unwrap();
     let context = async_nats::jetstream::ContextBuilder::new()
@@ -45,9 +51,36 @@ async fn bare_forwarder(nats_url: String) -> std::net::SocketAddr {
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    println!("{}", listener.local_addr().unwrap());
+    axum::serve(listener, app).await.unwrap();
+}
+
+/// Starts this binary again as the bare forwarder; the child is killed when dropped.
+struct BareForwarder {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl BareForwarder {
+    fn start(nats_url: &str) -> BareForwarder {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("WEIR_BENCH_ROLE", "bare-forwarder")
+            .env("WEIR_BENCH_NATS", nats_url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BareForwarder { child, addr: line.trim().parse().unwrap() }
+    }
+}
+
+impl Drop for BareForwarder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Closed loop: `CONNECTIONS` clients posting back to back for `MEASURE`; requests per second.
@@ -130,6 +163,9 @@ async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("WEIR_BENCH_ROLE").is_ok_and(|role| role == "bare-forwarder") {
+        return serve_bare_forwarder(std::env::var("WEIR_BENCH_NATS").unwrap()).await;
+    }
     let nats = Nats::start();
     let config = format!(
         r#"
@@ -152,7 +188,8 @@ plugins = ["noop"]
         nats.url()
     );
     let gateway = Gateway::start(&config);
-    let bare = bare_forwarder(nats.url()).await;
+    let bare_forwarder = BareForwarder::start(&nats.url());
+    let bare = bare_forwarder.addr;
     let client = reqwest::Client::builder().pool_max_idle_per_host(CONNECTIONS).build().unwrap();
     let weir_url = gateway.url("/v1/events/orders");
     let bare_url = format!("http://{bare}/v1/events/orders");

@@ -59,7 +59,7 @@ pub struct AppState {
 
 enum Remembered {
     InFlight { fingerprint: [u8; 32] },
-    Done { fingerprint: [u8; 32], status: StatusCode, body: Value, expires: Instant },
+    Done { fingerprint: [u8; 32], status: StatusCode, body: AnswerBody, expires: Instant },
 }
 
 impl AppState {
@@ -330,7 +330,32 @@ fn empty_event() -> Event {
 #[derive(Debug)]
 struct Answer {
     status: StatusCode,
-    body: Value,
+    body: AnswerBody,
+}
+
+/// An answer's JSON body. The common "stored" answer is typed, so the hot path serializes it
+/// directly instead of building a `Value` tree per event.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+enum AnswerBody {
+    Stored(Stored),
+    Json(Value),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Stored {
+    id: String,
+    published: Vec<Published>,
+    dropped: bool,
+}
+
+/// One NDJSON line's result: its line number and status beside the event's answer.
+#[derive(serde::Serialize)]
+struct LineResult {
+    line: usize,
+    status: u16,
+    #[serde(flatten)]
+    body: AnswerBody,
 }
 
 fn published_json(published: &[Published]) -> Value {
@@ -363,7 +388,7 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
                 state.metrics.dropped("http", "none");
                 answers[position] = Some(Ok(Answer {
                     status: StatusCode::ACCEPTED,
-                    body: json!({"id": event.id, "published": [], "dropped": true}),
+                    body: AnswerBody::Json(json!({"id": event.id, "published": [], "dropped": true})),
                 }));
             }
         }
@@ -375,16 +400,19 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
         let route_name = state.pipeline.route(route).name.clone();
         let on_error = state.pipeline.route(route).on_error;
-        // Everything to store for this route's events, in order, published together.
+        // Everything to store for this route's events, in order, published together. The
+        // messages move out of the dispositions; each event's span says which are its own.
         let mut messages: Vec<Message> = Vec::new();
         let mut spans = Vec::with_capacity(dispositions.len());
-        for disposition in &dispositions {
+        let mut dispositions = dispositions;
+        for disposition in &mut dispositions {
             let start = messages.len();
             match disposition {
-                Disposition::Publish(out) => messages.extend(out.iter().cloned()),
-                Disposition::Rejected { dead_letter: Some(m), .. }
-                | Disposition::Failed { dead_letter: Some(m), .. } => messages.push(m.clone()),
-                _ => {}
+                Disposition::Publish(out) => messages.append(out),
+                Disposition::Rejected { dead_letter, .. } | Disposition::Failed { dead_letter, .. } => {
+                    messages.extend(dead_letter.take());
+                }
+                Disposition::Dropped => {}
             }
             spans.push(start..messages.len());
         }
@@ -393,57 +421,58 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         state.metrics.publish_duration(published_started.elapsed());
         for ((position, disposition), span) in positions.into_iter().zip(dispositions).zip(spans) {
             let id = &ids[position];
-            let answer = match (&stored, disposition) {
-                (
-                    Err(error),
-                    Disposition::Publish(_)
-                    | Disposition::Rejected { dead_letter: Some(_), .. }
-                    | Disposition::Failed { dead_letter: Some(_), .. },
-                ) => Err(sink_error(error.clone())),
-                (Ok(stored), Disposition::Publish(_)) => {
-                    state.metrics.published("http", &route_name, span.len());
+            // Whether this event had something to store, and if so whether it was stored.
+            let stored_here = match &stored {
+                _ if span.is_empty() => None,
+                Ok(stored) => Some(Ok(&stored[span])),
+                Err(error) => Some(Err(error)),
+            };
+            let answer = match (stored_here, disposition) {
+                (Some(Err(error)), _) => Err(sink_error(error.clone())),
+                (Some(Ok(stored)), Disposition::Publish(_)) => {
+                    state.metrics.published("http", &route_name, stored.len());
                     Ok(Answer {
                         status: StatusCode::ACCEPTED,
-                        body: json!({"id": id, "published": published_json(&stored[span]), "dropped": false}),
+                        body: AnswerBody::Stored(Stored { id: id.clone(), published: stored.to_vec(), dropped: false }),
                     })
                 }
-                (_, Disposition::Dropped) => {
+                (_, Disposition::Dropped | Disposition::Publish(_)) => {
                     state.metrics.dropped("http", &route_name);
                     Ok(Answer {
                         status: StatusCode::ACCEPTED,
-                        body: json!({"id": id, "published": [], "dropped": true}),
+                        body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
                     })
                 }
-                (stored, Disposition::Rejected { plugin, reason, dead_letter }) => {
+                (stored, Disposition::Rejected { plugin, reason, .. }) => {
                     state.metrics.rejected("http", &route_name, &plugin);
                     let mut error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", reason);
-                    let dead = match (stored, dead_letter) {
-                        (Ok(stored), Some(_)) => {
+                    let dead = match stored {
+                        Some(Ok(stored)) => {
                             state.metrics.dead_lettered("http", &route_name);
-                            published_json(&stored[span])
+                            published_json(stored)
                         }
                         _ => Value::Null,
                     };
                     error.extra = Some(json!({"plugin": plugin, "id": id, "dead_lettered": dead}));
                     Err(error)
                 }
-                (stored, Disposition::Failed { plugin, error, dead_letter }) => {
+                (stored, Disposition::Failed { plugin, error, .. }) => {
                     state.metrics.plugin_error(&plugin, error.kind.as_str());
-                    match (stored, dead_letter, on_error) {
-                        (Ok(stored), Some(_), _) => {
+                    match (stored, on_error) {
+                        (Some(Ok(stored)), _) => {
                             state.metrics.dead_lettered("http", &route_name);
                             Ok(Answer {
                                 status: StatusCode::ACCEPTED,
-                                body: json!({"id": id, "published": [], "dropped": false,
-                                             "dead_lettered": published_json(&stored[span]),
-                                             "error": {"plugin": plugin, "kind": error.kind.as_str(), "message": error.message}}),
+                                body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": false,
+                                             "dead_lettered": published_json(stored),
+                                             "error": {"plugin": plugin, "kind": error.kind.as_str(), "message": error.message}})),
                             })
                         }
-                        (_, _, crate::config::OnError::Drop) => {
+                        (_, crate::config::OnError::Drop) => {
                             state.metrics.dropped("http", &route_name);
                             Ok(Answer {
                                 status: StatusCode::ACCEPTED,
-                                body: json!({"id": id, "published": [], "dropped": true}),
+                                body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
                             })
                         }
                         _ => {
@@ -593,7 +622,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         Ok(answer) => Some((answer.status, answer.body.clone())),
         Err(error) if error.status == StatusCode::UNPROCESSABLE_ENTITY => {
             let response = json!({"error": {"code": error.code, "message": error.message}});
-            Some((error.status, merge(response, error.extra.clone())))
+            Some((error.status, AnswerBody::Json(merge(response, error.extra.clone()))))
         }
         Err(_) => None,
     };
@@ -731,7 +760,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         .filter_map(|name| header_text(&parts.headers, name).map(|v| (name.to_string(), v.to_string())))
         .collect();
     let now = now_rfc3339();
-    let mut results: Vec<Value> = Vec::new();
+    let mut results: Vec<LineResult> = Vec::new();
     let mut events = Vec::new();
     let mut slots = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -773,11 +802,15 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         match event {
             Ok(event) => {
                 slots.push(results.len());
-                results.push(json!({"line": line_number}));
+                // Filled in with the event's answer below.
+                results.push(LineResult { line: line_number, status: 0, body: AnswerBody::Json(Value::Null) });
                 events.push(event);
             }
-            Err(message) => results
-                .push(json!({"line": line_number, "status": 400, "error": {"code": "bad_line", "message": message}})),
+            Err(message) => results.push(LineResult {
+                line: line_number,
+                status: 400,
+                body: AnswerBody::Json(json!({"error": {"code": "bad_line", "message": message}})),
+            }),
         }
     }
     if results.is_empty() {
@@ -786,29 +819,24 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     let answers = ingest(&state, events).await;
     let mut all_accepted = results.len() == answers.len();
     for (slot, answer) in slots.into_iter().zip(answers) {
-        let line = results[slot]["line"].clone();
-        results[slot] = match answer {
-            Ok(answer) => merge_line(line, answer.status, answer.body),
+        let result = &mut results[slot];
+        let (status, body) = match answer {
+            Ok(answer) => (answer.status, answer.body),
             Err(error) => {
                 all_accepted = false;
-                let status = error.status;
                 let body = merge(json!({"error": {"code": error.code, "message": error.message}}), error.extra);
-                merge_line(line, status, body)
+                (error.status, AnswerBody::Json(body))
             }
         };
+        result.status = status.as_u16();
+        result.body = body;
+    }
+    #[derive(serde::Serialize)]
+    struct BatchAnswer {
+        results: Vec<LineResult>,
     }
     let status = if all_accepted { StatusCode::ACCEPTED } else { StatusCode::MULTI_STATUS };
-    (status, axum::Json(json!({"results": results}))).into_response()
-}
-
-fn merge_line(line: Value, status: StatusCode, body: Value) -> Value {
-    let mut out = json!({"line": line, "status": status.as_u16()});
-    if let Value::Object(map) = body {
-        for (key, value) in map {
-            out[key] = value;
-        }
-    }
-    out
+    (status, axum::Json(BatchAnswer { results })).into_response()
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets open

@@ -137,8 +137,8 @@ pub struct Message {
     pub subject: String,
     /// Headers, `Nats-Msg-Id` first.
     pub headers: Vec<(String, String)>,
-    /// Payload.
-    pub payload: Vec<u8>,
+    /// Payload (shared, so retries and hand-offs to the client do not copy it).
+    pub payload: bytes::Bytes,
 }
 
 impl Message {
@@ -248,7 +248,7 @@ impl Pipeline {
         }
         let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); count];
         for (origin, event) in live {
-            outputs[origin].push(to_message(route, &event));
+            outputs[origin].push(to_message(route, event));
         }
         verdicts
             .into_iter()
@@ -437,13 +437,16 @@ fn headers_for(event: &Event, content_type: &str) -> Vec<(String, String)> {
     headers
 }
 
-fn to_message(route: &Route, event: &Event) -> Message {
-    let (payload, content_type) = match route.envelope {
-        Envelope::Weir => (weir_envelope_bytes(event), "application/json"),
-        Envelope::Data => (event.data.clone(), "application/json"),
-        Envelope::Cloudevents => (cloudevent(event), "application/cloudevents+json"),
+fn to_message(route: &Route, mut event: Event) -> Message {
+    let content_type =
+        if route.envelope == Envelope::Cloudevents { "application/cloudevents+json" } else { "application/json" };
+    let headers = headers_for(&event, content_type);
+    let payload = match route.envelope {
+        Envelope::Weir => weir_envelope_bytes(&event),
+        Envelope::Data => std::mem::take(&mut event.data),
+        Envelope::Cloudevents => cloudevent(&event),
     };
-    Message { subject: event.subject.clone(), headers: headers_for(event, content_type), payload }
+    Message { subject: event.subject, headers, payload: payload.into() }
 }
 
 fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, message: &str) -> Message {
@@ -462,7 +465,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
         // Header values cannot carry line breaks.
         headers.push((name.to_string(), value.replace(['\r', '\n'], " ")));
     }
-    Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original) }
+    Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original).into() }
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ impl Sink {
             None => {
                 for message in messages {
                     self.client
-                        .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone().into())
+                        .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone())
                         .await
                         .map_err(|e| SinkError::Refused(e.to_string()))?;
                 }
@@ -238,7 +238,7 @@ impl Sink {
         message: &Message,
     ) -> Result<jetstream::context::PublishAckFuture, SinkError> {
         context
-            .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone().into())
+            .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone())
             .await
             .map_err(|e| classify(e.kind(), &message.subject, e.to_string()))
     }
