@@ -2,8 +2,11 @@
 //!
 //! - `plugins`: install the `wasm32-wasip2` target if missing and build every plugin and test
 //!   fixture in `plugins/` into `plugins/target/wasm32-wasip2/release/`.
-//! - `test`: install `nats-server` if missing (Debian package), `plugins`, then every test: the
-//!   plugins' native unit tests and the host workspace (runtime, CLI, gateway end to end).
+//! - `test`: install `nats-server` if missing (Debian package); make sure PostgreSQL runs with
+//!   `wal_level = logical` and has role `root` and database `test` (installing the Debian package,
+//!   starting the cluster and restarting it for `wal_level` as needed); `plugins`; then every
+//!   test: the plugins' native unit tests and the host workspace (runtime, CLI, gateway and
+//!   PostgreSQL change capture end to end).
 //! - `quickstart`: start a local JetStream `nats-server` when none answers on 127.0.0.1:4222
 //!   (installing it if missing), build plugins and `weir`, run the quick-start config.
 //! - `bench`: `plugins`, then the runtime benchmarks (criterion), printing a table.
@@ -17,8 +20,14 @@ fn main() {
     let extra: Vec<String> = std::env::args().skip(2).collect();
     let result = match task.as_str() {
         "plugins" => build_plugins(),
-        "test" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| test(&extra)),
-        "bench" => ensure_nats_server().and_then(|()| build_plugins()).and_then(|()| bench(&extra)),
+        "test" => ensure_nats_server()
+            .and_then(|()| ensure_postgres())
+            .and_then(|()| build_plugins())
+            .and_then(|()| test(&extra)),
+        "bench" => ensure_nats_server()
+            .and_then(|()| ensure_postgres())
+            .and_then(|()| build_plugins())
+            .and_then(|()| bench(&extra)),
         "quickstart" => quickstart(),
         _ => {
             eprintln!("usage: cargo xtask <quickstart|plugins|test|bench> [args for cargo test/bench]");
@@ -87,7 +96,88 @@ fn ensure_nats_server() -> anyhow::Result<()> {
     if nats_server_installed() {
         return Ok(());
     }
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    apt_install("nats-server")?;
+    if !nats_server_installed() {
+        bail!("nats-server is still missing after installing the Debian package");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `command` run as the `postgres` OS user (the cluster owner, which peer auth admits).
+fn as_postgres(program: &str) -> Command {
+    let mut command = if is_root() { Command::new("runuser") } else { Command::new("sudo") };
+    if is_root() {
+        command.args(["-u", "postgres", "--", program]);
+    } else {
+        command.args(["-u", "postgres", program]);
+    }
+    command
+}
+
+/// One value from `psql` as the cluster owner, or `None` when the server does not answer.
+fn postgres_query(sql: &str, database: &str) -> Option<String> {
+    let output = as_postgres("psql").args(["-XAtq", "-d", database, "-c", sql]).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// `(version, name, status)` of each cluster `pg_lsclusters` lists.
+fn clusters() -> Vec<(String, String, String)> {
+    let Ok(output) = Command::new("pg_lsclusters").arg("--no-header").output() else { return Vec::new() };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 4).then(|| (fields[0].to_string(), fields[1].to_string(), fields[3].to_string()))
+        })
+        .collect()
+}
+
+fn pg_ctlcluster(version: &str, name: &str, action: &str) -> anyhow::Result<()> {
+    let mut command = if is_root() { Command::new("pg_ctlcluster") } else { Command::new("sudo") };
+    if !is_root() {
+        command.arg("pg_ctlcluster");
+    }
+    command.args(["--skip-systemctl-redirect", version, name, action]);
+    run(command, &format!("pg_ctlcluster {version} {name} {action}"))
+}
+
+/// PostgreSQL for the change-capture tests: installed, running, `wal_level = logical`, and the
+/// role `root` (matching the test user, admitted by peer auth over the Unix socket) with its
+/// database `test`. Each step is skipped when already true, so this is quick on a set-up machine.
+fn ensure_postgres() -> anyhow::Result<()> {
+    if clusters().is_empty() {
+        apt_install("postgresql")?;
+    }
+    let Some((version, name, status)) = clusters().into_iter().next() else {
+        bail!("no PostgreSQL cluster after installing postgresql; create one with `pg_createcluster <version> main`");
+    };
+    if status != "online" {
+        pg_ctlcluster(&version, &name, "start")?;
+    }
+    if postgres_query("show wal_level", "postgres").as_deref() != Some("logical") {
+        eprintln!("xtask: setting wal_level = logical (needs a restart of PostgreSQL {version}/{name})");
+        postgres_query("ALTER SYSTEM SET wal_level = logical", "postgres")
+            .context("cannot run ALTER SYSTEM SET wal_level = logical")?;
+        pg_ctlcluster(&version, &name, "restart")?;
+        if postgres_query("show wal_level", "postgres").as_deref() != Some("logical") {
+            bail!("wal_level is still not `logical` after restarting PostgreSQL {version}/{name}");
+        }
+    }
+    if postgres_query("SELECT 1 FROM pg_roles WHERE rolname = 'root'", "postgres").as_deref() != Some("1") {
+        postgres_query("CREATE ROLE root SUPERUSER LOGIN", "postgres").context("cannot create role root")?;
+    }
+    if postgres_query("SELECT 1 FROM pg_database WHERE datname = 'test'", "postgres").as_deref() != Some("1") {
+        postgres_query("CREATE DATABASE test OWNER root", "postgres").context("cannot create database test")?;
+    }
+    Ok(())
+}
+
+fn apt_install(package: &str) -> anyhow::Result<()> {
+    let root = is_root();
     let apt = |args: &[&str]| {
         let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
         if !root {
@@ -97,11 +187,7 @@ fn ensure_nats_server() -> anyhow::Result<()> {
         command
     };
     run(apt(&["update", "-q"]), "apt-get update")?;
-    run(apt(&["install", "-y", "-q", "nats-server"]), "apt-get install nats-server")?;
-    if !nats_server_installed() {
-        bail!("nats-server is still missing after installing the Debian package");
-    }
-    Ok(())
+    run(apt(&["install", "-y", "-q", package]), &format!("apt-get install {package}"))
 }
 
 fn build_plugins() -> anyhow::Result<()> {
