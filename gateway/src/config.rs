@@ -33,6 +33,54 @@ pub struct Config {
     /// Routes, tried in order; the first match wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// PostgreSQL change capture (logical replication); absent means no database source.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection, as a libpq URL (`postgresql://user@host/db`, `?host=/var/run/postgresql` for
+    /// the Unix socket) or key=value string. The role needs `REPLICATION` (or superuser).
+    pub url: String,
+    /// Replication slot; created (with the publication first) when this gateway starts for the
+    /// first time, never silently re-created afterwards.
+    #[serde(default = "defaults::slot")]
+    pub slot: String,
+    /// Publication; created when missing.
+    #[serde(default = "defaults::publication")]
+    pub publication: String,
+    /// Tables to capture (`schema.table`, or `table` for `public`); empty means all tables.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// On first start, emit existing rows as op `read` before streaming changes.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// `emit` a `truncate` event per table, or `skip` it (counted in metrics).
+    #[serde(default)]
+    pub truncate: TruncateMode,
+    /// How often the confirmed position is reported to the server (at most 10 s).
+    #[serde(default = "defaults::status_interval", deserialize_with = "duration")]
+    pub status_interval: Duration,
+    /// Most row events published together.
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
+    /// How long a batch may wait for more rows before it is published.
+    #[serde(default = "defaults::linger", deserialize_with = "duration")]
+    pub linger: Duration,
+}
+
+/// What becomes of a `TRUNCATE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TruncateMode {
+    /// One `truncate` event per table.
+    #[default]
+    Emit,
+    /// Nothing is published; `weir_postgres_truncates_skipped_total` counts it.
+    Skip,
 }
 
 /// `[nats]`
@@ -381,6 +429,26 @@ mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    pub fn slot() -> String {
+        "weir".into()
+    }
+
+    pub fn publication() -> String {
+        "weir".into()
+    }
+
+    pub fn status_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+
+    pub fn max_batch() -> usize {
+        1000
+    }
+
+    pub fn linger() -> Duration {
+        Duration::from_millis(5)
+    }
+
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
@@ -650,6 +718,40 @@ impl Config {
         }
         if self.http.tokens.iter().any(|t| t.len() < 16) {
             problems.push(format!("{file}: [http] every token must be at least 16 characters long"));
+        }
+        if let Some(pg) = &self.postgres {
+            let valid_name = |name: &str| {
+                !name.is_empty()
+                    && name.len() <= 63
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            };
+            if !valid_name(&pg.slot) {
+                problems.push(format!(
+                    "{file}: [postgres] `slot` must be 1–63 lowercase letters, digits or `_` (got {:?})",
+                    pg.slot
+                ));
+            }
+            if !valid_name(&pg.publication) {
+                problems.push(format!(
+                    "{file}: [postgres] `publication` must be 1–63 lowercase letters, digits or `_` (got {:?})",
+                    pg.publication
+                ));
+            }
+            if let Err(error) = pg.url.parse::<tokio_postgres::Config>() {
+                problems.push(format!("{file}: [postgres] `url` is not a PostgreSQL connection string: {error}"));
+            }
+            if pg.status_interval.is_zero() || pg.status_interval > Duration::from_secs(10) {
+                problems.push(format!("{file}: [postgres] `status_interval` must be between 1ms and 10s"));
+            }
+            if pg.max_batch == 0 {
+                problems.push(format!("{file}: [postgres] `max_batch` must be at least 1"));
+            }
+            if self.jetstream.is_none() {
+                problems.push(format!(
+                    "{file}: [postgres] needs [jetstream]: change capture confirms a position only after \
+                     JetStream has stored the changes"
+                ));
+            }
         }
         for (index, route) in self.routes.iter().enumerate() {
             for name in &route.plugins {

@@ -55,6 +55,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Counters and histograms served on `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The PostgreSQL source's state, when `[postgres]` is configured.
+    postgres: Option<Arc<crate::postgres::SourceStatus>>,
 }
 
 enum Remembered {
@@ -64,7 +66,13 @@ enum Remembered {
 
 impl AppState {
     /// Shared state for the handlers.
-    pub fn new(pipeline: Arc<Pipeline>, sink: Sink, settings: HttpSettings, metrics: Arc<Metrics>) -> Arc<AppState> {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        sink: Sink,
+        settings: HttpSettings,
+        metrics: Arc<Metrics>,
+        postgres: Option<Arc<crate::postgres::SourceStatus>>,
+    ) -> Arc<AppState> {
         let token_digests = settings.tokens.iter().map(|t| Sha256::digest(t.as_bytes()).into()).collect();
         Arc::new(AppState {
             pipeline,
@@ -76,6 +84,7 @@ impl AppState {
             idempotency: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             metrics,
+            postgres,
         })
     }
 }
@@ -142,8 +151,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let connected = state.sink.connected();
     let draining = state.draining.load(Ordering::Relaxed);
-    let body = json!({"nats": connected, "plugins": true, "draining": draining});
-    let status = if connected && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let replicating = state.postgres.as_ref().map(|status| status.connected.load(Ordering::Relaxed));
+    let mut body = json!({"nats": connected, "plugins": true, "draining": draining});
+    if let Some(replicating) = replicating {
+        body["postgres"] = json!(replicating);
+    }
+    let ready = connected && !draining && replicating != Some(false);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
+pub mod postgres;
 pub mod run;
 pub mod sink;
 pub mod subject;

@@ -28,6 +28,13 @@ pub struct Metrics {
     chain_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     publish_seconds: Histogram,
     nats_connected: Gauge,
+    pg_changes: Family<Labels, Counter>,
+    pg_truncates_skipped: Family<Labels, Counter>,
+    pg_connected: Gauge,
+    pg_confirmed_lsn: Gauge,
+    pg_lag_bytes: Gauge,
+    pg_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pg_retained_wal_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -50,6 +57,13 @@ impl Metrics {
             chain_seconds: Family::new_with_constructor(seconds_histogram),
             publish_seconds: seconds_histogram(),
             nats_connected: Gauge::default(),
+            pg_changes: Family::default(),
+            pg_truncates_skipped: Family::default(),
+            pg_connected: Gauge::default(),
+            pg_confirmed_lsn: Gauge::default(),
+            pg_lag_bytes: Gauge::default(),
+            pg_lag_seconds: Gauge::default(),
+            pg_retained_wal_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("events_received", "Events received, by source", metrics.received.clone());
@@ -81,6 +95,37 @@ impl Metrics {
             metrics.publish_seconds.clone(),
         );
         registry.register("nats_connected", "1 while connected to NATS", metrics.nats_connected.clone());
+        registry.register(
+            "postgres_changes",
+            "Row changes read from the replication slot, by schema, table and op",
+            metrics.pg_changes.clone(),
+        );
+        registry.register(
+            "postgres_truncates_skipped",
+            "TRUNCATEs not published (truncate = \"skip\"), by schema and table",
+            metrics.pg_truncates_skipped.clone(),
+        );
+        registry.register("postgres_connected", "1 while the replication stream is up", metrics.pg_connected.clone());
+        registry.register(
+            "postgres_confirmed_lsn",
+            "Position confirmed to the server: every change before it is stored",
+            metrics.pg_confirmed_lsn.clone(),
+        );
+        registry.register(
+            "postgres_lag_bytes",
+            "WAL between the server's position and the confirmed one",
+            metrics.pg_lag_bytes.clone(),
+        );
+        registry.register(
+            "postgres_lag_seconds",
+            "How far the stream runs behind the server's clock",
+            metrics.pg_lag_seconds.clone(),
+        );
+        registry.register(
+            "postgres_retained_wal_bytes",
+            "WAL the server keeps for the slot (pg_current_wal_lsn() - restart_lsn)",
+            metrics.pg_retained_wal_bytes.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 
@@ -121,6 +166,30 @@ impl Metrics {
     /// NATS connection state.
     pub fn set_nats_connected(&self, connected: bool) {
         self.nats_connected.set(i64::from(connected));
+    }
+
+    /// A row change was read from the slot.
+    pub fn postgres_change(&self, schema: &str, table: &str, op: &str) {
+        let labels = vec![("schema", schema.to_string()), ("table", table.to_string()), ("op", op.to_string())];
+        self.pg_changes.get_or_create(&labels).inc();
+    }
+    /// A TRUNCATE was skipped.
+    pub fn postgres_truncate_skipped(&self, schema: &str, table: &str) {
+        let labels = vec![("schema", schema.to_string()), ("table", table.to_string())];
+        self.pg_truncates_skipped.get_or_create(&labels).inc();
+    }
+    /// Replication state, refreshed periodically.
+    pub fn set_postgres(&self, status: &crate::postgres::SourceStatus, retained_wal: Option<i64>) {
+        use std::sync::atomic::Ordering;
+        let confirmed = status.confirmed_lsn.load(Ordering::Relaxed);
+        let server = status.server_lsn.load(Ordering::Relaxed);
+        self.pg_connected.set(i64::from(status.connected.load(Ordering::Relaxed)));
+        self.pg_confirmed_lsn.set(i64::try_from(confirmed).unwrap_or(i64::MAX));
+        self.pg_lag_bytes.set(i64::try_from(server.saturating_sub(confirmed)).unwrap_or(i64::MAX));
+        self.pg_lag_seconds.set(status.lag_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        if let Some(bytes) = retained_wal {
+            self.pg_retained_wal_bytes.set(bytes);
+        }
     }
 
     /// The OpenMetrics text of every metric.

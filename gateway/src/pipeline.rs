@@ -112,6 +112,8 @@ pub struct Route {
     ops: Vec<String>,
     chain: Vec<Arc<Plugin>>,
     subject: SubjectTemplate,
+    /// The default subject of PostgreSQL changes, when the route sets no `subject`.
+    postgres_subject: Option<SubjectTemplate>,
     allowed_prefix: String,
     /// Payload shape.
     pub envelope: Envelope,
@@ -206,7 +208,11 @@ impl Pipeline {
     pub async fn process(&self, index: usize, mut events: Vec<Event>) -> Vec<Disposition> {
         let route = &self.routes[index];
         for event in &mut events {
-            event.subject = route.subject.render(event);
+            let template = match &route.postgres_subject {
+                Some(template) if event.source == "postgres" => template,
+                _ => &route.subject,
+            };
+            event.subject = template.render(event);
         }
         let count = events.len();
         // Dead letters carry the event as it came in; keep a copy only when one can be written.
@@ -290,6 +296,10 @@ impl Pipeline {
 fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc<Plugin>>) -> anyhow::Result<Route> {
     let name = config.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
     let template = config.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
+    let postgres_subject = match config.subject {
+        Some(_) => None,
+        None => Some(SubjectTemplate::parse("weir.{schema}.{table}.{op}").map_err(anyhow::Error::msg)?),
+    };
     let subject = SubjectTemplate::parse(template).map_err(|e| anyhow::anyhow!("route `{name}`: {e}"))?;
     let dlq = SubjectTemplate::parse(config.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}"))
         .map_err(|e| anyhow::anyhow!("route `{name}` dlq_subject: {e}"))?;
@@ -310,6 +320,7 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc
         ops: config.matcher.op.clone(),
         chain,
         subject,
+        postgres_subject,
         envelope: config.envelope,
         on_error: config.on_error,
         dlq,

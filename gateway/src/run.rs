@@ -81,16 +81,58 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             tokens: config.http.tokens.clone(),
             idempotency_ttl: config.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window),
         };
-        let state = AppState::new(pipeline, sink, settings, Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        let (stop_source, source_stopped) = tokio::sync::watch::channel(false);
+        let (postgres_status, postgres_task) = match &config.postgres {
+            Some(pg) => {
+                let status = Arc::new(crate::postgres::SourceStatus::default());
+                let source = crate::postgres::PostgresSource::new(
+                    pg.clone(),
+                    pipeline.clone(),
+                    sink.clone(),
+                    metrics.clone(),
+                    status.clone(),
+                );
+                tokio::spawn(crate::postgres::source::report_metrics(pg.clone(), metrics.clone(), status.clone()));
+                (Some(status), Some(tokio::spawn(source.run(source_stopped))))
+            }
+            None => (None, None),
+        };
+        let state = AppState::new(pipeline, sink, settings, metrics, postgres_status);
         tracing::info!("weir listening on http://{address}");
-        crate::http::serve(
+        let server = crate::http::serve(
             listener,
             crate::http::router(state.clone()),
             config.http.header_timeout,
             shutdown_signal(state),
             drain,
-        )
-        .await?;
+        );
+        match postgres_task {
+            None => server.await?,
+            Some(mut task) => {
+                tokio::pin!(server);
+                tokio::select! {
+                    served = &mut server => {
+                        served?;
+                        let _ = stop_source.send(true);
+                        match tokio::time::timeout(drain, &mut task).await {
+                            Ok(Ok(Err(error))) => return Err(error),
+                            Ok(_) => {}
+                            Err(_) => tracing::warn!("PostgreSQL source did not stop within the drain timeout"),
+                        }
+                    }
+                    stopped = &mut task => {
+                        // Only a fatal problem ends the source by itself: stop the gateway too,
+                        // so a supervisor sees it instead of a gateway that silently lost its source.
+                        return match stopped {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(error)) => Err(error),
+                            Err(error) => Err(anyhow::anyhow!("PostgreSQL source task failed: {error}")),
+                        };
+                    }
+                }
+            }
+        }
         tracing::info!("drained; exiting");
         Ok(())
     })

@@ -190,6 +190,11 @@ impl Sink {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// The JetStream context, unless the sink is core NATS.
+    pub fn jetstream(&self) -> Option<&jetstream::Context> {
+        self.jetstream.as_ref().map(|(context, _)| context)
+    }
+
     /// The NATS client.
     pub fn client(&self) -> &async_nats::Client {
         &self.client

@@ -679,7 +679,7 @@ async fn nats_token_auth_is_used_and_a_wrong_token_stops_the_start_with_a_clear_
     assert_eq!(nats.messages("WEIR").await.len(), 1);
 
     let wrong = with_token.replace("${TEST_NATS_TOKEN:-nats-secret-token}", "wrong");
-    let log = Gateway::try_start(&wrong).err().expect("weir must not start with a wrong token");
+    let log = Gateway::try_start(&wrong).expect_err("weir must not start with a wrong token");
     assert!(log.contains("cannot reach NATS") || log.contains("uthorization"), "{log}");
 }
 

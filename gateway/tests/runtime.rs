@@ -352,7 +352,9 @@ fn bundled_transforms_run_in_the_runtime() {
     let redact = load(&runtime, "redact", r#"{"fields":["email"]}"#, Limits::default());
     let route = load(&runtime, "route", r#"{"subject":"shop.{data.region}.{op}"}"#, Limits::default());
     let input = event("r1", json!({"email": "a@b.c", "region": "eu.west"}));
-    let Ok(Outcome::Keep(redacted)) = redact.run_blocking(vec![input.clone()]).remove(0) else { panic!("redact keeps") };
+    let Ok(Outcome::Keep(redacted)) = redact.run_blocking(vec![input.clone()]).remove(0) else {
+        panic!("redact keeps")
+    };
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&redacted.data).unwrap(), json!({"region": "eu.west"}));
     let Ok(Outcome::Keep(routed)) = route.run_blocking(vec![redacted]).remove(0) else { panic!("route keeps") };
     assert_eq!(routed.subject, "shop.eu_west.insert");

@@ -1,0 +1,34 @@
+//! The replication connection's settings, from the same connection string as the control one.
+
+use crate::config::PostgresConfig;
+use pgwire_replication::ReplicationConfig;
+use tokio_postgres::config::Host;
+
+/// Host, port, user, password and database from `[postgres] url`, for the replication stream.
+pub fn replication_config(config: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
+    let parsed: tokio_postgres::Config =
+        config.url.parse().map_err(|e| anyhow::anyhow!("[postgres] url is not a PostgreSQL connection string: {e}"))?;
+    let host = match parsed.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.clone(),
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "/var/run/postgresql".to_string(),
+    };
+    let port = parsed.get_ports().first().copied().unwrap_or(5432);
+    // libpq's default user is the OS user.
+    let user = match parsed.get_user() {
+        Some(user) => user.to_string(),
+        None => std::env::var("USER").unwrap_or_else(|_| "postgres".into()),
+    };
+    let password = parsed.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let database = parsed.get_dbname().map_or_else(|| user.clone(), str::to_string);
+    let replication = if host.starts_with('/') {
+        ReplicationConfig::unix(host, port, user, password, database, config.slot.clone(), config.publication.clone())
+    } else {
+        ReplicationConfig::new(host, user, password, database, config.slot.clone(), config.publication.clone())
+            .with_port(port)
+            // Built without TLS support (its rustls default pulled in a second crypto stack);
+            // docs/postgres.md says so.
+            .with_tls(pgwire_replication::TlsConfig::disabled())
+    };
+    Ok(replication)
+}

@@ -1,0 +1,34 @@
+//! PostgreSQL change capture: every committed row change, from a logical replication slot
+//! (`pgoutput`), through the routes' plugin chains into JetStream, with the slot confirmed only
+//! past what JetStream has stored. See `docs/postgres.md`.
+//!
+//! - [`pgoutput`]: our decoder of the row messages.
+//! - [`values`]: column values (text format) to JSON by type.
+//! - [`setup`]: the control connection: publication, slot, types, and the checks `weir check` runs.
+//! - [`source`]: the replication loop.
+
+pub mod pgoutput;
+pub mod setup;
+pub mod source;
+pub mod values;
+
+mod connection;
+
+pub use source::PostgresSource;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+
+/// What the source reports to `/readyz` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    /// The replication stream is up.
+    pub connected: AtomicBool,
+    /// Storing in JetStream is failing; reading from the slot is paused.
+    pub paused: AtomicBool,
+    /// The last position confirmed to the server (every change before it is stored).
+    pub confirmed_lsn: AtomicU64,
+    /// The server's WAL end, from its last keepalive.
+    pub server_lsn: AtomicU64,
+    /// How far behind the server's clock the stream is, in microseconds.
+    pub lag_micros: AtomicI64,
+}

@@ -1,0 +1,239 @@
+//! The control connection (`tokio-postgres`): creates the publication before the slot (the
+//! other order fails permanently once changes arrive in between), checks the slot, reads
+//! `pg_type`, and remembers in a small JetStream stream that this gateway created the slot, so a
+//! slot that later disappears is reported instead of silently re-created.
+
+use super::source::Failure;
+use super::values::Types;
+use crate::config::PostgresConfig;
+use pgwire_replication::Lsn;
+use std::time::Duration;
+
+/// JetStream stream holding one message per slot this gateway created or adopted, on subject
+/// `weir_postgres_slots.<system identifier>.<slot>` (the last one per subject is kept). A plain
+/// stream rather than a key-value bucket: nats-server 2.9 (Debian 12) rejects the bucket
+/// settings of current clients.
+pub const SLOT_BUCKET: &str = "weir_postgres_slots";
+
+/// Connects the control connection; its driver task logs when it ends.
+pub async fn connect_control(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(&config.url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL ({}): {e}", describe(&config.url)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL control connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The connection string without its password, for messages.
+pub fn describe(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(config) => format!(
+            "host={:?} port={:?} user={} dbname={}",
+            config.get_hosts(),
+            config.get_ports(),
+            config.get_user().unwrap_or("(default)"),
+            config.get_dbname().unwrap_or("(default)")
+        ),
+        Err(_) => "unparsable url".into(),
+    }
+}
+
+/// `"schema"."table"` for `schema.table` or `table` (schema `public`).
+pub fn quoted_table(name: &str) -> String {
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    format!("{}.{}", quote(schema), quote(table))
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+fn fatal(message: String) -> Failure {
+    Failure::Fatal(anyhow::anyhow!(message))
+}
+
+fn retry(error: impl Into<anyhow::Error>) -> Failure {
+    Failure::Retry(error.into())
+}
+
+/// Makes the publication and the slot ready and returns the position to stream from.
+pub async fn prepare(
+    config: &PostgresConfig,
+    client: &tokio_postgres::Client,
+    sink: &crate::sink::Sink,
+) -> Result<Lsn, Failure> {
+    ensure_publication(config, client).await?;
+    let system: String =
+        client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.map_err(retry)?.get(0);
+    let Some(jetstream) = sink.jetstream() else {
+        return Err(fatal("[postgres] needs [jetstream]".into()));
+    };
+    let markers = jetstream
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: SLOT_BUCKET.into(),
+            subjects: vec![format!("{SLOT_BUCKET}.>")],
+            max_messages_per_subject: 1,
+            description: Some("Replication slots weir created or adopted (see docs/postgres.md)".into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| retry(anyhow::anyhow!("cannot create JetStream stream {SLOT_BUCKET}: {e}")))?;
+    let marker_key = format!("{SLOT_BUCKET}.{system}.{}", config.slot);
+    let marker = match markers.get_last_raw_message_by_subject(&marker_key).await {
+        Ok(message) => Some(message.payload),
+        Err(error) if error.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => None,
+        Err(error) => {
+            return Err(retry(anyhow::anyhow!("cannot read {marker_key} from stream {SLOT_BUCKET}: {error}")));
+        }
+    };
+
+    // A gateway killed a moment ago may still hold the slot until the server notices.
+    let mut attempts = 0;
+    let slot = loop {
+        let row = client
+            .query_opt(
+                "SELECT plugin, database, active, active_pid, wal_status, confirmed_flush_lsn::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(retry)?;
+        match row {
+            Some(row) if row.get::<_, bool>(2) && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other,
+        }
+    };
+    let start = match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let database: Option<String> = row.get(1);
+            let active: bool = row.get(2);
+            let pid: Option<i32> = row.get(3);
+            let wal_status: Option<String> = row.get(4);
+            let confirmed: Option<String> = row.get(5);
+            let current: String = client.query_one("SELECT current_database()", &[]).await.map_err(retry)?.get(0);
+            if plugin.as_deref() != Some("pgoutput") {
+                return Err(fatal(format!(
+                    "replication slot `{}` uses plugin {plugin:?}, not pgoutput; choose another `slot` name",
+                    config.slot
+                )));
+            }
+            if database.as_deref() != Some(current.as_str()) {
+                return Err(fatal(format!(
+                    "replication slot `{}` belongs to database {database:?}, not {current:?}; choose another `slot` name",
+                    config.slot
+                )));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                return Err(fatal(format!(
+                    "replication slot `{}` is lost (wal_status = lost): the server removed WAL it still needed, \
+                     so changes were skipped. Drop the slot, purge {marker_key} from stream {SLOT_BUCKET} \
+                     (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start again",
+                    config.slot
+                )));
+            }
+            if active {
+                return Err(fatal(format!(
+                    "replication slot `{}` is in use by another process (PID {}); only one reader per slot — \
+                     is another weir running with this slot?",
+                    config.slot,
+                    pid.unwrap_or_default()
+                )));
+            }
+            let confirmed = confirmed
+                .as_deref()
+                .and_then(|text| Lsn::parse(text).ok())
+                .ok_or_else(|| fatal(format!("replication slot `{}` has no confirmed position", config.slot)))?;
+            if marker.is_none() {
+                remember(jetstream, &marker_key, &confirmed, "adopted").await?;
+            }
+            confirmed
+        }
+        None => {
+            if let Some(marker) = marker {
+                return Err(fatal(format!(
+                    "replication slot `{}` is missing, but this gateway created it before ({}). Changes since \
+                     its last confirmed position may be lost, so weir will not re-create it silently. To start \
+                     over, purge {marker_key} from stream {SLOT_BUCKET} \
+                     (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start again",
+                    config.slot,
+                    String::from_utf8_lossy(&marker)
+                )));
+            }
+            let created: String = client
+                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
+                .await
+                .map_err(|e| retry(anyhow::anyhow!("cannot create replication slot `{}`: {e}", config.slot)))?
+                .get(0);
+            let created = Lsn::parse(&created).map_err(|e| fatal(format!("slot position {created:?}: {e}")))?;
+            tracing::info!(slot = %config.slot, at = %created, "created replication slot");
+            remember(jetstream, &marker_key, &created, "created").await?;
+            created
+        }
+    };
+    Ok(start)
+}
+
+async fn remember(jetstream: &async_nats::jetstream::Context, key: &str, at: &Lsn, how: &str) -> Result<(), Failure> {
+    let value = serde_json::json!({"how": how, "at": at.to_string(), "time": crate::http::now_rfc3339()});
+    let failed = |e: String| retry(anyhow::anyhow!("cannot write {key} to stream {SLOT_BUCKET}: {e}"));
+    let ack = jetstream.publish(key.to_string(), value.to_string().into()).await.map_err(|e| failed(e.to_string()))?;
+    ack.await.map(|_| ()).map_err(|e| failed(e.to_string()))
+}
+
+async fn ensure_publication(config: &PostgresConfig, client: &tokio_postgres::Client) -> Result<(), Failure> {
+    let existing = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&config.publication])
+        .await
+        .map_err(retry)?;
+    if existing.is_some() {
+        return Ok(());
+    }
+    let scope = if config.tables.is_empty() {
+        "FOR ALL TABLES".to_string()
+    } else {
+        format!("FOR TABLE {}", config.tables.iter().map(|t| quoted_table(t)).collect::<Vec<_>>().join(", "))
+    };
+    let statement = format!("CREATE PUBLICATION {} {scope}", quote(&config.publication));
+    client
+        .batch_execute(&statement)
+        .await
+        .map_err(|e| fatal(format!("cannot create publication `{}` ({statement}): {e}", config.publication)))?;
+    tracing::info!(publication = %config.publication, %scope, "created publication");
+    Ok(())
+}
+
+/// Every type in `pg_type`, for turning values into JSON.
+pub async fn load_types(client: &tokio_postgres::Client) -> anyhow::Result<Types> {
+    let rows = client
+        .query("SELECT oid, typname::text, typtype, typelem, typcategory, typbasetype FROM pg_type", &[])
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read pg_type: {e}"))?;
+    let rows: Vec<(u32, String, i8, u32, i8, u32)> =
+        rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5))).collect();
+    Ok(Types::from_rows(&rows))
+}
+
+/// The primary key's column names of table `oid`, in key order; empty without a primary key.
+/// (Under REPLICA IDENTITY FULL the Relation message marks every column as identity, so the
+/// event key cannot come from those flags.)
+pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.position",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the primary key of table {oid}: {e}"))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}

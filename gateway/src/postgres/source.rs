@@ -1,0 +1,483 @@
+//! The change-capture loop: publication and slot set-up, the replication stream, row events
+//! through the routes' plugin chains into JetStream, and the slot's confirmed position moved
+//! only past transactions whose every event JetStream has acknowledged.
+
+use super::pgoutput::{self, Message, OldKind, Relation};
+use super::values::{self, Types};
+use super::{SourceStatus, connection};
+use crate::config::{PostgresConfig, TruncateMode};
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::pipeline::{Disposition, Pipeline};
+use crate::sink::Sink;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum Failure {
+    /// Reconnect after a pause: the server or the network went away.
+    Retry(anyhow::Error),
+    /// Stop the gateway: continuing could skip changes (slot lost, missing or taken).
+    Fatal(anyhow::Error),
+}
+
+fn retry(error: impl Into<anyhow::Error>) -> Failure {
+    Failure::Retry(error.into())
+}
+
+/// Seconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_OFFSET: u64 = 946_684_800;
+
+fn pg_time(micros: i64) -> String {
+    let since_1970 = Duration::from_secs(PG_EPOCH_OFFSET) + Duration::from_micros(micros.max(0).unsigned_abs());
+    humantime::format_rfc3339_micros(UNIX_EPOCH + since_1970).to_string()
+}
+
+/// The change-capture source: one per `[postgres]` section.
+pub struct PostgresSource {
+    config: PostgresConfig,
+    pipeline: Arc<Pipeline>,
+    sink: Sink,
+    metrics: Arc<Metrics>,
+    status: Arc<SourceStatus>,
+}
+
+/// Refreshes the replication metrics every few seconds, with the slot's retained WAL read over
+/// a connection of its own (so a slow query never holds up the stream).
+pub async fn report_metrics(config: PostgresConfig, metrics: Arc<Metrics>, status: Arc<SourceStatus>) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            client = super::setup::connect_control(&config).await.ok();
+        }
+        let mut retained = None;
+        if let Some(client) = &client {
+            let row = client
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&config.slot],
+                )
+                .await;
+            if let Ok(Some(row)) = row {
+                retained = row.get::<_, Option<i64>>(0);
+            }
+        }
+        metrics.set_postgres(&status, retained);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The transaction being read.
+struct Transaction {
+    commit_lsn: Lsn,
+    time: String,
+    index: u64,
+}
+
+/// Events read but not yet stored, and the newest commit they complete.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
+    /// `end_lsn` of the newest transaction whose events are all in this batch or stored.
+    commit: Option<Lsn>,
+    started: Option<Instant>,
+}
+
+impl PostgresSource {
+    /// A source for `config`, publishing through `pipeline` and `sink`.
+    pub fn new(
+        config: PostgresConfig,
+        pipeline: Arc<Pipeline>,
+        sink: Sink,
+        metrics: Arc<Metrics>,
+        status: Arc<SourceStatus>,
+    ) -> PostgresSource {
+        PostgresSource { config, pipeline, sink, metrics, status }
+    }
+
+    /// Runs until `shutdown` turns true (returns `Ok`) or a fatal problem (returns `Err`);
+    /// reconnects with backoff after anything else.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let outcome = self.session(&mut shutdown).await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(Failure::Fatal(error)) => {
+                    tracing::error!(error = %format!("{error:#}"), "PostgreSQL change capture stopped");
+                    return Err(error);
+                }
+                Err(Failure::Retry(_)) if *shutdown.borrow() => return Ok(()),
+                Err(Failure::Retry(error)) => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    tracing::warn!(error = %format!("{error:#}"), retry_in = ?backoff, "PostgreSQL replication interrupted; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        let control = super::setup::connect_control(&self.config).await.map_err(retry)?;
+        let start = super::setup::prepare(&self.config, &control, &self.sink).await?;
+        let mut types = super::setup::load_types(&control).await.map_err(retry)?;
+        let replication = connection::replication_config(&self.config).map_err(Failure::Fatal)?;
+        let replication = replication
+            .with_start_lsn(start)
+            .with_ack_lsn(start)
+            .with_status_interval(self.config.status_interval)
+            .with_application_name("weir");
+        let mut stream = ReplicationClient::connect(replication).await.map_err(retry)?;
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
+        tracing::info!(slot = %self.config.slot, from = %start, "PostgreSQL change capture streaming");
+
+        let mut relations: HashMap<u32, (Relation, Vec<String>)> = HashMap::new();
+        let mut transaction: Option<Transaction> = None;
+        let mut batch = Batch::default();
+        loop {
+            let next = match batch.started {
+                Some(started) => {
+                    let deadline = tokio::time::Instant::from_std(started + self.config.linger);
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => None,
+                        event = stream.recv() => Some(event),
+                        _ = tokio::time::sleep_until(deadline) => {
+                            self.flush(&mut batch, &stream, shutdown).await?;
+                            continue;
+                        }
+                    }
+                }
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => None,
+                    event = stream.recv() => Some(event),
+                },
+            };
+            let Some(event) = next else {
+                // Shutting down: nothing half-read is confirmed; the slot replays it next time.
+                let _ = stream.shutdown().await;
+                return Ok(());
+            };
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => return Err(retry(anyhow::anyhow!("the replication stream ended"))),
+                Err(error) => return Err(retry(error)),
+            };
+            match event {
+                ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                    transaction =
+                        Some(Transaction { commit_lsn: final_lsn, time: pg_time(commit_time_micros), index: 0 });
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    transaction = None;
+                    batch.commit = Some(end_lsn);
+                    if batch.events.is_empty() {
+                        // Nothing to store (all filtered by the publication): confirm now.
+                        self.confirm(&stream, end_lsn);
+                        batch.commit = None;
+                    }
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    let message = pgoutput::decode(data).map_err(|e| Failure::Fatal(e.into()))?;
+                    self.apply(message, &control, &mut types, &mut relations, transaction.as_mut(), &mut batch).await?;
+                    if batch.events.len() >= self.config.max_batch {
+                        self.flush(&mut batch, &stream, shutdown).await?;
+                    }
+                }
+                ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
+                    let now_micros = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as i64 - (PG_EPOCH_OFFSET as i64) * 1_000_000);
+                    self.status.lag_micros.store((now_micros - server_time_micros).max(0), Ordering::Relaxed);
+                    self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
+                    // Caught up with nothing in flight: confirm the server's position, so a quiet
+                    // publication on a busy database does not pin WAL.
+                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() {
+                        self.confirm(&stream, wal_end);
+                    }
+                }
+                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            }
+        }
+    }
+
+    /// Turns one decoded message into events (or relation/type bookkeeping).
+    async fn apply(
+        &self,
+        message: Message,
+        control: &tokio_postgres::Client,
+        types: &mut Types,
+        relations: &mut HashMap<u32, (Relation, Vec<String>)>,
+        transaction: Option<&mut Transaction>,
+        batch: &mut Batch,
+    ) -> Result<(), Failure> {
+        let change = match message {
+            Message::Relation(relation) => {
+                if relation.columns.iter().any(|c| types.kind(c.type_oid).is_none()) {
+                    *types = super::setup::load_types(control).await.map_err(retry)?;
+                }
+                let primary_key = super::setup::primary_key(control, relation.oid).await.map_err(retry)?;
+                relations.insert(relation.oid, (relation, primary_key));
+                return Ok(());
+            }
+            Message::Type { .. } => {
+                *types = super::setup::load_types(control).await.map_err(retry)?;
+                return Ok(());
+            }
+            Message::Other(_) => return Ok(()),
+            change => change,
+        };
+        let Some(transaction) = transaction else {
+            return Err(Failure::Fatal(anyhow::anyhow!("a row change arrived outside a transaction")));
+        };
+        let relation_of = |oid: u32| {
+            relations.get(&oid).map(|(relation, key)| (relation, key.as_slice())).ok_or_else(|| {
+                Failure::Fatal(anyhow::anyhow!("row change for relation {oid} before its Relation message"))
+            })
+        };
+        let mut push = |relation: &Relation,
+                        op: &str,
+                        key: Option<String>,
+                        data: Vec<u8>,
+                        old: Option<Vec<u8>>,
+                        unchanged: Vec<String>| {
+            let mut headers = Vec::new();
+            if !unchanged.is_empty() {
+                headers.push(("Weir-Unchanged-Toast".to_string(), unchanged.join(",")));
+            }
+            let id = format!("{}:{}:{}", self.config.slot, transaction.commit_lsn, transaction.index);
+            transaction.index += 1;
+            self.metrics.postgres_change(&relation.schema, &relation.table, op);
+            batch.started.get_or_insert_with(Instant::now);
+            batch.events.push(Event {
+                id,
+                source: "postgres".into(),
+                entity: format!("{}.{}", relation.schema, relation.table),
+                op: op.into(),
+                key,
+                time: transaction.time.clone(),
+                subject: String::new(),
+                headers,
+                data,
+                old,
+                position: Some(transaction.commit_lsn.to_string()),
+            });
+        };
+        match change {
+            Message::Insert { relation, new } => {
+                let (relation, key) = relation_of(relation)?;
+                let (data, unchanged) = types.row(&relation.columns, &new, None);
+                push(relation, "insert", values::key(&relation.columns, &new, key), data, None, unchanged);
+            }
+            Message::Update { relation, old, new } => {
+                let (relation, key) = relation_of(relation)?;
+                let full_old = old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
+                let (data, unchanged) = types.row(&relation.columns, &new, full_old);
+                let old = old.map(|(kind, row)| match kind {
+                    OldKind::Full => types.row(&relation.columns, &row, None).0,
+                    OldKind::Key => types.key_row(&relation.columns, &row),
+                });
+                push(relation, "update", values::key(&relation.columns, &new, key), data, old, unchanged);
+            }
+            Message::Delete { relation, old: (kind, row) } => {
+                let (relation, key) = relation_of(relation)?;
+                let old = match kind {
+                    OldKind::Full => types.row(&relation.columns, &row, None).0,
+                    OldKind::Key => types.key_row(&relation.columns, &row),
+                };
+                let key = values::key(&relation.columns, &row, key);
+                push(relation, "delete", key, b"{}".to_vec(), Some(old), Vec::new());
+            }
+            Message::Truncate { relations: truncated, cascade, restart_identity } => {
+                for oid in truncated {
+                    let (relation, _) = relation_of(oid)?;
+                    if self.config.truncate == TruncateMode::Skip {
+                        self.metrics.postgres_truncate_skipped(&relation.schema, &relation.table);
+                        continue;
+                    }
+                    let data = format!(r#"{{"cascade":{cascade},"restart_identity":{restart_identity}}}"#).into_bytes();
+                    push(relation, "truncate", None, data, None, Vec::new());
+                }
+            }
+            Message::Relation(_) | Message::Type { .. } | Message::Other(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Publishes the batch through the routes, retrying until JetStream has stored it (reading
+    /// pauses meanwhile), then confirms the newest commit it completes.
+    async fn flush(
+        &self,
+        batch: &mut Batch,
+        stream: &ReplicationClient,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Failure> {
+        let events = std::mem::take(&mut batch.events);
+        batch.started = None;
+        self.store(events, shutdown).await?;
+        if let Some(commit) = batch.commit.take() {
+            self.confirm(stream, commit);
+        }
+        Ok(())
+    }
+
+    /// Routes and stores `events` in order. Consecutive events of one route are published
+    /// together; a publish that fails is retried with the same ids until it succeeds.
+    async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        let mut runs: Vec<(usize, Vec<Event>)> = Vec::new();
+        for event in events {
+            self.metrics.received("postgres");
+            let Some(route) = self.pipeline.route_for(&event) else {
+                self.metrics.dropped("postgres", "none");
+                continue;
+            };
+            match runs.last_mut() {
+                Some((last, run)) if *last == route => run.push(event),
+                _ => runs.push((route, vec![event])),
+            }
+        }
+        for (route, run) in runs {
+            let route_name = self.pipeline.route(route).name.clone();
+            let started = Instant::now();
+            let mut dispositions = self.pipeline.process(route, run).await;
+            self.metrics.chain_duration(&route_name, started.elapsed());
+            let mut messages = Vec::new();
+            for disposition in &mut dispositions {
+                match disposition {
+                    Disposition::Publish(out) => messages.append(out),
+                    Disposition::Rejected { dead_letter, plugin, reason } => {
+                        self.metrics.rejected("postgres", &route_name, plugin);
+                        match dead_letter.take() {
+                            Some(message) => {
+                                self.metrics.dead_lettered("postgres", &route_name);
+                                messages.push(message);
+                            }
+                            None => {
+                                tracing::warn!(route = %route_name, %plugin, %reason, "change rejected by a plugin and dropped (the route's on_error is not dlq)")
+                            }
+                        }
+                    }
+                    Disposition::Failed { dead_letter, plugin, error } => {
+                        self.metrics.plugin_error(plugin, error.kind.as_str());
+                        match dead_letter.take() {
+                            Some(message) => {
+                                self.metrics.dead_lettered("postgres", &route_name);
+                                messages.push(message);
+                            }
+                            None => {
+                                tracing::warn!(route = %route_name, %plugin, %error, "plugin failed on a change; dropped (the route's on_error is not dlq)")
+                            }
+                        }
+                    }
+                    Disposition::Dropped => self.metrics.dropped("postgres", &route_name),
+                }
+            }
+            if messages.is_empty() {
+                continue;
+            }
+            let published_started = Instant::now();
+            if let Err(refusal) = self.publish_until_stored(&messages, shutdown).await? {
+                // One of them can never be stored (too large, …): store the others one by one and
+                // a dead letter for each refused change, so the stream does not stall on it.
+                tracing::warn!(%refusal, "NATS refused a change; storing the batch one by one");
+                for message in &messages {
+                    if let Err(refusal) = self.publish_until_stored(std::slice::from_ref(message), shutdown).await? {
+                        let letter = refused_letter(message, &refusal);
+                        self.metrics.dead_lettered("postgres", &route_name);
+                        if let Err(again) = self.publish_until_stored(std::slice::from_ref(&letter), shutdown).await? {
+                            tracing::error!(id = message.id(), error = %again, "NATS refused a change and its dead letter; skipped");
+                        }
+                    }
+                }
+            }
+            self.metrics.publish_duration(published_started.elapsed());
+            self.metrics.published("postgres", &route_name, messages.len());
+            self.status.paused.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Publishes until JetStream stores `messages` (pausing and retrying while it is unreachable):
+    /// `Ok(Ok(()))`, or `Ok(Err(reason))` when the server refuses them for good.
+    async fn publish_until_stored(
+        &self,
+        messages: &[crate::pipeline::Message],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Result<(), String>, Failure> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.sink.publish_all(messages).await {
+                Ok(_) => {
+                    self.status.paused.store(false, Ordering::Relaxed);
+                    return Ok(Ok(()));
+                }
+                Err(crate::sink::SinkError::Refused(reason)) => return Ok(Err(reason)),
+                Err(error @ crate::sink::SinkError::NoStream(_)) => return Ok(Err(error.to_string())),
+                Err(error) => {
+                    self.status.paused.store(true, Ordering::Relaxed);
+                    tracing::warn!(%error, events = messages.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while JetStream was unavailable"))),
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn confirm(&self, stream: &ReplicationClient, lsn: Lsn) {
+        if lsn.as_u64() > self.status.confirmed_lsn.load(Ordering::Relaxed) {
+            stream.update_applied_lsn(lsn);
+            self.status.confirmed_lsn.store(lsn.as_u64(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A small dead letter for a change NATS refused to store: where it was going, why, and its
+/// id and position, so it can be found and re-read from the table.
+fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pipeline::Message {
+    let header = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let entity = header("Weir-Entity").unwrap_or_default();
+    let body = serde_json::json!({
+        "id": message.id(),
+        "entity": entity,
+        "op": header("Weir-Op"),
+        "key": header("Weir-Key").map(|key| key.chars().take(1024).collect::<String>()),
+        "position": header("Weir-Position"),
+        "subject": message.subject,
+        "bytes": message.payload.len(),
+        "error": reason,
+    });
+    let mut headers = vec![("Nats-Msg-Id".to_string(), format!("dlq:{}", message.id()))];
+    for name in ["Weir-Source", "Weir-Entity", "Weir-Op", "Weir-Position"] {
+        if let Some(value) = header(name) {
+            headers.push((name.to_string(), value));
+        }
+    }
+    headers.push(("Weir-Error-Kind".to_string(), "refused".to_string()));
+    headers.push(("Weir-Error".to_string(), reason.chars().take(1024).collect::<String>().replace(['\r', '\n'], " ")));
+    crate::pipeline::Message {
+        subject: format!("weir.dlq.{}", crate::subject::token(&entity)),
+        headers,
+        payload: body.to_string().into_bytes().into(),
+    }
+}
