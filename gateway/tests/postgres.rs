@@ -6,128 +6,10 @@
 
 mod common;
 
+use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, stored, wait_ready};
 use common::services::{Gateway, Nats};
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
-
-fn postgres_url() -> String {
-    std::env::var("WEIR_TEST_POSTGRES").unwrap_or_else(|_| "host=/var/run/postgresql user=root dbname=test".into())
-}
-
-async fn connect() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL answers (cargo xtask test starts it)");
-    tokio::spawn(connection);
-    client
-}
-
-/// A test's own slot, publication and tables, removed when dropped (after the gateway).
-struct Capture {
-    name: String,
-    tables: Vec<String>,
-}
-
-impl Capture {
-    async fn new(test: &str, tables: &[(&str, &str)]) -> Capture {
-        let name = format!("weir_t_{test}_{}", std::process::id());
-        let capture =
-            Capture { name: name.clone(), tables: tables.iter().map(|(t, _)| format!("{name}_{t}")).collect() };
-        capture.cleanup().await;
-        let client = connect().await;
-        for ((_, columns), table) in tables.iter().zip(&capture.tables) {
-            client.batch_execute(&format!("CREATE TABLE {table} ({columns})")).await.unwrap();
-        }
-        capture
-    }
-
-    fn table(&self, short: &str) -> String {
-        format!("{}_{short}", self.name)
-    }
-
-    fn config(&self, nats: &Nats, extra: &str) -> String {
-        let tables: Vec<String> = self.tables.iter().map(|t| format!("\"public.{t}\"")).collect();
-        format!(
-            r#"
-[nats]
-url = "{url}"
-
-[jetstream]
-stream = "WEIR"
-subjects = ["weir.>"]
-duplicate_window = "10m"
-
-[http]
-listen = "127.0.0.1:0"
-
-[plugins]
-dir = "{{plugins}}"
-
-[postgres]
-url = "{pg}"
-slot = "{name}"
-publication = "{name}"
-tables = [{tables}]
-{extra}
-"#,
-            url = nats.url(),
-            pg = postgres_url(),
-            name = self.name,
-            tables = tables.join(", ")
-        )
-    }
-
-    async fn cleanup(&self) {
-        let client = connect().await;
-        // The slot may still be held for a moment by a gateway that was just stopped.
-        for _ in 0..50 {
-            let dropped = client
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.name],
-                )
-                .await;
-            if dropped.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", self.name)).await.unwrap();
-        for table in &self.tables {
-            client.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await.unwrap();
-        }
-    }
-}
-
-async fn wait_ready(gateway: &Gateway) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = reqwest::get(gateway.url("/readyz")).await.unwrap().json::<Value>().await.unwrap();
-        if ready["postgres"] == true {
-            return;
-        }
-        assert!(Instant::now() < deadline, "replication did not start: {ready}\n{}", gateway.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Stream messages as (subject, Nats-Msg-Id, envelope), waiting until `count` are stored.
-async fn stored(nats: &Nats, count: usize) -> Vec<(String, String, Value)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let messages = nats.messages("WEIR").await;
-        if messages.len() >= count || Instant::now() > deadline {
-            return messages
-                .iter()
-                .map(|m| {
-                    let id = m.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default();
-                    (m.subject.to_string(), id, serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
-                })
-                .collect();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn row_changes_of_each_type_are_stored_with_their_values() {
@@ -256,5 +138,93 @@ async fn unchanged_toast_is_marked_and_replica_identity_full_sends_old_rows() {
     assert_eq!(full_update["old"]["note"], "a");
     assert_eq!(envelopes[4]["data"]["id"], 3, "only the committed part of the savepoint transaction");
     drop(gateway);
+    capture.cleanup().await;
+}
+
+fn load_tables() -> [(&'static str, &'static str); 2] {
+    [("a", "id bigint PRIMARY KEY, n bigint"), ("b", "id bigint PRIMARY KEY, n bigint")]
+}
+
+async fn full_identity(capture: &Capture) {
+    let client = connect().await;
+    for table in &capture.tables {
+        client.batch_execute(&format!("ALTER TABLE {table} REPLICA IDENTITY FULL")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_points_loses_nothing_and_stores_each_change_once() {
+    use rand::Rng;
+    let capture = Capture::new("kill", &load_tables()).await;
+    full_identity(&capture).await;
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 20_000, Duration::from_millis(4), 7).await });
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    while !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        drop(gateway); // SIGKILL
+        kills += 1;
+        gateway = Gateway::start(&config);
+    }
+    let written = writer.await.unwrap();
+    assert!(kills >= 3, "the load outlived only {kills} kills; make it longer");
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() {
+    let capture = Capture::new("natsdown", &load_tables()).await;
+    full_identity(&capture).await;
+    let mut nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 3_000, Duration::from_millis(10), 11).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    nats.restart();
+    let written = writer.await.unwrap();
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_in_use_or_gone_stops_the_gateway_instead_of_skipping_changes() {
+    let capture = Capture::new("slots", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let first = Gateway::start(&config);
+    wait_ready(&first).await;
+
+    // A second reader of the same slot.
+    let mut second = Gateway::start(&config);
+    let status = second.wait_exit(Duration::from_secs(40)).expect("the second gateway stops");
+    assert!(!status.success());
+    assert!(second.log().contains("is in use by another process"), "{}", second.log());
+
+    // The slot dropped behind the gateway's back while it was down.
+    drop(first);
+    capture.cleanup_slot().await;
+    let mut third = Gateway::start(&config);
+    let status = third.wait_exit(Duration::from_secs(30)).expect("the gateway stops");
+    assert!(!status.success());
+    assert!(third.log().contains("is missing, but this gateway created it before"), "{}", third.log());
+    let slots = connect()
+        .await
+        .query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&capture.name])
+        .await
+        .unwrap();
+    assert!(slots.is_empty(), "the slot was not silently re-created");
     capture.cleanup().await;
 }

@@ -70,4 +70,5 @@ pub fn rss_bytes() -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("number");
     kib * 1024
 }
+pub mod pg;
 pub mod services;
