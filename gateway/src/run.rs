@@ -171,7 +171,12 @@ pub fn check(config_path: &Path) -> i32 {
         Err(error) => problems.push(format!("cannot start the plugin runtime: {error:#}")),
     }
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(tokio) => problems.extend(tokio.block_on(check_nats(&config))),
+        Ok(tokio) => {
+            problems.extend(tokio.block_on(check_nats(&config)));
+            if let Some(pg) = &config.postgres {
+                problems.extend(tokio.block_on(crate::postgres::setup::check(pg)));
+            }
+        }
         Err(error) => problems.push(format!("cannot start the async runtime: {error}")),
     }
     for problem in &problems {

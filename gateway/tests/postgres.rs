@@ -228,3 +228,35 @@ async fn a_slot_in_use_or_gone_stops_the_gateway_instead_of_skipping_changes() {
     assert!(slots.is_empty(), "the slot was not silently re-created");
     capture.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weir_check_reports_server_settings_and_tables_with_fixes() {
+    let capture =
+        Capture::new("check", &[("keyed", "id bigint PRIMARY KEY, n bigint"), ("keyless", "id bigint, n bigint")])
+            .await;
+    let nats = Nats::start();
+    let mut config = capture.config(&nats, "").replace("{plugins}", &common::plugins_dir().display().to_string());
+    config = config.replace("tables = [", "tables = [\"public.weir_t_no_such_table\", ");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("ok    wal_level = logical"), "{text}");
+    assert!(text.contains("ok    role root may replicate"), "{text}");
+    assert!(text.contains(&format!("ok    table public.{} (primary key)", capture.table("keyed"))), "{text}");
+    let keyless = format!("table public.{} has no primary key", capture.table("keyless"));
+    assert!(
+        text.lines().any(|l| l.starts_with("error ") && l.contains(&keyless) && l.contains("REPLICA IDENTITY FULL")),
+        "{text}"
+    );
+    assert!(text.contains("table public.weir_t_no_such_table does not exist"), "{text}");
+    assert!(text.contains("does not exist yet; `weir run` creates it"), "slot and publication: {text}");
+    capture.cleanup().await;
+}

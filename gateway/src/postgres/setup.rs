@@ -237,3 +237,155 @@ pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::R
         .map_err(|e| anyhow::anyhow!("cannot read the primary key of table {oid}: {e}"))?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
+
+/// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
+/// Prints what is fine and returns each problem with how to fix it.
+pub async fn check(config: &PostgresConfig) -> Vec<String> {
+    let client = match connect_control(config).await {
+        Ok(client) => client,
+        Err(error) => return vec![format!("{error:#}; fix [postgres] url or start PostgreSQL")],
+    };
+    println!("ok    PostgreSQL connected ({})", describe(&config.url));
+    let mut problems = Vec::new();
+    let setting = |name: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+                .await
+                .map(|row| row.get::<_, String>(0))
+                .unwrap_or_default()
+        }
+    };
+    let wal_level = setting("wal_level").await;
+    if wal_level == "logical" {
+        println!("ok    wal_level = logical");
+    } else {
+        problems.push(format!(
+            "PostgreSQL wal_level is `{wal_level}`, change capture needs `logical`: run \
+             `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL"
+        ));
+    }
+    match client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(row) if row.get::<_, bool>(1) => println!("ok    role {} may replicate", row.get::<_, String>(0)),
+        Ok(row) => {
+            let role: String = row.get(0);
+            problems.push(format!("role `{role}` lacks the REPLICATION attribute: `ALTER ROLE {role} REPLICATION`"));
+        }
+        Err(error) => problems.push(format!("cannot read the role's attributes: {error}")),
+    }
+    let slots_max: i64 = setting("max_replication_slots").await.parse().unwrap_or(0);
+    let senders_max: i64 = setting("max_wal_senders").await.parse().unwrap_or(0);
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.map(|row| row.get::<_, i64>(0)).unwrap_or(0) }
+    };
+    let slots_used = count("SELECT count(*) FROM pg_replication_slots").await;
+    let senders_used = count("SELECT count(*) FROM pg_stat_replication").await;
+    let slot = client
+        .query_opt(
+            "SELECT plugin, active, active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .ok()
+        .flatten();
+    if slot.is_none() && slots_used >= slots_max {
+        problems.push(format!(
+            "max_replication_slots = {slots_max} and {slots_used} are in use: raise it (restart needed) or drop \
+             unused slots (`SELECT pg_drop_replication_slot(name)`)"
+        ));
+    }
+    if senders_used >= senders_max {
+        problems
+            .push(format!("max_wal_senders = {senders_max} and {senders_used} are in use: raise it (restart needed)"));
+    }
+    match &slot {
+        None => {
+            println!("note  slot {} does not exist yet; `weir run` creates it (after the publication)", config.slot)
+        }
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let active: bool = row.get(1);
+            let wal_status: Option<String> = row.get(3);
+            if plugin.as_deref() != Some("pgoutput") {
+                problems
+                    .push(format!("slot {} uses plugin {plugin:?}, not pgoutput; choose another `slot`", config.slot));
+            } else if wal_status.as_deref() == Some("lost") {
+                problems.push(format!(
+                    "slot {} is lost (wal_status = lost): changes were skipped; drop it and start over (docs/postgres.md)",
+                    config.slot
+                ));
+            } else if active {
+                println!(
+                    "note  slot {} is in use (PID {}); fine if that is this gateway",
+                    config.slot,
+                    row.get::<_, Option<i32>>(2).unwrap_or_default()
+                );
+            } else {
+                println!("ok    slot {} (pgoutput, {})", config.slot, wal_status.unwrap_or_default());
+            }
+        }
+    }
+    match client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&config.publication]).await {
+        Ok(Some(_)) => println!("ok    publication {} exists", config.publication),
+        Ok(None) => println!("note  publication {} does not exist yet; `weir run` creates it", config.publication),
+        Err(error) => problems.push(format!("cannot read publications: {error}")),
+    }
+    // Each captured table: it exists, and UPDATE/DELETE can be published (a key or FULL identity).
+    let tables: Vec<(String, String, i8, bool)> = match client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident, \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg_toast%'",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect(),
+        Err(error) => {
+            problems.push(format!("cannot list tables: {error}"));
+            Vec::new()
+        }
+    };
+    let wanted: Vec<(String, String)> = if config.tables.is_empty() {
+        tables.iter().map(|(s, t, _, _)| (s.clone(), t.clone())).collect()
+    } else {
+        config
+            .tables
+            .iter()
+            .map(|name| {
+                let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+                (schema.to_string(), table.to_string())
+            })
+            .collect()
+    };
+    for (schema, table) in wanted {
+        match tables.iter().find(|(s, t, _, _)| *s == schema && *t == table) {
+            None => problems.push(format!("table {schema}.{table} does not exist; create it or fix [postgres] tables")),
+            Some((_, _, identity, has_key)) => match (*identity as u8, has_key) {
+                (b'f', _) => println!("ok    table {schema}.{table} (REPLICA IDENTITY FULL: old rows in full)"),
+                (b'd', true) => println!("ok    table {schema}.{table} (primary key)"),
+                (b'i', _) => println!("ok    table {schema}.{table} (REPLICA IDENTITY USING INDEX)"),
+                (b'n', _) => problems.push(format!(
+                    "table {schema}.{table} has REPLICA IDENTITY NOTHING: UPDATE and DELETE on it will fail once it \
+                     is published; `ALTER TABLE {schema}.{table} REPLICA IDENTITY DEFAULT` (with a primary key) or FULL"
+                )),
+                _ => problems.push(format!(
+                    "table {schema}.{table} has no primary key: UPDATE and DELETE on it will fail once it is \
+                     published, and its events carry no key; add a primary key or \
+                     `ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL`"
+                )),
+            },
+        }
+    }
+    problems
+}
