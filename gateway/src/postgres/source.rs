@@ -304,7 +304,7 @@ impl PostgresSource {
                     OldKind::Key => types.key_row(&relation.columns, &row),
                 };
                 let key = values::key(&relation.columns, &row, key);
-                push(relation, "delete", key, b"{}".to_vec(), Some(old), Vec::new());
+                push(relation, "delete", key, b"null".to_vec(), Some(old), Vec::new());
             }
             Message::Truncate { relations: truncated, cascade, restart_identity } => {
                 for oid in truncated {

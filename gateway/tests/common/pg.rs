@@ -26,7 +26,8 @@ pub struct Capture {
 
 impl Capture {
     pub async fn new(test: &str, tables: &[(&str, &str)]) -> Capture {
-        let name = format!("weir_t_{test}_{}", std::process::id());
+        // A fixed name per test, so a run cleans up what a failed earlier run left behind.
+        let name = format!("weir_t_{test}");
         let capture =
             Capture { name: name.clone(), tables: tables.iter().map(|(t, _)| format!("{name}_{t}")).collect() };
         capture.cleanup().await;
