@@ -260,3 +260,76 @@ async fn weir_check_reports_server_settings_and_tables_with_fixes() {
     assert!(text.contains("does not exist yet; `weir run` creates it"), "slot and publication: {text}");
     capture.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_and_multi_row_inserts_share_one_lsn_yet_every_row_is_stored() {
+    let capture = Capture::new("copy", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client.batch_execute(&format!("COPY {table} (id) FROM PROGRAM 'seq 1 10000'")).await.unwrap();
+    client
+        .batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(10001, 12000) g"))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 12_000).await;
+    assert_eq!(messages.len(), 12_000, "{}", gateway.log());
+    let copy_lsn = messages[0].2["position"].as_str().unwrap().to_string();
+    for (index, (_, id, envelope)) in messages.iter().enumerate() {
+        let (lsn, row) = if index < 10_000 {
+            (copy_lsn.as_str(), index)
+        } else {
+            (messages[10_000].2["position"].as_str().unwrap(), index - 10_000)
+        };
+        assert_eq!(id, &format!("{}:{lsn}:{row}", capture.name));
+        assert_eq!(envelope["data"]["id"], index as i64 + 1);
+    }
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alter_table_mid_stream_uses_the_new_shape_also_after_a_restart() {
+    let capture = Capture::new("ddl", &[("a", "id bigint PRIMARY KEY, n int")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 1);
+             ALTER TABLE {table} ADD COLUMN note text;
+             INSERT INTO {table} VALUES (2, 2, 'two');
+             ALTER TABLE {table} ALTER COLUMN n TYPE numeric;
+             INSERT INTO {table} VALUES (3, 3.5, 'three');
+             ALTER TABLE {table} RENAME COLUMN note TO remark;
+             ALTER TABLE {table} DROP COLUMN n;
+             INSERT INTO {table} VALUES (4, 'four');"
+        ))
+        .await
+        .unwrap();
+    let rows: Vec<Value> = stored(&nats, 4).await.into_iter().map(|(_, _, e)| e["data"].clone()).collect();
+    assert_eq!(
+        rows,
+        vec![
+            json!({"id": 1, "n": 1}),
+            json!({"id": 2, "n": 2, "note": "two"}),
+            json!({"id": 3, "n": "3.5", "note": "three"}),
+            json!({"id": 4, "remark": "four"}),
+        ],
+        "{}",
+        gateway.log()
+    );
+    drop(gateway);
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (5, 'five')")).await.unwrap();
+    let last = stored(&nats, 5).await.pop().unwrap().2;
+    assert_eq!(last["data"], json!({"id": 5, "remark": "five"}));
+    drop(gateway);
+    capture.cleanup().await;
+}
