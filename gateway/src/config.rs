@@ -55,8 +55,7 @@ pub struct PostgresConfig {
     /// Tables to capture (`schema.table`, or `table` for `public`); empty means all tables.
     #[serde(default)]
     pub tables: Vec<String>,
-    /// On first start, emit existing rows as op `read` before streaming changes (not supported
-    /// yet: `true` is refused with an explanation).
+    /// On first start, emit existing rows as op `read` before streaming changes.
     #[serde(default)]
     pub snapshot: bool,
     /// `emit` a `truncate` event per table, or `skip` it (counted in metrics).
@@ -744,12 +743,6 @@ impl Config {
             if pg.status_interval.is_zero() || pg.status_interval > Duration::from_secs(10) {
                 problems.push(format!("{file}: [postgres] `status_interval` must be between 1ms and 10s"));
             }
-            if pg.snapshot {
-                problems.push(format!(
-                    "{file}: [postgres] snapshot = true is not supported yet: only changes made after the slot's \
-                     creation are captured; remove the key (docs/postgres.md, Status)"
-                ));
-            }
             if pg.max_batch == 0 {
                 problems.push(format!("{file}: [postgres] `max_batch` must be at least 1"));
             }
@@ -808,12 +801,11 @@ mod tests {
         assert_eq!((pg.slot.as_str(), pg.publication.as_str(), pg.max_batch), ("weir", "weir", 1000));
         assert_eq!(pg.status_interval, Duration::from_secs(1));
         let error = parse(&format!(
-            "{MINIMAL}[postgres]\nurl = \"host=/tmp\"\nslot = \"Bad-Name\"\nsnapshot = true\nstatus_interval = \"1m\"\n"
+            "{MINIMAL}[postgres]\nurl = \"host=/tmp\"\nslot = \"Bad-Name\"\nstatus_interval = \"1m\"\n"
         ))
         .unwrap_err();
         for expected in [
             "[postgres] `slot` must be 1–63 lowercase letters, digits or `_` (got \"Bad-Name\")",
-            "[postgres] snapshot = true is not supported yet",
             "[postgres] `status_interval` must be between 1ms and 10s",
             "[postgres] needs [jetstream]",
         ] {

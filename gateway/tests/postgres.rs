@@ -333,3 +333,96 @@ async fn alter_table_mid_stream_uses_the_new_shape_also_after_a_restart() {
     drop(gateway);
     capture.cleanup().await;
 }
+
+/// The table as the stored events say it is: reads, inserts and updates set a row, deletes
+/// remove it, in stream order.
+fn replay(messages: &[(String, String, Value)]) -> std::collections::BTreeMap<i64, i64> {
+    let mut rows = std::collections::BTreeMap::new();
+    for (_, _, envelope) in messages {
+        match envelope["op"].as_str() {
+            Some("delete") => {
+                rows.remove(&envelope["old"]["id"].as_i64().unwrap());
+            }
+            _ => {
+                rows.insert(envelope["data"]["id"].as_i64().unwrap(), envelope["data"]["n"].as_i64().unwrap());
+            }
+        }
+    }
+    rows
+}
+
+async fn table_rows(table: &str) -> std::collections::BTreeMap<i64, i64> {
+    let rows = connect().await.query(&format!("SELECT id, n FROM {table}"), &[]).await.unwrap();
+    rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+}
+
+/// Waits until replaying the stream gives the table's current content.
+async fn converges(nats: &Nats, table: &str, gateway: &Gateway) -> Vec<(String, String, Value)> {
+    let want = table_rows(table).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let messages = stored(&nats, 0).await;
+        if replay(&messages) == want {
+            return messages;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stream never matched the table\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_emits_existing_rows_once_then_streams_with_no_gap() {
+    let capture = Capture::new("snapshot", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 3000) g")).await.unwrap();
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, "snapshot = true\nmax_batch = 200"));
+    // Changes while the snapshot is being read.
+    for i in 0..100i64 {
+        client
+            .batch_execute(&format!(
+                "UPDATE {table} SET n = n + 1000000 WHERE id = {}; INSERT INTO {table} VALUES ({}, 0); DELETE FROM {table} WHERE id = {}",
+                i * 7 + 1,
+                100_000 + i,
+                i * 11 + 2
+            ))
+            .await
+            .unwrap();
+    }
+    let messages = converges(&nats, &table, &gateway).await;
+    let reads = messages.iter().filter(|(_, _, e)| e["op"] == "read").count();
+    assert_eq!(reads, 3000, "every existing row exactly once");
+    assert!(messages.iter().all(|(subject, _, _)| subject.starts_with(&format!("weir.public.{table}."))));
+    let ids: std::collections::HashSet<&String> = messages.iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids.len(), messages.len());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
+    let capture = Capture::new("resnapshot", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 50000) g")).await.unwrap();
+    let nats = Nats::start();
+    let config = capture.config(&nats, "snapshot = true\nmax_batch = 100");
+    let gateway = Gateway::start(&config);
+    // Kill it once some, but not all, rows are stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while nats.messages("WEIR").await.len() < 1000 {
+        assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(gateway);
+    let partial = nats.messages("WEIR").await.len();
+    assert!(partial < 50_000, "killed before the snapshot finished ({partial} rows stored)");
+    client.batch_execute(&format!("UPDATE {table} SET n = -1 WHERE id = 1")).await.unwrap();
+    let gateway = Gateway::start(&config);
+    let messages = converges(&nats, &table, &gateway).await;
+    assert!(gateway.log().contains("the snapshot did not finish last time"), "{}", gateway.log());
+    assert_eq!(replay(&messages).get(&1), Some(&-1));
+    drop(gateway);
+    capture.cleanup().await;
+}

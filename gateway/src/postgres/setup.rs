@@ -48,7 +48,7 @@ pub fn quoted_table(name: &str) -> String {
     format!("{}.{}", quote(schema), quote(table))
 }
 
-fn quote(identifier: &str) -> String {
+pub fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
@@ -60,12 +60,44 @@ fn retry(error: impl Into<anyhow::Error>) -> Failure {
     Failure::Retry(error.into())
 }
 
-/// Makes the publication and the slot ready and returns the position to stream from.
+/// Where a session starts.
+pub enum Start {
+    /// Stream from the slot's confirmed position.
+    Resume(Lsn),
+    /// Create the slot with an exported snapshot and read the tables first (`snapshot = true`,
+    /// on the first start or after a snapshot that did not finish).
+    Snapshot,
+}
+
+/// The record, in stream [`SLOT_BUCKET`], that this gateway created or adopted the slot.
+pub struct SlotMarker {
+    jetstream: async_nats::jetstream::Context,
+    key: String,
+}
+
+impl SlotMarker {
+    /// Records the slot: `how` it came to be used, from which position, and the state of its
+    /// snapshot (`none`, `pending` or `done`).
+    pub async fn write(&self, at: &Lsn, how: &str, snapshot: &str) -> Result<(), Failure> {
+        let value = serde_json::json!({
+            "how": how, "at": at.to_string(), "snapshot": snapshot, "time": crate::http::now_rfc3339()
+        });
+        let failed = |e: String| retry(anyhow::anyhow!("cannot write {} to stream {SLOT_BUCKET}: {e}", self.key));
+        let ack = self
+            .jetstream
+            .publish(self.key.clone(), value.to_string().into())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        ack.await.map(|_| ()).map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// Makes the publication and the slot ready and says where to start.
 pub async fn prepare(
     config: &PostgresConfig,
     client: &tokio_postgres::Client,
     sink: &crate::sink::Sink,
-) -> Result<Lsn, Failure> {
+) -> Result<(Start, SlotMarker), Failure> {
     ensure_publication(config, client).await?;
     let system: String =
         client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.map_err(retry)?.get(0);
@@ -110,7 +142,21 @@ pub async fn prepare(
             other => break other,
         }
     };
+    let record = SlotMarker { jetstream: jetstream.clone(), key: marker_key.clone() };
+    let snapshot_pending = marker
+        .as_ref()
+        .is_some_and(|m| serde_json::from_slice::<serde_json::Value>(m).is_ok_and(|v| v["snapshot"] == "pending"));
     let start = match slot {
+        // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
+        // so a new slot and a new snapshot lose nothing.
+        Some(row) if snapshot_pending && !row.get::<_, bool>(2) => {
+            tracing::warn!(slot = %config.slot, "the snapshot did not finish last time; starting it again with a new slot");
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
+                .await
+                .map_err(|e| retry(anyhow::anyhow!("cannot drop the unfinished snapshot's slot: {e}")))?;
+            Start::Snapshot
+        }
         Some(row) => {
             let plugin: Option<String> = row.get(0);
             let database: Option<String> = row.get(1);
@@ -152,9 +198,9 @@ pub async fn prepare(
                 .and_then(|text| Lsn::parse(text).ok())
                 .ok_or_else(|| fatal(format!("replication slot `{}` has no confirmed position", config.slot)))?;
             if marker.is_none() {
-                remember(jetstream, &marker_key, &confirmed, "adopted").await?;
+                record.write(&confirmed, "adopted", "none").await?;
             }
-            confirmed
+            Start::Resume(confirmed)
         }
         None => {
             if let Some(marker) = marker {
@@ -167,6 +213,9 @@ pub async fn prepare(
                     String::from_utf8_lossy(&marker)
                 )));
             }
+            if config.snapshot {
+                return Ok((Start::Snapshot, record));
+            }
             let created: String = client
                 .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
                 .await
@@ -174,18 +223,11 @@ pub async fn prepare(
                 .get(0);
             let created = Lsn::parse(&created).map_err(|e| fatal(format!("slot position {created:?}: {e}")))?;
             tracing::info!(slot = %config.slot, at = %created, "created replication slot");
-            remember(jetstream, &marker_key, &created, "created").await?;
-            created
+            record.write(&created, "created", "none").await?;
+            Start::Resume(created)
         }
     };
-    Ok(start)
-}
-
-async fn remember(jetstream: &async_nats::jetstream::Context, key: &str, at: &Lsn, how: &str) -> Result<(), Failure> {
-    let value = serde_json::json!({"how": how, "at": at.to_string(), "time": crate::http::now_rfc3339()});
-    let failed = |e: String| retry(anyhow::anyhow!("cannot write {key} to stream {SLOT_BUCKET}: {e}"));
-    let ack = jetstream.publish(key.to_string(), value.to_string().into()).await.map_err(|e| failed(e.to_string()))?;
-    ack.await.map(|_| ()).map_err(|e| failed(e.to_string()))
+    Ok((start, record))
 }
 
 async fn ensure_publication(config: &PostgresConfig, client: &tokio_postgres::Client) -> Result<(), Failure> {

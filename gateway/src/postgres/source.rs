@@ -135,8 +135,12 @@ impl PostgresSource {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let control = super::setup::connect_control(&self.config).await.map_err(retry)?;
-        let start = super::setup::prepare(&self.config, &control, &self.sink).await?;
+        let (start, marker) = super::setup::prepare(&self.config, &control, &self.sink).await?;
         let mut types = super::setup::load_types(&control).await.map_err(retry)?;
+        let start = match start {
+            super::setup::Start::Resume(lsn) => lsn,
+            super::setup::Start::Snapshot => self.snapshot(&control, &types, &marker, shutdown).await?,
+        };
         let replication = connection::replication_config(&self.config).map_err(Failure::Fatal)?;
         let replication = replication
             .with_start_lsn(start)
@@ -413,6 +417,135 @@ impl PostgresSource {
             self.status.paused.store(false, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Creates the slot with an exported snapshot and emits every row of the published tables as
+    /// it was at the slot's start (op `read`), so streaming from the slot continues with no gap
+    /// and no double. Reads through a cursor, `max_batch` rows at a time. Returns the slot's
+    /// start. If this does not finish, the marker stays `pending` and the next start drops the
+    /// slot and snapshots again (rows already stored are stored again, under new ids).
+    async fn snapshot(
+        &self,
+        control: &tokio_postgres::Client,
+        types: &Types,
+        marker: &super::setup::SlotMarker,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Lsn, Failure> {
+        use super::setup::quote;
+        let replication = connection::replication_config(&self.config).map_err(Failure::Fatal)?;
+        let mut exporter = ReplicationClient::connect_gated(replication).await.map_err(retry)?;
+        let created = exporter
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote(&self.config.slot)
+            ))
+            .await
+            .map_err(|e| retry(anyhow::anyhow!("cannot create replication slot `{}`: {e}", self.config.slot)))?;
+        let field = |index: usize| {
+            created
+                .first()
+                .and_then(|row| row.get(index))
+                .and_then(|value| value.as_ref())
+                .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+                .ok_or_else(|| {
+                    Failure::Fatal(anyhow::anyhow!("CREATE_REPLICATION_SLOT answered without field {index}"))
+                })
+        };
+        let start = Lsn::parse(&field(1)?).map_err(|e| Failure::Fatal(anyhow::anyhow!("slot position: {e}")))?;
+        let snapshot_name = field(2)?;
+        marker.write(&start, "created", "pending").await?;
+        tracing::info!(slot = %self.config.slot, at = %start, "created replication slot; reading the tables' existing rows");
+
+        // The exported snapshot lives as long as the exporting session stays idle.
+        let reader = super::setup::connect_control(&self.config).await.map_err(retry)?;
+        reader
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot_name.replace('\'', "''")
+            ))
+            .await
+            .map_err(|e| retry(anyhow::anyhow!("cannot use the exported snapshot: {e}")))?;
+        let tables = reader
+            .query(
+                "SELECT c.oid, p.schemaname::text, p.tablename::text FROM pg_publication_tables p \
+                 JOIN pg_namespace n ON n.nspname = p.schemaname \
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+                 WHERE p.pubname = $1 ORDER BY 2, 3",
+                &[&self.config.publication],
+            )
+            .await
+            .map_err(retry)?;
+        let time = crate::http::now_rfc3339();
+        let mut index = 0u64;
+        for table in &tables {
+            let (oid, schema, name): (u32, String, String) = (table.get(0), table.get(1), table.get(2));
+            let columns: Vec<pgoutput::Column> = reader
+                .query(
+                    "SELECT attname::text, atttypid FROM pg_attribute \
+                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &[&oid],
+                )
+                .await
+                .map_err(retry)?
+                .iter()
+                .map(|row| pgoutput::Column { name: row.get(0), type_oid: row.get(1), key: false })
+                .collect();
+            let key_columns = super::setup::primary_key(control, oid).await.map_err(retry)?;
+            let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+            reader
+                .batch_execute(&format!(
+                    "DECLARE weir_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
+                    list.join(", "),
+                    quote(&schema),
+                    quote(&name)
+                ))
+                .await
+                .map_err(retry)?;
+            loop {
+                let fetched = reader
+                    .simple_query(&format!("FETCH {} FROM weir_snapshot", self.config.max_batch))
+                    .await
+                    .map_err(retry)?;
+                let mut events = Vec::new();
+                for message in fetched {
+                    let tokio_postgres::SimpleQueryMessage::Row(row) = message else { continue };
+                    let values: Vec<pgoutput::Value> = (0..columns.len())
+                        .map(|i| match row.get(i) {
+                            Some(text) => pgoutput::Value::Text(bytes::Bytes::copy_from_slice(text.as_bytes())),
+                            None => pgoutput::Value::Null,
+                        })
+                        .collect();
+                    let (data, _) = types.row(&columns, &values, None);
+                    self.metrics.postgres_change(&schema, &name, "read");
+                    events.push(Event {
+                        id: format!("{}:{start}:snapshot:{index}", self.config.slot),
+                        source: "postgres".into(),
+                        entity: format!("{schema}.{name}"),
+                        op: "read".into(),
+                        key: values::key(&columns, &values, &key_columns),
+                        time: time.clone(),
+                        subject: String::new(),
+                        headers: Vec::new(),
+                        data,
+                        old: None,
+                        position: Some(start.to_string()),
+                    });
+                    index += 1;
+                }
+                if events.is_empty() {
+                    break;
+                }
+                self.store(events, shutdown).await?;
+            }
+            reader.batch_execute("CLOSE weir_snapshot").await.map_err(retry)?;
+            tracing::info!(table = %format!("{schema}.{name}"), "snapshot of table stored");
+        }
+        reader.batch_execute("COMMIT").await.map_err(retry)?;
+        // A gated session that never started streaming does not answer a graceful stop.
+        exporter.abort();
+        marker.write(&start, "created", "done").await?;
+        tracing::info!(slot = %self.config.slot, rows = index, "snapshot done; streaming changes");
+        Ok(start)
     }
 
     /// Publishes until JetStream stores `messages` (pausing and retrying while it is unreachable):
