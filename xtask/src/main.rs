@@ -9,7 +9,8 @@
 //!   PostgreSQL change capture end to end).
 //! - `quickstart`: start a local JetStream `nats-server` when none answers on 127.0.0.1:4222
 //!   (installing it if missing), build plugins and `weir`, run the quick-start config.
-//! - `bench`: `plugins`, then the runtime benchmarks (criterion), printing a table.
+//! - `bench`: the same set-up as `test`, then the benchmarks (plugin runtime, HTTP, PostgreSQL
+//!   change capture), each printing a table.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -260,8 +261,11 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     let mut bench = cargo();
-    bench.args(["bench", "-p", "weir", "--bench", "runtime", "--bench", "http", "--"]).args(extra).current_dir(root());
-    run(bench, "cargo bench -p weir --bench runtime --bench http")
+    bench
+        .args(["bench", "-p", "weir", "--bench", "runtime", "--bench", "http", "--bench", "postgres", "--"])
+        .args(extra)
+        .current_dir(root());
+    run(bench, "cargo bench -p weir --bench runtime --bench http --bench postgres")
 }
 
 fn nats_reachable() -> bool {

@@ -1,0 +1,252 @@
+//! PostgreSQL change capture: catch-up rate over a backlog, beside the two limits, and latency.
+//!
+//! `cargo xtask bench` (or `cargo bench -p weir --bench postgres`) needs the machine's
+//! PostgreSQL with `wal_level = logical` (as `cargo xtask test` sets up). It prints a table:
+//!
+//! - catch-up: rows written while the gateway was stopped (so PostgreSQL's own write speed is not
+//!   measured), read from the slot and stored in JetStream, for single-row and 100-row
+//!   transactions; beside `pg_recvlogical` reading the same backlog to /dev/null (the server's
+//!   decoding limit) and a bare pipelined async-nats publish of as many messages of the same
+//!   size (the sink's limit), in the same run;
+//! - a 1M-row transaction: rate and the gateway's peak memory (VmHWM);
+//! - commit → stored latency (p50/p99) at a steady 2k rows/s.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::pg::{Capture, connect, wait_ready};
+use common::services::{Gateway, Nats};
+use std::future::IntoFuture;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BACKLOG: i64 = 100_000;
+
+async fn stream_count(nats: &Nats) -> u64 {
+    let js = async_nats::jetstream::new(nats.client().await);
+    match js.get_stream("WEIR").await {
+        Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Seconds from the gateway's start until the stream holds `target` messages.
+async fn catch_up(nats: &Nats, config: &str, target: u64) -> (f64, Gateway) {
+    let started = Instant::now();
+    let gateway = Gateway::start(config);
+    while stream_count(nats).await < target {
+        assert!(started.elapsed() < Duration::from_secs(600), "catch-up stalled\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (started.elapsed().as_secs_f64(), gateway)
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// `pg_recvlogical` reading from a second slot created at the same point as weir's, up to the
+/// current WAL end; rows per second over `rows`.
+async fn recvlogical(slot: &str, publication: &str, end_lsn: &str, rows: i64) -> f64 {
+    let started = Instant::now();
+    let status = Command::new("pg_recvlogical")
+        .args(["-h", "/var/run/postgresql", "-d", "test", "--slot", slot, "--start", "--endpos", end_lsn])
+        .args(["-o", "proto_version=1", "-o", &format!("publication_names={publication}"), "-f", "/dev/null"])
+        .status()
+        .expect("pg_recvlogical runs");
+    assert!(status.success());
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A bare pipelined JetStream publish of `count` messages of `size` bytes (ack window 1024).
+async fn bare_publish(nats: &Nats, count: i64, size: usize) -> f64 {
+    let context = async_nats::jetstream::ContextBuilder::new()
+        .max_ack_inflight(1024)
+        .backpressure_on_inflight(true)
+        .build(nats.client().await);
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("bare-{i}").as_str());
+        acks.push(context.publish_with_headers("bare.x", headers, payload.clone()).await.unwrap().into_future());
+        while acks.len() >= 1024 {
+            use futures::StreamExt;
+            acks.next().await.unwrap().unwrap();
+        }
+    }
+    use futures::StreamExt;
+    while let Some(ack) = acks.next().await {
+        ack.unwrap();
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+fn bench_config(capture: &Capture, nats: &Nats) -> String {
+    capture.config(nats, "").replace("subjects = [\"weir.>\"]", "subjects = [\"weir.>\", \"bare.>\"]")
+}
+
+/// Writes `BACKLOG` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's
+/// write speed is not what is measured).
+async fn write_backlog(table: &str, per_txn: i64) {
+    let client = connect().await;
+    // Separate statements: a DO block may COMMIT only outside an implicit transaction.
+    client.batch_execute("SET synchronous_commit = off").await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR t IN 0..{txns} - 1 LOOP
+               INSERT INTO {table} SELECT g, g, 'order ' || g, now()
+                 FROM generate_series(t * {per_txn} + 1, (t + 1) * {per_txn}) g;
+               COMMIT;
+             END LOOP; END $$;",
+            txns = BACKLOG / per_txn
+        ))
+        .await
+        .unwrap();
+}
+
+async fn current_lsn() -> String {
+    connect().await.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0)
+}
+
+struct Row {
+    path: String,
+    rows_per_second: f64,
+    note: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let columns = "id bigint PRIMARY KEY, n bigint, note text, at timestamptz";
+    let mut table = Vec::new();
+    for per_txn in [1i64, 100] {
+        let capture = Capture::new(&format!("bench{per_txn}"), &[("a", columns)]).await;
+        let name = capture.table("a");
+        let nats = Nats::start();
+        let config = bench_config(&capture, &nats);
+        // First start creates publication and slot; then stop and write the backlog.
+        let gateway = Gateway::start(&config);
+        wait_ready(&gateway).await;
+        drop(gateway);
+        let recv_slot = format!("{}_recv", capture.name);
+        let client = connect().await;
+        let drop_leftover = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+        client.execute(drop_leftover, &[&recv_slot]).await.unwrap();
+        client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&recv_slot]).await.unwrap();
+        write_backlog(&name, per_txn).await;
+        let end = current_lsn().await;
+        let baseline = recvlogical(&recv_slot, &capture.name, &end, BACKLOG).await;
+        client.execute("SELECT pg_drop_replication_slot($1)", &[&recv_slot]).await.unwrap();
+        let (seconds, gateway) = catch_up(&nats, &config, BACKLOG as u64).await;
+        let weir = BACKLOG as f64 / seconds;
+        let size = nats.messages("WEIR").await.first().map_or(300, |m| m.payload.len());
+        drop(gateway);
+        let bare = bare_publish(&nats, BACKLOG, size).await;
+        let limit = baseline.min(bare);
+        table.push(Row {
+            path: format!("pg_recvlogical → /dev/null, {per_txn}-row txns"),
+            rows_per_second: baseline,
+            note: "server decode limit".into(),
+        });
+        table.push(Row {
+            path: format!("bare async-nats publish, {size} B messages"),
+            rows_per_second: bare,
+            note: "sink limit".into(),
+        });
+        table.push(Row {
+            path: format!("weir slot → JetStream, {per_txn}-row txns"),
+            rows_per_second: weir,
+            note: format!("{:.2}× the lower limit (includes start-up)", weir / limit),
+        });
+        capture.cleanup().await;
+    }
+
+    // One transaction of a million rows: rate and the gateway's peak memory.
+    let capture = Capture::new("bench_big", &[("a", columns)]).await;
+    let nats = Nats::start();
+    let config = bench_config(&capture, &nats);
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    drop(gateway);
+    connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {} SELECT g, g, 'order ' || g, now() FROM generate_series(1, 1000000) g",
+            capture.table("a")
+        ))
+        .await
+        .unwrap();
+    let (seconds, gateway) = catch_up(&nats, &config, 1_000_000).await;
+    let rss = peak_rss_mib(gateway.pid());
+    table.push(Row {
+        path: "weir slot → JetStream, one 1M-row txn".into(),
+        rows_per_second: 1_000_000.0 / seconds,
+        note: format!("gateway peak RSS {rss:.0} MiB"),
+    });
+    drop(gateway);
+    capture.cleanup().await;
+
+    // Commit → stored latency at a steady 2k rows/s: 10-row transactions every 5 ms, each row
+    // carrying its commit time; a subscriber sees each message as the server stores it.
+    let capture = Capture::new("bench_latency", &[("a", columns)]).await;
+    let nats = Nats::start();
+    let gateway = Gateway::start(&bench_config(&capture, &nats));
+    wait_ready(&gateway).await;
+    let mut subscriber = nats.client().await.subscribe(format!("weir.public.{}.>", capture.table("a"))).await.unwrap();
+    let name = capture.table("a");
+    let writer = tokio::spawn(async move {
+        let client = connect().await;
+        let mut next = Instant::now();
+        for t in 0..1000i64 {
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO {name} SELECT g, g, '', now() FROM generate_series({} , {}) g",
+                    t * 10 + 1,
+                    t * 10 + 10
+                ))
+                .await
+                .unwrap();
+            next += Duration::from_millis(5);
+            tokio::time::sleep_until(next.into()).await;
+        }
+    });
+    let mut latencies = Vec::new();
+    use futures::StreamExt;
+    while latencies.len() < 10_000 {
+        let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(30), subscriber.next()).await else { break };
+        let received = std::time::SystemTime::now();
+        let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let committed = humantime::parse_rfc3339(envelope["time"].as_str().unwrap()).unwrap();
+        latencies.push(received.duration_since(committed).unwrap_or_default().as_secs_f64() * 1000.0);
+    }
+    writer.await.unwrap();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    drop(gateway);
+    capture.cleanup().await;
+
+    println!("backlog: {BACKLOG} rows (id, n, note, timestamptz); default max_batch and linger\n");
+    println!("| path | rows/s | note |");
+    println!("|---|---:|---|");
+    for row in &table {
+        println!("| {} | {:.0} | {} |", row.path, row.rows_per_second, row.note);
+    }
+    println!(
+        "\ncommit → stored latency at 2k rows/s (10-row txns every 5 ms, {} rows): p50 {:.1} ms, p99 {:.1} ms",
+        latencies.len(),
+        at(0.5),
+        at(0.99)
+    );
+}
