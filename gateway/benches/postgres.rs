@@ -95,7 +95,8 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize) -> f64 {
 }
 
 fn bench_config(capture: &Capture, nats: &Nats) -> String {
-    capture.config(nats, "").replace("subjects = [\"weir.>\"]", "subjects = [\"weir.>\", \"bare.>\"]")
+    let extra = std::env::var("WEIR_BENCH_PG_EXTRA").unwrap_or_default().replace("\\n", "\n");
+    capture.config(nats, &extra).replace("subjects = [\"weir.>\"]", "subjects = [\"weir.>\", \"bare.>\"]")
 }
 
 /// Writes `BACKLOG` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's

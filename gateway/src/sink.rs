@@ -208,15 +208,30 @@ impl Sink {
         }
         match &self.jetstream {
             Some((context, _)) => {
-                let mut pending = Vec::with_capacity(messages.len());
-                for message in messages {
-                    pending.push(self.send(context, message).await?);
-                }
-                let acks = futures::future::join_all(
-                    pending.into_iter().zip(messages).map(|(ack, message)| self.await_ack(context, message, ack)),
-                )
-                .await;
-                acks.into_iter().collect()
+                // Sending and awaiting PubAcks run side by side: each pending ack holds one of the
+                // context's `max_in_flight` permits until it is awaited, so sending everything
+                // first would stall (and, across concurrent callers, deadlock) once a call has
+                // more messages than the window.
+                let (sent, mut to_await) = tokio::sync::mpsc::unbounded_channel();
+                let send_all = async move {
+                    for message in messages {
+                        let outcome = self.send(context, message).await;
+                        let failed = outcome.is_err();
+                        if sent.send(outcome.map(|ack| (message, ack))).is_err() || failed {
+                            break;
+                        }
+                    }
+                };
+                let await_all = async {
+                    let mut stored = Vec::with_capacity(messages.len());
+                    while let Some(outcome) = to_await.recv().await {
+                        let (message, ack) = outcome?;
+                        stored.push(self.await_ack(context, message, ack).await?);
+                    }
+                    Ok(stored)
+                };
+                let ((), stored) = futures::join!(send_all, await_all);
+                stored
             }
             None => {
                 for message in messages {

@@ -884,3 +884,27 @@ async fn nats_user_and_password_auth() {
     let wrong = with_user.replace("password = \"weir-password-123\"", "password = \"nope\"");
     assert!(Gateway::try_start(&wrong).is_err(), "a wrong password stops the start");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_larger_than_the_ack_window_are_stored_concurrently() {
+    let nats = Nats::start();
+    // An ack window far smaller than one batch, and several batches at once.
+    let gateway =
+        Gateway::start(&config(&nats, "").replace("ack_timeout = \"1s\"", "ack_timeout = \"1s\"\nmax_in_flight = 8"));
+    let mut tasks = Vec::new();
+    for batch in 0..4 {
+        let url = gateway.url("/v1/batch");
+        tasks.push(tokio::spawn(async move {
+            let lines: String = (0..200)
+                .map(|n| format!("{{\"entity\":\"accounts\",\"id\":\"b{batch}-{n}\",\"data\":{{}}}}\n"))
+                .collect();
+            let response =
+                client().post(url).header("content-type", "application/x-ndjson").body(lines).send().await.unwrap();
+            response.status().as_u16()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 202);
+    }
+    assert_eq!(nats.messages("WEIR").await.len(), 800);
+}
