@@ -442,7 +442,7 @@ mod defaults {
     }
 
     pub fn max_batch() -> usize {
-        1000
+        5000
     }
 
     pub fn linger() -> Duration {
@@ -798,7 +798,7 @@ mod tests {
         ))
         .unwrap();
         let pg = config.postgres.unwrap();
-        assert_eq!((pg.slot.as_str(), pg.publication.as_str(), pg.max_batch), ("weir", "weir", 1000));
+        assert_eq!((pg.slot.as_str(), pg.publication.as_str(), pg.max_batch), ("weir", "weir", 5000));
         assert_eq!(pg.status_interval, Duration::from_secs(1));
         let error = parse(&format!(
             "{MINIMAL}[postgres]\nurl = \"host=/tmp\"\nslot = \"Bad-Name\"\nstatus_interval = \"1m\"\n"
