@@ -72,9 +72,6 @@ pub async fn report_metrics(config: PostgresConfig, metrics: Arc<Metrics>, statu
     }
 }
 
-/// A batch being stored, and the commit to confirm once it is.
-type Storing<'a> = (std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'a>>, Option<Lsn>);
-
 /// The transaction being read.
 struct Transaction {
     commit_lsn: Lsn,
@@ -158,40 +155,25 @@ impl PostgresSource {
         let mut relations: HashMap<u32, (Relation, Vec<String>)> = HashMap::new();
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
-        // The batch being stored while the next one is read: reading, decoding and encoding
-        // overlap with the previous batch's publish. Sends stay in order, since a batch is sent
-        // only after the one before it is stored.
-        let mut storing: Option<Storing<'_>> = None;
         loop {
-            let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.changed() => None,
-                stored = async {
-                    match storing.as_mut() {
-                        Some((future, _)) => future.as_mut().await,
-                        None => std::future::pending().await,
+            let next = match batch.started {
+                Some(started) => {
+                    let deadline = tokio::time::Instant::from_std(started + self.config.linger);
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => None,
+                        event = stream.recv() => Some(event),
+                        _ = tokio::time::sleep_until(deadline) => {
+                            self.flush(&mut batch, &stream, shutdown).await?;
+                            continue;
+                        }
                     }
-                } => {
-                    stored?;
-                    if let Some((_, Some(commit))) = storing.take() {
-                        self.confirm(&stream, commit);
-                    }
-                    if batch.events.is_empty() && transaction.is_none() && let Some(commit) = batch.commit.take() {
-                        self.confirm(&stream, commit);
-                    }
-                    continue;
                 }
-                event = stream.recv() => Some(event),
-                _ = async {
-                    match linger {
-                        Some(deadline) => tokio::time::sleep_until(deadline).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    self.flush(&mut batch, &stream, &mut storing, shutdown).await?;
-                    continue;
-                }
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => None,
+                    event = stream.recv() => Some(event),
+                },
             };
             let Some(event) = next else {
                 // Shutting down: nothing half-read is confirmed; the slot replays it next time.
@@ -211,7 +193,7 @@ impl PostgresSource {
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     transaction = None;
                     batch.commit = Some(end_lsn);
-                    if batch.events.is_empty() && storing.is_none() {
+                    if batch.events.is_empty() {
                         // Nothing to store (all filtered by the publication): confirm now.
                         self.confirm(&stream, end_lsn);
                         batch.commit = None;
@@ -221,7 +203,7 @@ impl PostgresSource {
                     let message = pgoutput::decode(data).map_err(|e| Failure::Fatal(e.into()))?;
                     self.apply(message, &control, &mut types, &mut relations, transaction.as_mut(), &mut batch).await?;
                     if batch.events.len() >= self.config.max_batch {
-                        self.flush(&mut batch, &stream, &mut storing, shutdown).await?;
+                        self.flush(&mut batch, &stream, shutdown).await?;
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
@@ -232,8 +214,7 @@ impl PostgresSource {
                     self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
                     // Caught up with nothing in flight: confirm the server's position, so a quiet
                     // publication on a busy database does not pin WAL.
-                    if transaction.is_none() && batch.events.is_empty() && storing.is_none() {
-                        batch.commit = None;
+                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() {
                         self.confirm(&stream, wal_end);
                     }
                 }
@@ -345,27 +326,20 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Starts storing the batch through the routes (retrying until JetStream has stored it),
-    /// after the previous batch is stored and its commit confirmed; the batch's own commit is
-    /// confirmed once it is stored.
-    async fn flush<'a>(
-        &'a self,
+    /// Publishes the batch through the routes, retrying until JetStream has stored it (reading
+    /// pauses meanwhile), then confirms the newest commit it completes.
+    async fn flush(
+        &self,
         batch: &mut Batch,
         stream: &ReplicationClient,
-        storing: &mut Option<Storing<'a>>,
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Failure> {
-        if let Some((previous, commit)) = storing.take() {
-            previous.await?;
-            if let Some(commit) = commit {
-                self.confirm(stream, commit);
-            }
-        }
         let events = std::mem::take(&mut batch.events);
         batch.started = None;
-        let commit = batch.commit.take();
-        let mut stop = shutdown.clone();
-        *storing = Some((Box::pin(async move { self.store(events, &mut stop).await }), commit));
+        self.store(events, shutdown).await?;
+        if let Some(commit) = batch.commit.take() {
+            self.confirm(stream, commit);
+        }
         Ok(())
     }
 
