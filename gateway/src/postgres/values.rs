@@ -91,9 +91,9 @@ impl Types {
                 // PostgreSQL writes finite floats in a form JSON accepts ("1e+20", "-0.5").
                 out.extend_from_slice(text.as_bytes());
             }
-            Kind::Json if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-                out.extend_from_slice(text.as_bytes());
-            }
+            // PostgreSQL validated it on input; the envelope checks the whole row once more (and
+            // falls back to base64 rather than emit broken JSON), so it is not parsed here too.
+            Kind::Json => out.extend_from_slice(text.as_bytes()),
             Kind::TimestampTz | Kind::Timestamp => write_string(out, &rfc3339(text)),
             Kind::Bytea => match text.strip_prefix("\\x").and_then(|hex_digits| hex::decode(hex_digits).ok()) {
                 Some(bytes) => write_string(out, &base64::engine::general_purpose::STANDARD.encode(bytes)),
@@ -184,11 +184,30 @@ impl Types {
     /// returned, so they are never mistaken for NULL; `fill` (the old row under REPLICA
     /// IDENTITY FULL) supplies them when it has them.
     pub fn row(&self, columns: &[Column], values: &[Value], fill: Option<&[Value]>) -> (Vec<u8>, Vec<String>) {
+        self.write_row(columns, values, fill, |_| true)
+    }
+
+    /// The replica identity columns of a key-only old row, as a JSON object (the other columns
+    /// are not sent; they are not NULL).
+    pub fn key_row(&self, columns: &[Column], values: &[Value]) -> Vec<u8> {
+        self.write_row(columns, values, None, |column| column.key).0
+    }
+
+    fn write_row(
+        &self,
+        columns: &[Column],
+        values: &[Value],
+        fill: Option<&[Value]>,
+        include: impl Fn(&Column) -> bool,
+    ) -> (Vec<u8>, Vec<String>) {
         let mut out = Vec::with_capacity(64 + values.len() * 16);
         let mut unchanged = Vec::new();
         out.push(b'{');
         let mut first = true;
         for (index, (column, value)) in columns.iter().zip(values).enumerate() {
+            if !include(column) {
+                continue;
+            }
             let value = match (value, fill.and_then(|old| old.get(index))) {
                 (Value::UnchangedToast, Some(old @ Value::Text(_))) => old,
                 (value, _) => value,
@@ -213,19 +232,6 @@ impl Types {
         }
         out.push(b'}');
         (out, unchanged)
-    }
-
-    /// The replica identity columns of a key-only old row, as a JSON object (the other columns
-    /// are not sent; they are not NULL).
-    pub fn key_row(&self, columns: &[Column], values: &[Value]) -> Vec<u8> {
-        let keys: Vec<(Column, Value)> = columns
-            .iter()
-            .zip(values)
-            .filter(|(column, _)| column.key)
-            .map(|(column, value)| (column.clone(), value.clone()))
-            .collect();
-        let (columns, values): (Vec<Column>, Vec<Value>) = keys.into_iter().unzip();
-        self.row(&columns, &values, None).0
     }
 }
 
