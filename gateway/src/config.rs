@@ -217,13 +217,21 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[plugins]`: `dir` plus one `[plugins.<name>]` table per plugin.
-#[derive(Debug, Default)]
+/// `[plugins]`: `dir`, `watch`, plus one `[plugins.<name>]` table per plugin.
+#[derive(Debug)]
 pub struct PluginsConfig {
     /// Directory plugin files are loaded from (`<dir>/<name>.wasm`).
     pub dir: Option<PathBuf>,
+    /// How often plugin files are checked for changes; zero turns hot reload off.
+    pub watch: Duration,
     /// Per-plugin settings, by name.
     pub entries: BTreeMap<String, PluginConfig>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig { dir: None, watch: Duration::from_secs(1), entries: BTreeMap::new() }
+    }
 }
 
 impl<'de> Deserialize<'de> for PluginsConfig {
@@ -232,7 +240,7 @@ impl<'de> Deserialize<'de> for PluginsConfig {
         impl<'de> de::Visitor<'de> for Visitor {
             type Value = PluginsConfig;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("`dir` and `[plugins.<name>]` tables")
+                f.write_str("`dir`, `watch` and `[plugins.<name>]` tables")
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<PluginsConfig, A::Error> {
                 // Field by field, so errors inside a plugin's table keep their position.
@@ -240,6 +248,9 @@ impl<'de> Deserialize<'de> for PluginsConfig {
                 while let Some(key) = map.next_key::<String>()? {
                     if key == "dir" {
                         plugins.dir = Some(map.next_value()?);
+                    } else if key == "watch" {
+                        let text: String = map.next_value()?;
+                        plugins.watch = parse_duration(&text).map_err(de::Error::custom)?;
                     } else {
                         if !valid_name(&key) {
                             return Err(de::Error::custom(format!(

@@ -136,6 +136,16 @@ fn sink_error(error: SinkError) -> ApiError {
     }
 }
 
+fn plugin_unavailable(plugin: &str) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "plugin_unavailable",
+        format!("plugin `{plugin}` is not loaded (its file was removed); nothing was stored, retry once it is back"),
+    );
+    error.extra = Some(json!({"plugin": plugin}));
+    error
+}
+
 /// The HTTP app.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -152,11 +162,14 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let connected = state.sink.connected();
     let draining = state.draining.load(Ordering::Relaxed);
     let replicating = state.postgres.as_ref().map(|status| status.connected.load(Ordering::Relaxed));
-    let mut body = json!({"nats": connected, "plugins": true, "draining": draining});
+    let plugins = state.pipeline.plugins();
+    let plugins_loaded = plugins.unloaded().is_empty();
+    let mut body =
+        json!({"nats": connected, "plugins": plugins_loaded, "draining": draining, "plugin_status": plugins.status()});
     if let Some(replicating) = replicating {
         body["postgres"] = json!(replicating);
     }
-    let ready = connected && !draining && replicating != Some(false);
+    let ready = connected && plugins_loaded && !draining && replicating != Some(false);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
@@ -410,7 +423,15 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     for (route, items) in routed {
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
         let started = Instant::now();
-        let dispositions = state.pipeline.process(route, batch).await;
+        let dispositions = match state.pipeline.process(route, batch).await {
+            Ok(dispositions) => dispositions,
+            Err(unavailable) => {
+                for position in positions {
+                    answers[position] = Some(Err(plugin_unavailable(&unavailable.plugin)));
+                }
+                continue;
+            }
+        };
         state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
         let route_name = state.pipeline.route(route).name.clone();
         let on_error = state.pipeline.route(route).on_error;

@@ -28,6 +28,8 @@ pub struct Metrics {
     chain_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     publish_seconds: Histogram,
     nats_connected: Gauge,
+    plugin_reloads: Family<Labels, Counter>,
+    plugin_loaded: Family<Labels, Gauge>,
     pg_changes: Family<Labels, Counter>,
     pg_truncates_skipped: Family<Labels, Counter>,
     pg_connected: Gauge,
@@ -57,6 +59,8 @@ impl Metrics {
             chain_seconds: Family::new_with_constructor(seconds_histogram),
             publish_seconds: seconds_histogram(),
             nats_connected: Gauge::default(),
+            plugin_reloads: Family::default(),
+            plugin_loaded: Family::default(),
             pg_changes: Family::default(),
             pg_truncates_skipped: Family::default(),
             pg_connected: Gauge::default(),
@@ -95,6 +99,16 @@ impl Metrics {
             metrics.publish_seconds.clone(),
         );
         registry.register("nats_connected", "1 while connected to NATS", metrics.nats_connected.clone());
+        registry.register(
+            "plugin_reloads",
+            "Plugin file changes seen while running, by plugin and result (loaded, refused, removed)",
+            metrics.plugin_reloads.clone(),
+        );
+        registry.register(
+            "plugin_loaded",
+            "1 while a version of the plugin is serving, by plugin",
+            metrics.plugin_loaded.clone(),
+        );
         registry.register(
             "postgres_changes",
             "Row changes read from the replication slot, by schema, table and op",
@@ -166,6 +180,15 @@ impl Metrics {
     /// NATS connection state.
     pub fn set_nats_connected(&self, connected: bool) {
         self.nats_connected.set(i64::from(connected));
+    }
+
+    /// A plugin file changed and was handled with `result`.
+    pub fn plugin_reload(&self, plugin: &str, result: &str) {
+        self.plugin_reloads.get_or_create(&vec![("plugin", plugin.to_string()), ("result", result.to_string())]).inc();
+    }
+    /// Whether a version of `plugin` is serving.
+    pub fn set_plugin_loaded(&self, plugin: &str, loaded: bool) {
+        self.plugin_loaded.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(loaded));
     }
 
     /// A row change was read from the slot.

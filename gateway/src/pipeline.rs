@@ -3,8 +3,7 @@
 
 use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind, WebhookConfig};
 use crate::event::Event;
-use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError};
-use std::collections::HashMap;
+use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError, PluginSet, PluginSlot};
 use std::sync::Arc;
 
 /// A parsed subject template such as `shop.{entity}.{op}`.
@@ -110,7 +109,7 @@ pub struct Route {
     source: Option<SourceKind>,
     entity: Option<String>,
     ops: Vec<String>,
-    chain: Vec<Arc<Plugin>>,
+    chain: Vec<Arc<PluginSlot>>,
     subject: SubjectTemplate,
     /// The default subject of PostgreSQL changes, when the route sets no `subject`.
     postgres_subject: Option<SubjectTemplate>,
@@ -163,18 +162,29 @@ pub enum Disposition {
     Failed { plugin: String, error: PluginError, dead_letter: Option<Message> },
 }
 
+/// A route's chain cannot run: one of its plugins has no serving version (its file was removed).
+/// The events come back untouched, so the source can answer "retry" or wait.
+#[derive(Debug)]
+pub struct Unavailable {
+    /// The plugin that is not loaded.
+    pub plugin: String,
+    /// The events, as they were handed in.
+    pub events: Vec<Event>,
+}
+
 /// The routes and their plugin chains.
 pub struct Pipeline {
     routes: Vec<Route>,
+    plugins: Arc<PluginSet>,
 }
 
 impl Pipeline {
     /// Builds routes from the config, with the already loaded `plugins` by name. Without routes,
     /// a default route publishes every event to `weir.{entity}.{op}`.
-    pub fn new(config: &Config, plugins: &HashMap<String, Arc<Plugin>>) -> anyhow::Result<Pipeline> {
+    pub fn new(config: &Config, plugins: Arc<PluginSet>) -> anyhow::Result<Pipeline> {
         let mut routes = Vec::new();
         for (index, route) in config.routes.iter().enumerate() {
-            routes.push(build_route(index, route, plugins)?);
+            routes.push(build_route(index, route, &plugins)?);
         }
         if routes.is_empty() {
             let default = RouteConfig {
@@ -188,9 +198,14 @@ impl Pipeline {
                 dlq_subject: None,
                 webhook: None,
             };
-            routes.push(build_route(0, &default, plugins)?);
+            routes.push(build_route(0, &default, &plugins)?);
         }
-        Ok(Pipeline { routes })
+        Ok(Pipeline { routes, plugins })
+    }
+
+    /// The plugins routes draw on, with their reload state.
+    pub fn plugins(&self) -> &Arc<PluginSet> {
+        &self.plugins
     }
 
     /// Index of the first route matching `event`.
@@ -204,9 +219,17 @@ impl Pipeline {
     }
 
     /// Runs `events`, which all match route `index`, through its chain: one disposition per
-    /// event, in order. Plugins run on the calling task and yield at each epoch tick.
-    pub async fn process(&self, index: usize, mut events: Vec<Event>) -> Vec<Disposition> {
+    /// event, in order. Plugins run on the calling task and yield at each epoch tick. The chain's
+    /// versions are taken once, so a reload meanwhile does not change plugins under the batch.
+    pub async fn process(&self, index: usize, mut events: Vec<Event>) -> Result<Vec<Disposition>, Unavailable> {
         let route = &self.routes[index];
+        let mut chain = Vec::with_capacity(route.chain.len());
+        for slot in &route.chain {
+            match slot.current() {
+                Some(plugin) => chain.push(plugin),
+                None => return Err(Unavailable { plugin: slot.name().to_string(), events }),
+            }
+        }
         for event in &mut events {
             let template = match &route.postgres_subject {
                 Some(template) if event.source == "postgres" => template,
@@ -221,7 +244,7 @@ impl Pipeline {
         // Each live event remembers which input it descends from.
         let mut live: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
-        for plugin in &route.chain {
+        for plugin in &chain {
             let (origins, batch): (Vec<usize>, Vec<Event>) = live.into_iter().unzip();
             let results = plugin.run(batch).await;
             live = Vec::new();
@@ -256,7 +279,7 @@ impl Pipeline {
         for (origin, event) in live {
             outputs[origin].push(to_message(route, event));
         }
-        verdicts
+        Ok(verdicts
             .into_iter()
             .zip(outputs)
             .map(|(verdict, messages)| match verdict {
@@ -264,7 +287,7 @@ impl Pipeline {
                 None if messages.is_empty() => Disposition::Dropped,
                 None => Disposition::Publish(messages),
             })
-            .collect()
+            .collect())
     }
 
     fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {
@@ -293,7 +316,7 @@ impl Pipeline {
     }
 }
 
-fn build_route(index: usize, config: &RouteConfig, plugins: &HashMap<String, Arc<Plugin>>) -> anyhow::Result<Route> {
+fn build_route(index: usize, config: &RouteConfig, plugins: &PluginSet) -> anyhow::Result<Route> {
     let name = config.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
     let template = config.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
     let postgres_subject = match config.subject {

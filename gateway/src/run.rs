@@ -4,43 +4,12 @@ use crate::config::Config;
 use crate::http::{AppState, HttpSettings};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::plugin::{CompileCache, Plugin, PluginRuntime, RuntimeOptions};
+use crate::plugin::{CompileCache, PluginRuntime, PluginSet, RuntimeOptions};
 use crate::sink::Sink;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// Loads every plugin the config names (in routes or in its own section). Errors are collected,
-/// one line per plugin.
-pub fn load_plugins(runtime: &PluginRuntime, config: &Config) -> Result<HashMap<String, Arc<Plugin>>, Vec<String>> {
-    let mut names = config.used_plugins();
-    for name in config.plugins.entries.keys() {
-        if !names.contains(name) {
-            names.push(name.clone());
-        }
-    }
-    let mut plugins = HashMap::new();
-    let mut problems = Vec::new();
-    for name in names {
-        let Some(file) = config.plugin_file(&name) else {
-            problems.push(format!("plugin `{name}`: no file; set [plugins.{name}] file or plugins.dir"));
-            continue;
-        };
-        let section = config.plugins.entries.get(&name);
-        let limits = section.map(|s| s.limits()).unwrap_or_default();
-        let plugin_config = section.map_or_else(|| "{}".to_string(), |s| s.config_json());
-        match runtime.load_file(&name, &file, &plugin_config, limits) {
-            Ok(plugin) => {
-                tracing::info!(plugin = %name, file = %file.display(), world = plugin.info().world.as_str(), version = %plugin.info().version_label(), "plugin loaded");
-                plugins.insert(name, Arc::new(plugin));
-            }
-            Err(error) => problems.push(format!("plugin `{name}` ({}): {error}", file.display())),
-        }
-    }
-    if problems.is_empty() { Ok(plugins) } else { Err(problems) }
-}
 
 async fn shutdown_signal(state: Arc<AppState>) {
     let terminate = async {
@@ -64,9 +33,10 @@ async fn shutdown_signal(state: Arc<AppState>) {
 /// Runs the gateway until SIGINT or SIGTERM, then drains for up to `drain`.
 pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let runtime = PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() })?;
-    let plugins = load_plugins(&runtime, &config).map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
-    let pipeline = Arc::new(Pipeline::new(&config, &plugins)?);
+    let runtime = Arc::new(PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() })?);
+    let plugins =
+        Arc::new(PluginSet::load(&runtime, &config).map_err(|problems| anyhow::anyhow!(problems.join("\n")))?);
+    let pipeline = Arc::new(Pipeline::new(&config, plugins.clone())?);
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     tokio.block_on(async move {
         let sink = Sink::connect(&config).await?;
@@ -82,6 +52,9 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             idempotency_ttl: config.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window),
         };
         let metrics = Arc::new(Metrics::new());
+        if !config.plugins.watch.is_zero() {
+            tokio::spawn(plugins.watch(runtime, metrics.clone(), config.plugins.watch));
+        }
         let (stop_source, source_stopped) = tokio::sync::watch::channel(false);
         let (postgres_status, postgres_task) = match &config.postgres {
             Some(pg) => {
@@ -151,18 +124,19 @@ pub fn check(config_path: &Path) -> i32 {
     println!("ok    config {}", config_path.display());
     let mut problems = Vec::new();
     match PluginRuntime::new(RuntimeOptions { cache_dir: CompileCache::default_dir() }) {
-        Ok(runtime) => match load_plugins(&runtime, &config) {
+        Ok(runtime) => match PluginSet::load(&runtime, &config) {
             Ok(plugins) => {
-                let mut names: Vec<_> = plugins.keys().collect();
-                names.sort();
-                for name in names {
-                    println!(
-                        "ok    plugin {name} ({}, {})",
-                        plugins[name].info().world.as_str(),
-                        plugins[name].info().version_label()
-                    );
+                for slot in plugins.iter() {
+                    if let Some(plugin) = slot.current() {
+                        println!(
+                            "ok    plugin {} ({}, {})",
+                            slot.name(),
+                            plugin.info().world.as_str(),
+                            plugin.info().version_label()
+                        );
+                    }
                 }
-                if let Err(error) = Pipeline::new(&config, &plugins) {
+                if let Err(error) = Pipeline::new(&config, Arc::new(plugins)) {
                     problems.push(format!("{error:#}"));
                 }
             }

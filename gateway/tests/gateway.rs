@@ -910,3 +910,122 @@ async fn batches_larger_than_the_ack_window_are_stored_concurrently() {
     }
     assert_eq!(nats.messages("WEIR").await.len(), 800);
 }
+
+/// Puts `source` at `target` the way deploy tools do: write beside it, then rename over it.
+fn replace_file(source: &std::path::Path, target: &std::path::Path) {
+    let staging = target.with_extension("wasm.tmp");
+    std::fs::copy(source, &staging).unwrap();
+    std::fs::rename(&staging, target).unwrap();
+}
+
+async fn readiness(gateway: &Gateway) -> (u16, Value) {
+    let response = client().get(gateway.url("/readyz")).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Waits until `/readyz` shows plugin `live` in the state `done` accepts.
+async fn wait_for_plugin(gateway: &Gateway, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = readiness(gateway).await;
+        if done(&body["plugin_status"]["live"]) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what}: {body}\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn version_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", &hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))[..12])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_are_swapped_while_running_and_a_broken_file_is_refused() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    replace_file(&common::plugin_path("noop"), &live);
+    let gateway = Gateway::start(&format!(
+        r#"
+[nats]
+url = "{url}"
+[jetstream]
+stream = "WEIR"
+subjects = ["weir.>"]
+[http]
+listen = "127.0.0.1:0"
+[plugins]
+dir = "{dir}"
+watch = "100ms"
+[[routes]]
+match = {{ entity = "users" }}
+plugins = ["live"]
+"#,
+        url = nats.url(),
+        dir = dir.path().display()
+    ));
+    let body = r#"{"name":"Ann","email":"ann@example.com"}"#;
+    let (status, answer, _) = post(&gateway, "/v1/events/users", body, &[]).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, ready) = readiness(&gateway).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["plugins"], true);
+    assert_eq!(ready["plugin_status"]["live"]["version"], version_of(&live));
+
+    // Garbage, then a component whose configure refuses the config: both refused, and the
+    // serving version keeps serving.
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"\0asm but not really").unwrap();
+    replace_file(&garbage, &live);
+    wait_for_plugin(&gateway, "garbage refused", |p| p["problem"].as_str().is_some_and(|t| t.contains("refused")))
+        .await;
+    replace_file(&common::plugin_path("fixture-refuse-config"), &live);
+    let ready = wait_for_plugin(&gateway, "config refused", |p| {
+        p["problem"].as_str().is_some_and(|t| t.contains("refused") && t.contains("config"))
+    })
+    .await;
+    assert_eq!(ready["plugins"], true, "the old version still serves: {ready}");
+    let (status, answer, _) = post(&gateway, "/v1/events/users", body, &[]).await;
+    assert_eq!(status, 202, "{answer}");
+
+    // A good new version takes over without a restart: this one emits a subject outside the
+    // route's prefix, so its events go to the dead-letter subject.
+    replace_file(&common::plugin_path("fixture-invalid-subject"), &live);
+    let new_version = version_of(&common::plugin_path("fixture-invalid-subject"));
+    wait_for_plugin(&gateway, "new version loaded", |p| p["version"] == new_version.as_str() && p["problem"].is_null())
+        .await;
+    let (status, answer, _) = post(&gateway, "/v1/events/users", body, &[]).await;
+    assert_eq!(status, 202, "{answer}");
+
+    // Removed: not ready, and writes are answered 503 (nothing stored) until the file is back.
+    std::fs::remove_file(&live).unwrap();
+    wait_for_plugin(&gateway, "unloaded", |p| p["loaded"] == false).await;
+    let (status, ready) = readiness(&gateway).await;
+    assert_eq!((status, &ready["plugins"]), (503, &json!(false)), "{ready}");
+    let (status, answer, headers) = post(&gateway, "/v1/events/users", body, &[]).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "plugin_unavailable");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    replace_file(&common::plugin_path("noop"), &live);
+    wait_for_plugin(&gateway, "back", |p| p["loaded"] == true).await;
+    let (status, answer, _) = post(&gateway, "/v1/events/users", body, &[]).await;
+    assert_eq!(status, 202, "{answer}");
+
+    let subjects: Vec<String> = nats.messages("WEIR").await.iter().map(|m| m.subject.to_string()).collect();
+    assert_eq!(
+        subjects,
+        ["weir.users.insert", "weir.users.insert", "weir.dlq.users", "weir.users.insert"],
+        "noop, noop (both new files refused), the new version, noop again"
+    );
+    let metrics = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "weir_plugin_reloads_total{plugin=\"live\",result=\"refused\"} 2",
+        "weir_plugin_reloads_total{plugin=\"live\",result=\"loaded\"} 2",
+        "weir_plugin_reloads_total{plugin=\"live\",result=\"removed\"} 1",
+        "weir_plugin_loaded{plugin=\"live\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "`{needle}` in\n{metrics}");
+    }
+}

@@ -9,7 +9,7 @@ mod common;
 use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, stored, wait_ready};
 use common::services::{Gateway, Nats};
 use serde_json::{Value, json};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn row_changes_of_each_type_are_stored_with_their_values() {
@@ -361,7 +361,7 @@ async fn converges(nats: &Nats, table: &str, gateway: &Gateway) -> Vec<(String, 
     let want = table_rows(table).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let messages = stored(&nats, 0).await;
+        let messages = stored(nats, 0).await;
         if replay(&messages) == want {
             return messages;
         }
@@ -423,6 +423,42 @@ async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     let messages = converges(&nats, &table, &gateway).await;
     assert!(gateway.log().contains("the snapshot did not finish last time"), "{}", gateway.log());
     assert_eq!(replay(&messages).get(&1), Some(&-1));
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
+    let capture = Capture::new("unplugged", &[("a", "id bigint PRIMARY KEY")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    std::fs::copy(common::plugin_path("noop"), &live).unwrap();
+    let config = capture
+        .config(&nats, "\n[[routes]]\nplugins = [\"live\"]\n")
+        .replace("dir = \"{plugins}\"", &format!("dir = \"{}\"\nwatch = \"100ms\"", dir.path().display()));
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1);
+
+    std::fs::remove_file(&live).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reqwest::get(gateway.url("/readyz")).await.unwrap().json::<Value>().await.unwrap()["plugins"] != false {
+        assert!(Instant::now() < deadline, "the plugin was not unloaded:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in 2..=40 {
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({id})")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(nats.messages("WEIR").await.len(), 1, "nothing passes while the plugin is gone");
+
+    std::fs::copy(common::plugin_path("noop"), &live).unwrap();
+    let ids: Vec<i64> = stored(&nats, 40).await.iter().map(|(_, _, e)| e["data"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=40).collect::<Vec<_>>(), "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

@@ -15,9 +15,11 @@ pub(crate) mod bindings;
 mod cache;
 mod host;
 pub mod inspect;
+pub mod registry;
 
 pub use cache::CompileCache;
 pub use inspect::{PluginInfo, SdkStamp, World};
+pub use registry::{PluginSet, PluginSlot};
 
 use crate::event::Event;
 use bindings::WitOutcome;

@@ -343,6 +343,37 @@ impl PostgresSource {
         Ok(())
     }
 
+    /// Runs a route's chain; while one of its plugins is unloaded (file removed), waits for it to
+    /// come back: reading pauses, nothing is skipped.
+    async fn process_when_available(
+        &self,
+        route: usize,
+        mut events: Vec<Event>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Vec<Disposition>, Failure> {
+        let mut warned = false;
+        loop {
+            match self.pipeline.process(route, events).await {
+                Ok(dispositions) => {
+                    self.status.paused.store(false, Ordering::Relaxed);
+                    return Ok(dispositions);
+                }
+                Err(unavailable) => {
+                    if !warned {
+                        tracing::warn!(plugin = %unavailable.plugin, route = %self.pipeline.route(route).name, "plugin not loaded; change capture waits for its file to come back");
+                        warned = true;
+                    }
+                    self.status.paused.store(true, Ordering::Relaxed);
+                    events = unavailable.events;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while waiting for plugin `{}`", unavailable.plugin))),
+                    }
+                }
+            }
+        }
+    }
+
     /// Routes and stores `events` in order. Consecutive events of one route are published
     /// together; a publish that fails is retried with the same ids until it succeeds.
     async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
@@ -361,7 +392,7 @@ impl PostgresSource {
         for (route, run) in runs {
             let route_name = self.pipeline.route(route).name.clone();
             let started = Instant::now();
-            let mut dispositions = self.pipeline.process(route, run).await;
+            let mut dispositions = self.process_when_available(route, run, shutdown).await?;
             self.metrics.chain_duration(&route_name, started.elapsed());
             let mut messages = Vec::new();
             for disposition in &mut dispositions {
