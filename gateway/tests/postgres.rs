@@ -462,3 +462,46 @@ async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
     drop(gateway);
     capture.cleanup().await;
 }
+
+/// The largest resident set the process has had, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn stream_count(nats: &Nats) -> u64 {
+    let context = async_nats::jetstream::new(nats.client().await);
+    context.get_stream("WEIR").await.unwrap().info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_transaction_streams_through_in_bounded_memory() {
+    const ROWS: u64 = 200_000;
+    let capture = Capture::new("bigtxn", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (0, 'warm-up')")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1);
+    let before = peak_rss_kib(gateway.pid());
+    // One transaction of ~512-byte rows: about 120 MiB of envelopes if it were held whole.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, {ROWS}) g"
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stream_count(&nats).await < ROWS + 1 {
+        assert!(Instant::now() < deadline, "not all rows stored:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(stream_count(&nats).await, ROWS + 1, "each row stored once");
+    let grown_mib = peak_rss_kib(gateway.pid()).saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "peak memory grew {grown_mib} MiB over a {ROWS}-row transaction");
+    drop(gateway);
+    capture.cleanup().await;
+}

@@ -1,7 +1,9 @@
-//! PostgreSQL restarted while the gateway streams a backlog: the gateway reconnects with
-//! backoff and resumes from the slot; nothing is lost, nothing stored twice. In a test binary of
-//! its own, because restarting the server would break the other change-capture tests running
-//! beside it.
+//! Tests that change the PostgreSQL server itself, in a test binary of their own (and one at a
+//! time) because they would break the other change-capture tests running beside them:
+//! - the server restarted while the gateway streams a backlog: the gateway reconnects with
+//!   backoff and resumes from the slot; nothing is lost, nothing stored twice;
+//! - a slot the server invalidated (`wal_status = lost`) while the gateway was stopped: the
+//!   gateway refuses to start instead of silently skipping the changes that are gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -9,7 +11,10 @@ mod common;
 use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, stored, wait_ready};
 use common::services::{Gateway, Nats};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Held by each test: they change server-wide state.
+static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn restart_postgres() {
     let clusters = Command::new("pg_lsclusters").arg("--no-header").output().expect("pg_lsclusters runs");
@@ -24,6 +29,7 @@ fn restart_postgres() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restarted_mid_stream_resumes_without_loss() {
+    let _server = SERVER.lock().await;
     let capture = Capture::new("pgrestart", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
     connect().await.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", capture.tables[0])).await.unwrap();
     let nats = Nats::start();
@@ -44,5 +50,80 @@ async fn postgres_restarted_mid_stream_resumes_without_loss() {
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     assert!(gateway.log().contains("reconnecting"), "the gateway saw the restart:\n{}", gateway.log());
     drop(gateway);
+    capture.cleanup().await;
+}
+
+/// Puts `max_slot_wal_keep_size` back even when the test fails, so later tests keep their slots.
+struct ResetKeepSize;
+
+impl Drop for ResetKeepSize {
+    fn drop(&mut self) {
+        for sql in ["ALTER SYSTEM RESET max_slot_wal_keep_size", "SELECT pg_reload_conf()"] {
+            let _ = Command::new("psql")
+                .args(["-h", "/var/run/postgresql", "-U", "root", "-d", "test", "-c", sql])
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_stops_the_gateway_with_how_to_start_over() {
+    let _server = SERVER.lock().await;
+    let capture = Capture::new("lostslot", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = &capture.tables[0];
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (1, 'one')")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1);
+    drop(gateway);
+
+    // While the gateway is down, the server may keep only 1 MB of WAL for slots: writing and
+    // checkpointing past that invalidates the slot, and the changes in that WAL are gone.
+    let reset = ResetKeepSize;
+    client.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").await.unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut status = String::new();
+    while status != "lost" {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {table} SELECT g, repeat('x', 200) FROM generate_series(2, 20000) g
+                   ON CONFLICT (id) DO UPDATE SET pad = excluded.pad || '.'"
+            ))
+            .await
+            .unwrap();
+        client.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+        client.batch_execute("CHECKPOINT").await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&capture.name],
+            )
+            .await
+            .unwrap();
+        status = row.get(0);
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    drop(reset);
+    assert_eq!(status, "lost", "the server did not invalidate the slot");
+
+    // (It may stop before it even says it listens.)
+    let log = match Gateway::try_start(&config) {
+        Ok(mut gateway) => {
+            let exit = gateway.wait_exit(Duration::from_secs(30)).expect("the gateway stops by itself");
+            assert!(!exit.success(), "a lost slot is a failure exit");
+            std::thread::sleep(Duration::from_millis(100));
+            gateway.log()
+        }
+        Err(log) => log,
+    };
+    assert!(log.contains(&format!("replication slot `{}` is lost", capture.name)), "{log}");
+    assert!(log.contains("Drop the slot") && log.contains("nats stream purge"), "says how to start over: {log}");
+    assert_eq!(nats.messages("WEIR").await.len(), 1, "nothing after the gap was published");
     capture.cleanup().await;
 }
