@@ -34,6 +34,17 @@ async fn stream_count(nats: &Nats) -> u64 {
     }
 }
 
+/// Seconds between the first and the last message of the stream, by JetStream's own store
+/// timestamps: the slot → PubAck rate without the gateway's start-up.
+async fn stored_span(nats: &Nats) -> f64 {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js.get_stream("WEIR").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let first = stream.get_raw_message(state.first_sequence).await.unwrap();
+    let last = stream.get_raw_message(state.last_sequence).await.unwrap();
+    (last.time - first.time).as_seconds_f64()
+}
+
 /// Seconds from the gateway's start until the stream holds `target` messages.
 async fn catch_up(nats: &Nats, config: &str, target: u64) -> (f64, Gateway) {
     let started = Instant::now();
@@ -151,7 +162,8 @@ async fn main() {
         let baseline = recvlogical(&recv_slot, &capture.name, &end, BACKLOG).await;
         client.execute("SELECT pg_drop_replication_slot($1)", &[&recv_slot]).await.unwrap();
         let (seconds, gateway) = catch_up(&nats, &config, BACKLOG as u64).await;
-        let weir = BACKLOG as f64 / seconds;
+        let with_start_up = BACKLOG as f64 / seconds;
+        let weir = (BACKLOG - 1) as f64 / stored_span(&nats).await;
         let size = nats.messages("WEIR").await.first().map_or(300, |m| m.payload.len());
         drop(gateway);
         let bare = bare_publish(&nats, BACKLOG, size).await;
@@ -169,7 +181,10 @@ async fn main() {
         table.push(Row {
             path: format!("weir slot → JetStream, {per_txn}-row txns"),
             rows_per_second: weir,
-            note: format!("{:.2}× the lower limit (includes start-up)", weir / limit),
+            note: format!(
+                "{:.2}× the lower limit (first to last stored; {with_start_up:.0} rows/s counting the gateway's start-up)",
+                weir / limit
+            ),
         });
         capture.cleanup().await;
     }

@@ -145,7 +145,11 @@ impl Metrics {
 
     /// An event arrived from `source`.
     pub fn received(&self, source: &str) {
-        self.received.get_or_create(&vec![("source", source.to_string())]).inc();
+        self.received_many(source, 1);
+    }
+    /// `count` events arrived from `source`.
+    pub fn received_many(&self, source: &str, count: usize) {
+        self.received.get_or_create(&vec![("source", source.to_string())]).inc_by(count as u64);
     }
     /// `count` messages were stored.
     pub fn published(&self, source: &str, route: &str, count: usize) {
@@ -191,10 +195,11 @@ impl Metrics {
         self.plugin_loaded.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(loaded));
     }
 
-    /// A row change was read from the slot.
-    pub fn postgres_change(&self, schema: &str, table: &str, op: &str) {
+    /// The counter of row changes read from the slot for one table and op; callers keep it, so
+    /// counting a row costs one atomic add.
+    pub fn postgres_changes(&self, schema: &str, table: &str, op: &str) -> Counter {
         let labels = vec![("schema", schema.to_string()), ("table", table.to_string()), ("op", op.to_string())];
-        self.pg_changes.get_or_create(&labels).inc();
+        self.pg_changes.get_or_create(&labels).clone()
     }
     /// A TRUNCATE was skipped.
     pub fn postgres_truncate_skipped(&self, schema: &str, table: &str) {

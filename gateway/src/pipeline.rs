@@ -4,6 +4,7 @@
 use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind, WebhookConfig};
 use crate::event::Event;
 use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError, PluginSet, PluginSlot};
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use std::sync::Arc;
 
 /// A parsed subject template such as `shop.{entity}.{op}`.
@@ -136,8 +137,9 @@ impl Route {
 pub struct Message {
     /// Subject to publish to.
     pub subject: String,
-    /// Headers, `Nats-Msg-Id` first.
-    pub headers: Vec<(String, String)>,
+    /// Headers, built once in the form the NATS client sends (cloning it for a send copies no
+    /// names: the host's are static).
+    pub headers: HeaderMap,
     /// Payload (shared, so retries and hand-offs to the client do not copy it).
     pub payload: bytes::Bytes,
 }
@@ -145,8 +147,28 @@ pub struct Message {
 impl Message {
     /// The `Nats-Msg-Id` header.
     pub fn id(&self) -> &str {
-        self.headers.iter().find(|(k, _)| k == "Nats-Msg-Id").map_or("", |(_, v)| v.as_str())
+        self.header(HeaderName::from_static(MSG_ID)).unwrap_or("")
     }
+
+    /// The first value of header `name`.
+    pub fn header(&self, name: HeaderName) -> Option<&str> {
+        self.headers.get(name).map(HeaderValue::as_str)
+    }
+}
+
+const MSG_ID: &str = "Nats-Msg-Id";
+/// Headers the host sets; an event's own header of the same name (any case) is left out.
+const HOST_HEADERS: [&str; 7] =
+    [MSG_ID, "Weir-Source", "Weir-Entity", "Weir-Op", "Content-Type", "Weir-Position", "Weir-Key"];
+
+/// A header value NATS can carry: line breaks become spaces (they would end the header).
+pub fn header_value(text: &str) -> String {
+    if text.contains(['\r', '\n']) { text.replace(['\r', '\n'], " ") } else { text.to_string() }
+}
+
+/// Whether `name` can be a NATS header name: printable ASCII without `:`.
+pub fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 /// What became of one input event.
@@ -449,23 +471,23 @@ fn cloudevent(event: &Event) -> Vec<u8> {
 }
 
 /// Host headers (which win over plugin headers of the same name), then the event's own.
-fn headers_for(event: &Event, content_type: &str) -> Vec<(String, String)> {
-    let mut headers = vec![
-        ("Nats-Msg-Id".to_string(), event.id.clone()),
-        ("Weir-Source".to_string(), event.source.clone()),
-        ("Weir-Entity".to_string(), event.entity.clone()),
-        ("Weir-Op".to_string(), event.op.clone()),
-        ("Content-Type".to_string(), content_type.to_string()),
-    ];
+fn headers_for(event: &Event, content_type: &'static str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HeaderName::from_static(MSG_ID), header_value(&event.id));
+    headers.insert(HeaderName::from_static("Weir-Source"), header_value(&event.source));
+    headers.insert(HeaderName::from_static("Weir-Entity"), header_value(&event.entity));
+    headers.insert(HeaderName::from_static("Weir-Op"), header_value(&event.op));
+    headers.insert(HeaderName::from_static("Content-Type"), content_type);
     if let Some(position) = &event.position {
-        headers.push(("Weir-Position".to_string(), position.clone()));
+        headers.insert(HeaderName::from_static("Weir-Position"), header_value(position));
     }
     if let Some(key) = &event.key {
-        headers.push(("Weir-Key".to_string(), key.clone()));
+        headers.insert(HeaderName::from_static("Weir-Key"), header_value(key));
     }
     for (name, value) in &event.headers {
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
-            headers.push((name.clone(), value.clone()));
+        // Plugins' headers are checked when they return; this also covers sources' own.
+        if valid_header_name(name) && !HOST_HEADERS.iter().any(|host| host.eq_ignore_ascii_case(name)) {
+            headers.append(name.as_str(), header_value(value));
         }
     }
     headers
@@ -487,7 +509,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
     let mut headers = headers_for(original, "application/json");
     // A distinct id: a later successful retry of the same event must not be deduplicated
     // against its dead letter.
-    headers[0].1 = format!("dlq:{}", original.id);
+    headers.insert(HeaderName::from_static(MSG_ID), header_value(&format!("dlq:{}", original.id)));
     for (name, value) in [
         ("Weir-Error", message.chars().take(1024).collect::<String>()),
         ("Weir-Error-Kind", kind.to_string()),
@@ -496,8 +518,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
         ("Weir-Route", route.name.clone()),
         ("Weir-Original-Subject", original.subject.clone()),
     ] {
-        // Header values cannot carry line breaks.
-        headers.push((name.to_string(), value.replace(['\r', '\n'], " ")));
+        headers.insert(HeaderName::from_static(name), header_value(&value));
     }
     Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original).into() }
 }
@@ -554,10 +575,15 @@ mod tests {
     fn host_headers_win_and_the_envelope_embeds_data() {
         let mut e = event("orders", "insert");
         e.subject = "weir.orders.insert".into();
+        e.headers.push(("bad name".into(), "dropped".into()));
+        e.entity = "orders\r\nInjected: 1".into();
         let headers = headers_for(&e, "application/json");
-        assert_eq!(headers[0], ("Nats-Msg-Id".to_string(), "e1".to_string()));
-        assert!(!headers.iter().any(|(_, v)| v == "spoofed"));
-        assert!(headers.contains(&("x-a".to_string(), "1".to_string())));
+        assert_eq!(headers.get("Nats-Msg-Id").map(HeaderValue::as_str), Some("e1"));
+        assert_eq!(headers.get("x-a").map(HeaderValue::as_str), Some("1"));
+        assert_eq!(headers.get("Weir-Entity").map(HeaderValue::as_str), Some("orders  Injected: 1"));
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_ref()).collect();
+        assert!(!names.contains(&"bad name") && !names.contains(&"Injected"), "{names:?}");
+        assert_eq!(headers.len(), 7, "spoofed id and bad name left out: {headers:?}");
         let envelope = weir_envelope(&e);
         assert_eq!(envelope["data"], json!({"a": 1}));
         assert_eq!(envelope["key"], "k.1");

@@ -309,9 +309,5 @@ fn classify(kind: PublishErrorKind, subject: &str, text: String) -> SinkError {
 }
 
 fn headers(message: &Message) -> async_nats::HeaderMap {
-    let mut map = async_nats::HeaderMap::new();
-    for (name, value) in &message.headers {
-        map.append(name.as_str(), value.as_str());
-    }
-    map
+    message.headers.clone()
 }

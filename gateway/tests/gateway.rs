@@ -1029,3 +1029,24 @@ plugins = ["live"]
         assert!(metrics.contains(needle), "`{needle}` in\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn line_breaks_in_entities_and_keys_never_reach_nats_headers() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let response = client()
+        .put(gateway.url("/v1/events/misc%0Aevil/k%0D%0AInjected:%201"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202, "{}", gateway.log());
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(header(&messages[0], "Weir-Entity"), Some("misc evil"));
+    assert_eq!(header(&messages[0], "Weir-Key"), Some("k  Injected: 1"));
+    assert!(messages[0].headers.get("Injected").is_none());
+    let envelope: Value = serde_json::from_slice(&messages[0].payload).unwrap();
+    assert_eq!(envelope["key"], "k\r\nInjected: 1", "the envelope keeps the key as sent");
+}

@@ -148,6 +148,31 @@ fn invalid_subjects_are_plugin_errors() {
 }
 
 #[test]
+fn headers_nats_cannot_carry_are_plugin_errors() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "noop", "{}", Limits::default());
+    let headers =
+        [("x-ok", "fine"), ("x-crlf", "a\r\nInjected: 1"), ("has space", "v"), ("colon:name", "v"), ("", "v")];
+    let events: Vec<_> = headers
+        .iter()
+        .map(|(name, value)| {
+            let mut e = event(name, json!({}));
+            e.headers = vec![(name.to_string(), value.to_string())];
+            e
+        })
+        .collect();
+    let results = plugin.run_blocking(events);
+    assert!(
+        matches!(&results[0], Ok(Outcome::Keep(kept)) if kept.headers == [("x-ok".to_string(), "fine".to_string())])
+    );
+    for (result, (name, _)) in results.iter().zip(headers).skip(1) {
+        let error = result.as_ref().expect_err(name);
+        assert_eq!(error.kind, ErrorKind::InvalidOutput, "header {name:?}");
+        assert!(error.message.contains("NATS cannot carry"), "{}", error.message);
+    }
+}
+
+#[test]
 fn files_environment_and_sockets_are_not_reachable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();

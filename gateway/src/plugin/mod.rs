@@ -635,6 +635,20 @@ impl Plugin {
                 format!("plugin `{}` emitted an invalid subject: {error}", self.name),
             )
         })?;
+        let bad_header = event
+            .headers
+            .iter()
+            .find(|(name, value)| !crate::pipeline::valid_header_name(name) || value.contains(['\r', '\n']));
+        if let Some((name, _)) = bad_header {
+            let shown: String = name.chars().take(64).collect();
+            return Err(PluginError::new(
+                ErrorKind::InvalidOutput,
+                format!(
+                    "plugin `{}` emitted header {shown:?}, which NATS cannot carry: a name is printable ASCII without spaces or `:`, a value has no line breaks",
+                    self.name
+                ),
+            ));
+        }
         Ok(event)
     }
 

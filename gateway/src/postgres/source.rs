@@ -74,9 +74,22 @@ pub async fn report_metrics(config: PostgresConfig, metrics: Arc<Metrics>, statu
 
 /// The transaction being read.
 struct Transaction {
-    commit_lsn: Lsn,
+    /// `{slot}:{commit_lsn}:`, the start of every event id in the transaction.
+    id_prefix: String,
+    /// The commit LSN as text (`Weir-Position`).
+    position: String,
     time: String,
     index: u64,
+}
+
+/// A table as the stream last described it, with what each of its rows needs.
+struct Table {
+    relation: Relation,
+    primary_key: Vec<String>,
+    /// `schema.table`.
+    entity: String,
+    /// Change counters by op: insert, update, delete, truncate.
+    changes: [prometheus_client::metrics::counter::Counter; 4],
 }
 
 /// Events read but not yet stored, and the newest commit they complete.
@@ -152,7 +165,7 @@ impl PostgresSource {
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
         tracing::info!(slot = %self.config.slot, from = %start, "PostgreSQL change capture streaming");
 
-        let mut relations: HashMap<u32, (Relation, Vec<String>)> = HashMap::new();
+        let mut relations: HashMap<u32, Table> = HashMap::new();
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
         loop {
@@ -187,8 +200,13 @@ impl PostgresSource {
             };
             match event {
                 ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
-                    transaction =
-                        Some(Transaction { commit_lsn: final_lsn, time: pg_time(commit_time_micros), index: 0 });
+                    let position = final_lsn.to_string();
+                    transaction = Some(Transaction {
+                        id_prefix: format!("{}:{position}:", self.config.slot),
+                        position,
+                        time: pg_time(commit_time_micros),
+                        index: 0,
+                    });
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     transaction = None;
@@ -229,7 +247,7 @@ impl PostgresSource {
         message: Message,
         control: &tokio_postgres::Client,
         types: &mut Types,
-        relations: &mut HashMap<u32, (Relation, Vec<String>)>,
+        relations: &mut HashMap<u32, Table>,
         transaction: Option<&mut Transaction>,
         batch: &mut Batch,
     ) -> Result<(), Failure> {
@@ -239,7 +257,10 @@ impl PostgresSource {
                     *types = super::setup::load_types(control).await.map_err(retry)?;
                 }
                 let primary_key = super::setup::primary_key(control, relation.oid).await.map_err(retry)?;
-                relations.insert(relation.oid, (relation, primary_key));
+                let changes = ["insert", "update", "delete", "truncate"]
+                    .map(|op| self.metrics.postgres_changes(&relation.schema, &relation.table, op));
+                let entity = format!("{}.{}", relation.schema, relation.table);
+                relations.insert(relation.oid, Table { relation, primary_key, entity, changes });
                 return Ok(());
             }
             Message::Type { .. } => {
@@ -253,12 +274,13 @@ impl PostgresSource {
             return Err(Failure::Fatal(anyhow::anyhow!("a row change arrived outside a transaction")));
         };
         let relation_of = |oid: u32| {
-            relations.get(&oid).map(|(relation, key)| (relation, key.as_slice())).ok_or_else(|| {
+            relations.get(&oid).ok_or_else(|| {
                 Failure::Fatal(anyhow::anyhow!("row change for relation {oid} before its Relation message"))
             })
         };
-        let mut push = |relation: &Relation,
+        let mut push = |table: &Table,
                         op: &str,
+                        op_index: usize,
                         key: Option<String>,
                         data: Vec<u8>,
                         old: Option<Vec<u8>>,
@@ -267,14 +289,16 @@ impl PostgresSource {
             if !unchanged.is_empty() {
                 headers.push(("Weir-Unchanged-Toast".to_string(), unchanged.join(",")));
             }
-            let id = format!("{}:{}:{}", self.config.slot, transaction.commit_lsn, transaction.index);
+            let mut id = String::with_capacity(transaction.id_prefix.len() + 8);
+            id.push_str(&transaction.id_prefix);
+            id.push_str(itoa::Buffer::new().format(transaction.index));
             transaction.index += 1;
-            self.metrics.postgres_change(&relation.schema, &relation.table, op);
+            table.changes[op_index].inc();
             batch.started.get_or_insert_with(Instant::now);
             batch.events.push(Event {
                 id,
                 source: "postgres".into(),
-                entity: format!("{}.{}", relation.schema, relation.table),
+                entity: table.entity.clone(),
                 op: op.into(),
                 key,
                 time: transaction.time.clone(),
@@ -282,43 +306,46 @@ impl PostgresSource {
                 headers,
                 data,
                 old,
-                position: Some(transaction.commit_lsn.to_string()),
+                position: Some(transaction.position.clone()),
             });
         };
         match change {
             Message::Insert { relation, new } => {
-                let (relation, key) = relation_of(relation)?;
+                let table = relation_of(relation)?;
+                let (relation, key) = (&table.relation, table.primary_key.as_slice());
                 let (data, unchanged) = types.row(&relation.columns, &new, None);
-                push(relation, "insert", values::key(&relation.columns, &new, key), data, None, unchanged);
+                push(table, "insert", 0, values::key(&relation.columns, &new, key), data, None, unchanged);
             }
             Message::Update { relation, old, new } => {
-                let (relation, key) = relation_of(relation)?;
+                let table = relation_of(relation)?;
+                let (relation, key) = (&table.relation, table.primary_key.as_slice());
                 let full_old = old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
                 let (data, unchanged) = types.row(&relation.columns, &new, full_old);
                 let old = old.map(|(kind, row)| match kind {
                     OldKind::Full => types.row(&relation.columns, &row, None).0,
                     OldKind::Key => types.key_row(&relation.columns, &row),
                 });
-                push(relation, "update", values::key(&relation.columns, &new, key), data, old, unchanged);
+                push(table, "update", 1, values::key(&relation.columns, &new, key), data, old, unchanged);
             }
             Message::Delete { relation, old: (kind, row) } => {
-                let (relation, key) = relation_of(relation)?;
+                let table = relation_of(relation)?;
+                let (relation, key) = (&table.relation, table.primary_key.as_slice());
                 let old = match kind {
                     OldKind::Full => types.row(&relation.columns, &row, None).0,
                     OldKind::Key => types.key_row(&relation.columns, &row),
                 };
                 let key = values::key(&relation.columns, &row, key);
-                push(relation, "delete", key, b"null".to_vec(), Some(old), Vec::new());
+                push(table, "delete", 2, key, b"null".to_vec(), Some(old), Vec::new());
             }
             Message::Truncate { relations: truncated, cascade, restart_identity } => {
                 for oid in truncated {
-                    let (relation, _) = relation_of(oid)?;
+                    let table = relation_of(oid)?;
                     if self.config.truncate == TruncateMode::Skip {
-                        self.metrics.postgres_truncate_skipped(&relation.schema, &relation.table);
+                        self.metrics.postgres_truncate_skipped(&table.relation.schema, &table.relation.table);
                         continue;
                     }
                     let data = format!(r#"{{"cascade":{cascade},"restart_identity":{restart_identity}}}"#).into_bytes();
-                    push(relation, "truncate", None, data, None, Vec::new());
+                    push(table, "truncate", 3, None, data, None, Vec::new());
                 }
             }
             Message::Relation(_) | Message::Type { .. } | Message::Other(_) => {}
@@ -378,8 +405,8 @@ impl PostgresSource {
     /// together; a publish that fails is retried with the same ids until it succeeds.
     async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let mut runs: Vec<(usize, Vec<Event>)> = Vec::new();
+        self.metrics.received_many("postgres", events.len());
         for event in events {
-            self.metrics.received("postgres");
             let Some(route) = self.pipeline.route_for(&event) else {
                 self.metrics.dropped("postgres", "none");
                 continue;
@@ -522,6 +549,7 @@ impl PostgresSource {
                 .map(|row| pgoutput::Column { name: row.get(0), type_oid: row.get(1), key: false })
                 .collect();
             let key_columns = super::setup::primary_key(control, oid).await.map_err(retry)?;
+            let reads = self.metrics.postgres_changes(&schema, &name, "read");
             let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
             reader
                 .batch_execute(&format!(
@@ -547,7 +575,7 @@ impl PostgresSource {
                         })
                         .collect();
                     let (data, _) = types.row(&columns, &values, None);
-                    self.metrics.postgres_change(&schema, &name, "read");
+                    reads.inc();
                     events.push(Event {
                         id: format!("{}:{start}:snapshot:{index}", self.config.slot),
                         source: "postgres".into(),
@@ -619,7 +647,8 @@ impl PostgresSource {
 /// A small dead letter for a change NATS refused to store: where it was going, why, and its
 /// id and position, so it can be found and re-read from the table.
 fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pipeline::Message {
-    let header = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    use async_nats::header::HeaderName;
+    let header = |name: &'static str| message.header(HeaderName::from_static(name)).map(str::to_string);
     let entity = header("Weir-Entity").unwrap_or_default();
     let body = serde_json::json!({
         "id": message.id(),
@@ -631,14 +660,21 @@ fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pi
         "bytes": message.payload.len(),
         "error": reason,
     });
-    let mut headers = vec![("Nats-Msg-Id".to_string(), format!("dlq:{}", message.id()))];
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        HeaderName::from_static("Nats-Msg-Id"),
+        crate::pipeline::header_value(&format!("dlq:{}", message.id())),
+    );
     for name in ["Weir-Source", "Weir-Entity", "Weir-Op", "Weir-Position"] {
         if let Some(value) = header(name) {
-            headers.push((name.to_string(), value));
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
-    headers.push(("Weir-Error-Kind".to_string(), "refused".to_string()));
-    headers.push(("Weir-Error".to_string(), reason.chars().take(1024).collect::<String>().replace(['\r', '\n'], " ")));
+    headers.insert(HeaderName::from_static("Weir-Error-Kind"), "refused");
+    headers.insert(
+        HeaderName::from_static("Weir-Error"),
+        crate::pipeline::header_value(&reason.chars().take(1024).collect::<String>()),
+    );
     crate::pipeline::Message {
         subject: format!("weir.dlq.{}", crate::subject::token(&entity)),
         headers,
