@@ -70,6 +70,36 @@ pub struct PostgresConfig {
     /// How long a batch may wait for more rows before it is published.
     #[serde(default = "defaults::linger", deserialize_with = "duration")]
     pub linger: Duration,
+    /// TLS to the server over TCP (a Unix socket never uses TLS). Unset: the url's `sslmode`
+    /// (`disable`, `prefer` or `require`), else `prefer`.
+    #[serde(default)]
+    pub tls: Option<PostgresTls>,
+    /// PEM file of the certificate authorities to trust (`verify-ca`, `verify-full`; default:
+    /// the system's).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for servers that ask for one; with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresTls {
+    /// Never.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate; plain otherwise.
+    Prefer,
+    /// TLS always, without checking the certificate.
+    Require,
+    /// TLS, with a certificate signed by a trusted authority (any host name).
+    VerifyCa,
+    /// TLS, with a trusted certificate issued for the host connected to.
+    VerifyFull,
 }
 
 /// What becomes of a `TRUNCATE`.
@@ -757,6 +787,23 @@ impl Config {
             if pg.max_batch == 0 {
                 problems.push(format!("{file}: [postgres] `max_batch` must be at least 1"));
             }
+            if pg.tls_cert_file.is_some() != pg.tls_key_file.is_some() {
+                problems.push(format!(
+                    "{file}: [postgres] `tls_cert_file` and `tls_key_file` go together: set both or neither"
+                ));
+            }
+            if let (Some(tls), Ok(parsed)) = (pg.tls, pg.url.parse::<tokio_postgres::Config>()) {
+                let from_url = match parsed.get_ssl_mode() {
+                    tokio_postgres::config::SslMode::Disable => Some(PostgresTls::Disable),
+                    tokio_postgres::config::SslMode::Require => Some(PostgresTls::Require),
+                    _ => None,
+                };
+                if from_url.is_some_and(|mode| mode != tls) {
+                    problems.push(format!(
+                        "{file}: [postgres] `tls` and the url's `sslmode` disagree; remove `sslmode` from the url"
+                    ));
+                }
+            }
             if self.jetstream.is_none() {
                 problems.push(format!(
                     "{file}: [postgres] needs [jetstream]: change capture confirms a position only after \
@@ -815,6 +862,21 @@ mod tests {
             "{MINIMAL}[postgres]\nurl = \"host=/tmp\"\nslot = \"Bad-Name\"\nstatus_interval = \"1m\"\n"
         ))
         .unwrap_err();
+        let tls_error = parse(&format!(
+            "{MINIMAL}[jetstream]\nstream = \"S\"\n[postgres]\nurl = \"host=db sslmode=require\"\ntls = \"disable\"\ntls_cert_file = \"c.pem\"\n"
+        ))
+        .unwrap_err();
+        assert!(tls_error.contains("`tls` and the url's `sslmode` disagree"), "{tls_error}");
+        assert!(tls_error.contains("`tls_cert_file` and `tls_key_file` go together"), "{tls_error}");
+        let tls_error =
+            parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\n[postgres]\nurl = \"host=db\"\ntls = \"verify\"\n"))
+                .unwrap_err();
+        assert!(
+            tls_error.contains(
+                "unknown variant `verify`, expected one of `disable`, `prefer`, `require`, `verify-ca`, `verify-full`"
+            ),
+            "{tls_error}"
+        );
         for expected in [
             "[postgres] `slot` must be 1–63 lowercase letters, digits or `_` (got \"Bad-Name\")",
             "[postgres] `status_interval` must be between 1ms and 10s",

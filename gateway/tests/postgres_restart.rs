@@ -127,3 +127,117 @@ async fn a_lost_slot_stops_the_gateway_with_how_to_start_over() {
     assert_eq!(nats.messages("WEIR").await.len(), 1, "nothing after the gap was published");
     capture.cleanup().await;
 }
+
+/// Points the server at our own TLS certificate, and back when dropped.
+struct ServerCertificate;
+
+impl ServerCertificate {
+    async fn install(
+        client: &tokio_postgres::Client,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> ServerCertificate {
+        client.batch_execute(&format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display())).await.unwrap();
+        client.batch_execute(&format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display())).await.unwrap();
+        client.batch_execute("ALTER SYSTEM SET ssl = on").await.unwrap();
+        client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ServerCertificate
+    }
+}
+
+impl Drop for ServerCertificate {
+    fn drop(&mut self) {
+        for sql in [
+            "ALTER SYSTEM RESET ssl_cert_file",
+            "ALTER SYSTEM RESET ssl_key_file",
+            "ALTER SYSTEM RESET ssl",
+            "SELECT pg_reload_conf()",
+        ] {
+            let _ = Command::new("psql")
+                .args(["-h", "/var/run/postgresql", "-U", "root", "-d", "test", "-c", sql])
+                .output();
+        }
+    }
+}
+
+/// A CA and a server certificate for localhost signed by it (PEM files), readable by the
+/// server's `postgres` user.
+fn server_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "weir test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&paths.2, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for file in [&paths.1, &paths.2] {
+        assert!(Command::new("chown").arg("postgres:postgres").arg(file).status().unwrap().success());
+    }
+    paths
+}
+
+fn weir_check(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, config.replace("{plugins}", &common::plugins_dir().display().to_string())).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_weir")).args(["check", "--config"]).arg(&path).output().unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn change_capture_over_verified_tls() {
+    let _server = SERVER.lock().await;
+    let pki_dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = server_pki(pki_dir.path());
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let (stranger_ca, _, _) = server_pki(stranger_dir.path());
+    let client = connect().await;
+    let installed = ServerCertificate::install(&client, &cert, &key).await;
+
+    let capture = Capture::new("tls", &[("a", "id bigint PRIMARY KEY")]).await;
+    let table = &capture.tables[0];
+    let nats = Nats::start();
+    let over_tcp = |tls: &str| {
+        capture.config(&nats, tls).replace(
+            &format!("url = \"{}\"", common::pg::postgres_url()),
+            "url = \"host=localhost port=5432 user=root dbname=test\"",
+        )
+    };
+    let verified = over_tcp(&format!("tls = \"verify-full\"\ntls_ca_file = \"{}\"", ca.display()));
+    let gateway = Gateway::start(&verified);
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1, "{}", gateway.log());
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'weir' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(encrypted, 1, "the replication connection is encrypted");
+    drop(gateway);
+
+    // A certificate from an authority the gateway does not trust is refused, with the reason.
+    let (ok, output) =
+        weir_check(&over_tcp(&format!("tls = \"verify-full\"\ntls_ca_file = \"{}\"", stranger_ca.display())));
+    assert!(!ok && output.contains("TLS handshake with PostgreSQL at localhost:5432 failed"), "{output}");
+    assert!(output.contains("invalid peer certificate"), "{output}");
+    // `require` encrypts without checking the certificate, as libpq does.
+    let (ok, output) = weir_check(&over_tcp("tls = \"require\""));
+    assert!(ok, "{output}");
+    drop(installed);
+    capture.cleanup().await;
+}

@@ -4,10 +4,10 @@ use crate::config::PostgresConfig;
 use pgwire_replication::ReplicationConfig;
 use tokio_postgres::config::Host;
 
-/// Host, port, user, password and database from `[postgres] url`, for the replication stream.
-pub fn replication_config(config: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
-    let parsed: tokio_postgres::Config =
-        config.url.parse().map_err(|e| anyhow::anyhow!("[postgres] url is not a PostgreSQL connection string: {e}"))?;
+/// Host, port, user, password and database from `[postgres] url` (or the TLS tunnel standing in
+/// for the server), for the replication stream.
+pub async fn replication_config(config: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
+    let parsed = super::tls::route(config).await?;
     let host = match parsed.get_hosts().first() {
         Some(Host::Tcp(name)) => name.clone(),
         Some(Host::Unix(path)) => path.display().to_string(),
@@ -24,10 +24,9 @@ pub fn replication_config(config: &PostgresConfig) -> anyhow::Result<Replication
     let replication = if host.starts_with('/') {
         ReplicationConfig::unix(host, port, user, password, database, config.slot.clone(), config.publication.clone())
     } else {
+        // Only `tls = "disable"` reaches here (TLS goes through the tunnel's Unix socket).
         ReplicationConfig::new(host, user, password, database, config.slot.clone(), config.publication.clone())
             .with_port(port)
-            // Built without TLS support (its rustls default pulled in a second crypto stack);
-            // docs/postgres.md says so.
             .with_tls(pgwire_replication::TlsConfig::disabled())
     };
     Ok(replication)

@@ -13,6 +13,7 @@ pub mod source;
 pub mod values;
 
 mod connection;
+mod tls;
 
 pub use source::PostgresSource;
 

@@ -17,7 +17,9 @@ pub const SLOT_BUCKET: &str = "weir_postgres_slots";
 
 /// Connects the control connection; its driver task logs when it ends.
 pub async fn connect_control(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(&config.url, tokio_postgres::NoTls)
+    let routed = super::tls::route(config).await?;
+    let (client, connection) = routed
+        .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL ({}): {e}", describe(&config.url)))?;
     tokio::spawn(async move {
@@ -285,6 +287,8 @@ pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::R
 pub async fn check(config: &PostgresConfig) -> Vec<String> {
     let client = match connect_control(config).await {
         Ok(client) => client,
+        // TLS errors already say what to fix.
+        Err(error) if format!("{error:#}").contains("TLS") => return vec![format!("{error:#}")],
         Err(error) => return vec![format!("{error:#}; fix [postgres] url or start PostgreSQL")],
     };
     println!("ok    PostgreSQL connected ({})", describe(&config.url));

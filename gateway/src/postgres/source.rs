@@ -154,7 +154,7 @@ impl PostgresSource {
             super::setup::Start::Resume(lsn) => lsn,
             super::setup::Start::Snapshot => self.snapshot(&control, &types, &marker, shutdown).await?,
         };
-        let replication = connection::replication_config(&self.config).map_err(Failure::Fatal)?;
+        let replication = connection::replication_config(&self.config).await.map_err(retry)?;
         let replication = replication
             .with_start_lsn(start)
             .with_ack_lsn(start)
@@ -490,7 +490,7 @@ impl PostgresSource {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Lsn, Failure> {
         use super::setup::quote;
-        let replication = connection::replication_config(&self.config).map_err(Failure::Fatal)?;
+        let replication = connection::replication_config(&self.config).await.map_err(retry)?;
         let mut exporter = ReplicationClient::connect_gated(replication).await.map_err(retry)?;
         let created = exporter
             .simple_query(&format!(

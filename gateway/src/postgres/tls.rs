@@ -1,0 +1,330 @@
+//! TLS to PostgreSQL over TCP. The replication client is built without its own TLS (that feature
+//! pulls in a second crypto library, aws-lc), so TCP connections go through a tunnel of ours: a
+//! Unix socket in a private directory (mode 0700), where each connection is carried to the server
+//! after PostgreSQL's `SSLRequest` and a rustls handshake — the rustls and ring the NATS client
+//! already uses. The control and the replication connections both use it; a Unix-socket `url`
+//! never uses TLS (as with libpq).
+
+use crate::config::{PostgresConfig, PostgresTls};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener};
+use tokio_postgres::config::Host;
+
+/// `SSLRequest`: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// The connection settings to use for `config`: the url itself for a Unix socket or
+/// `tls = "disable"`, otherwise the url pointed at this process's tunnel to the server.
+pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Config> {
+    let mut parsed: tokio_postgres::Config =
+        config.url.parse().map_err(|e| anyhow::anyhow!("[postgres] url is not a PostgreSQL connection string: {e}"))?;
+    let mode = config.tls.unwrap_or(match parsed.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => PostgresTls::Disable,
+        tokio_postgres::config::SslMode::Require => PostgresTls::Require,
+        _ => PostgresTls::Prefer,
+    });
+    // The drivers themselves never negotiate TLS: either there is none, or the tunnel does it.
+    parsed.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let host = match parsed.get_hosts().first() {
+        Some(Host::Tcp(host)) if mode != PostgresTls::Disable => host.clone(),
+        _ => return Ok(parsed),
+    };
+    let port = parsed.get_ports().first().copied().unwrap_or(5432);
+    let dir = tunnel(config, mode, host, port).await?;
+    let mut routed = tokio_postgres::Config::new();
+    routed.host_path(dir).port(port).ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if let Some(user) = parsed.get_user() {
+        routed.user(user);
+    }
+    if let Some(password) = parsed.get_password() {
+        routed.password(password);
+    }
+    if let Some(dbname) = parsed.get_dbname() {
+        routed.dbname(dbname);
+    }
+    if let Some(options) = parsed.get_options() {
+        routed.options(options);
+    }
+    if let Some(name) = parsed.get_application_name() {
+        routed.application_name(name);
+    }
+    if let Some(timeout) = parsed.get_connect_timeout() {
+        routed.connect_timeout(*timeout);
+    }
+    Ok(routed)
+}
+
+/// One tunnel per server and settings for the life of the process, started on first use.
+async fn tunnel(
+    config: &PostgresConfig,
+    mode: PostgresTls,
+    host: String,
+    port: u16,
+) -> anyhow::Result<std::path::PathBuf> {
+    static TUNNELS: tokio::sync::Mutex<Vec<(String, tempfile::TempDir)>> = tokio::sync::Mutex::const_new(Vec::new());
+    let key =
+        format!("{host}:{port}:{mode:?}:{:?}:{:?}:{:?}", config.tls_ca_file, config.tls_cert_file, config.tls_key_file);
+    let mut tunnels = TUNNELS.lock().await;
+    if let Some((_, dir)) = tunnels.iter().find(|(k, _)| *k == key) {
+        return Ok(dir.path().to_path_buf());
+    }
+    let upstream = Arc::new(Upstream::new(config, mode, host, port)?);
+    // One connection first, so a server without TLS or a certificate that does not verify is
+    // reported here, with the reason, instead of as a dropped connection later.
+    upstream.connect().await?;
+    let dir = tempfile::Builder::new()
+        .prefix("weir-postgres-tls-")
+        .tempdir()
+        .map_err(|e| anyhow::anyhow!("cannot create the directory of the PostgreSQL TLS tunnel: {e}"))?;
+    let listener = UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}")))
+        .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL TLS tunnel's socket: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let (mut local, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "PostgreSQL TLS tunnel: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                match upstream.connect().await {
+                    Ok(Connection::Plain(mut server)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut local, &mut server).await;
+                    }
+                    Ok(Connection::Tls(mut server)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut local, server.as_mut()).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"), "PostgreSQL TLS tunnel: cannot reach the server")
+                    }
+                }
+            });
+        }
+    });
+    let path = dir.path().to_path_buf();
+    tunnels.push((key, dir));
+    Ok(path)
+}
+
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The server and how to secure connections to it.
+struct Upstream {
+    host: String,
+    port: u16,
+    mode: PostgresTls,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl Upstream {
+    fn new(config: &PostgresConfig, mode: PostgresTls, host: String, port: u16) -> anyhow::Result<Upstream> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow::anyhow!("TLS set-up: {e}"))?;
+        // As libpq: `prefer` and `require` check nothing unless a CA file is given, which makes
+        // them `verify-ca`.
+        let verify = match (mode, &config.tls_ca_file) {
+            (PostgresTls::VerifyFull, _) => Verify::Full,
+            (PostgresTls::VerifyCa, _) | (_, Some(_)) => Verify::Ca,
+            _ => Verify::Nothing,
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match verify {
+            Verify::Nothing => Arc::new(AcceptAnyCertificate(provider)),
+            Verify::Ca | Verify::Full => {
+                let roots = Arc::new(trusted_roots(config.tls_ca_file.as_deref())?);
+                let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("TLS set-up: {e}"))?;
+                if verify == Verify::Full { webpki } else { Arc::new(AnyHostName(webpki)) }
+            }
+        };
+        let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| anyhow::anyhow!("[postgres] tls_cert_file {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| anyhow::anyhow!("[postgres] tls_key_file {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| anyhow::anyhow!("[postgres] tls_cert_file and tls_key_file do not make a pair: {e}"))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|_| anyhow::anyhow!("[postgres] host `{host}` is not a valid name for TLS"))?;
+        Ok(Upstream { host, port, mode, tls: Arc::new(tls), server_name })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        let at = format!("{}:{}", self.host, self.port);
+        let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&at))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL at {at} timed out"))?
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {at}: {e}"))?;
+        tcp.set_nodelay(true)?;
+        tcp.write_all(&SSL_REQUEST).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| anyhow::anyhow!("PostgreSQL at {at} closed the connection during TLS negotiation: {e}"))?;
+        match answer[0] {
+            b'S' => {
+                let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+                let tls = connector.connect(self.server_name.clone(), tcp).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "TLS handshake with PostgreSQL at {at} failed: {e}; check [postgres] tls ({}) and tls_ca_file",
+                        mode_name(self.mode)
+                    )
+                })?;
+                Ok(Connection::Tls(Box::new(tls)))
+            }
+            b'N' if self.mode == PostgresTls::Prefer => Ok(Connection::Plain(tcp)),
+            b'N' => Err(anyhow::anyhow!(
+                "PostgreSQL at {at} does not accept TLS connections, but [postgres] tls = \"{}\"; turn on `ssl` on the server or set tls = \"prefer\"",
+                mode_name(self.mode)
+            )),
+            other => Err(anyhow::anyhow!("PostgreSQL at {at} answered the TLS request with {other:#04x}")),
+        }
+    }
+}
+
+fn mode_name(mode: PostgresTls) -> &'static str {
+    match mode {
+        PostgresTls::Disable => "disable",
+        PostgresTls::Prefer => "prefer",
+        PostgresTls::Require => "require",
+        PostgresTls::VerifyCa => "verify-ca",
+        PostgresTls::VerifyFull => "verify-full",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    Nothing,
+    Ca,
+    Full,
+}
+
+fn trusted_roots(ca_file: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(file) => {
+            for cert in CertificateDer::pem_file_iter(file)
+                .map_err(|e| anyhow::anyhow!("[postgres] tls_ca_file {}: {e}", file.display()))?
+            {
+                let cert = cert.map_err(|e| anyhow::anyhow!("[postgres] tls_ca_file {}: {e}", file.display()))?;
+                roots.add(cert).map_err(|e| anyhow::anyhow!("[postgres] tls_ca_file {}: {e}", file.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    if roots.is_empty() {
+        anyhow::bail!(
+            "no trusted certificate authorities to verify PostgreSQL's certificate; set [postgres] tls_ca_file"
+        );
+    }
+    Ok(roots)
+}
+
+/// `require`/`prefer` without a CA file: encrypted, the certificate not checked (libpq's meaning).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted authority; the host name is not checked.
+#[derive(Debug)]
+struct AnyHostName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyHostName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
