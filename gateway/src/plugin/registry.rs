@@ -87,13 +87,23 @@ impl PluginSlot {
     /// Looks at the file once and loads, keeps or unloads accordingly.
     fn check(&self, runtime: &PluginRuntime, metrics: &Metrics) {
         let stamp = FileStamp::of(&self.file);
-        let mut watched = self.watched();
-        let settled = stamp == watched.last_seen;
-        watched.last_seen = stamp.clone();
-        if !settled || stamp == watched.acted_on {
-            return;
+        {
+            let mut watched = self.watched();
+            let settled = stamp == watched.last_seen;
+            watched.last_seen = stamp.clone();
+            if !settled || stamp == watched.acted_on {
+                return;
+            }
+            watched.acted_on = stamp.clone();
         }
-        watched.acted_on = stamp.clone();
+        // Not held while a new file compiles: `/readyz` reads the state meanwhile.
+        let problem = self.act_on(stamp, runtime, metrics);
+        self.watched().problem = problem;
+    }
+
+    /// Loads, keeps or unloads for a file that changed; returns why the newest file is not
+    /// serving, if it is not.
+    fn act_on(&self, stamp: FileStamp, runtime: &PluginRuntime, metrics: &Metrics) -> Option<String> {
         match stamp {
             FileStamp::Missing => {
                 if self.current.swap(None).is_some() {
@@ -101,28 +111,26 @@ impl PluginSlot {
                     metrics.plugin_reload(&self.name, "removed");
                     metrics.set_plugin_loaded(&self.name, false);
                 }
-                watched.problem = Some(format!("file {} does not exist", self.file.display()));
+                Some(format!("file {} does not exist", self.file.display()))
             }
             FileStamp::Unreadable(error) => {
                 tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "cannot read the plugin file; the serving version stays");
                 metrics.plugin_reload(&self.name, "refused");
-                watched.problem = Some(format!("cannot read {}: {error}", self.file.display()));
+                Some(format!("cannot read {}: {error}", self.file.display()))
             }
             FileStamp::Present { .. } => {
                 let before = self.current();
                 match self.load(runtime) {
                     Ok(plugin) => {
                         let old = before.as_ref().map(|p| p.info().version_label());
-                        if old.as_deref() == Some(plugin.info().version_label().as_str()) {
-                            // Touched or copied over with the same bytes: nothing to swap.
-                            watched.problem = None;
-                            return;
+                        // Touched or copied over with the same bytes: nothing to swap.
+                        if old.as_deref() != Some(plugin.info().version_label().as_str()) {
+                            tracing::info!(plugin = %self.name, from = old.as_deref().unwrap_or("none"), to = %plugin.info().version_label(), "plugin reloaded; events already running finish on the old version");
+                            self.current.store(Some(Arc::new(plugin)));
+                            metrics.plugin_reload(&self.name, "loaded");
+                            metrics.set_plugin_loaded(&self.name, true);
                         }
-                        tracing::info!(plugin = %self.name, from = old.as_deref().unwrap_or("none"), to = %plugin.info().version_label(), "plugin reloaded; events already running finish on the old version");
-                        self.current.store(Some(Arc::new(plugin)));
-                        metrics.plugin_reload(&self.name, "loaded");
-                        metrics.set_plugin_loaded(&self.name, true);
-                        watched.problem = None;
+                        None
                     }
                     Err(error) => {
                         let serving = if before.is_some() {
@@ -132,7 +140,7 @@ impl PluginSlot {
                         };
                         tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "new plugin file refused; {serving}");
                         metrics.plugin_reload(&self.name, "refused");
-                        watched.problem = Some(format!("new file refused: {error}"));
+                        Some(format!("new file refused: {error}"))
                     }
                 }
             }

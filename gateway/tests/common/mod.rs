@@ -70,5 +70,18 @@ pub fn rss_bytes() -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("number");
     kib * 1024
 }
+/// The median of `values` (sorted in place), for benchmarks measured in rounds.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `low–high` of `values`, for benchmark tables.
+pub fn range(values: &[f64]) -> String {
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(0.0, f64::max);
+    format!("{low:.0}–{high:.0}")
+}
+
 pub mod pg;
 pub mod services;
