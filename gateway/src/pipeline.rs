@@ -230,6 +230,20 @@ impl Pipeline {
         &self.plugins
     }
 
+    /// Plugins some route needs that have no serving version (their file was removed).
+    pub fn unloaded_plugins(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .routes
+            .iter()
+            .flat_map(|route| &route.chain)
+            .filter(|slot| slot.current().is_none())
+            .map(|slot| slot.name())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// Index of the first route matching `event`.
     pub fn route_for(&self, event: &Event) -> Option<usize> {
         self.routes.iter().position(|route| route.matches(event))

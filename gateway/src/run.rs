@@ -38,7 +38,7 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
         Arc::new(PluginSet::load(&runtime, &config).map_err(|problems| anyhow::anyhow!(problems.join("\n")))?);
     let pipeline = Arc::new(Pipeline::new(&config, plugins.clone())?);
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    tokio.block_on(async move {
+    let outcome = tokio.block_on(async move {
         let sink = Sink::connect(&config).await?;
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -52,6 +52,7 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             idempotency_ttl: config.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window),
         };
         let metrics = Arc::new(Metrics::new());
+        plugins.report(&metrics);
         if !config.plugins.watch.is_zero() {
             tokio::spawn(plugins.watch(runtime, metrics.clone(), config.plugins.watch));
         }
@@ -108,7 +109,10 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
         }
         tracing::info!("drained; exiting");
         Ok(())
-    })
+    });
+    // Every way out, fatal ones included, removes the PostgreSQL TLS tunnels' directories.
+    tokio.block_on(crate::postgres::close_tunnels());
+    outcome
 }
 
 /// `weir check`: every problem with the config, plugins, NATS and the stream, one per line.
@@ -149,6 +153,7 @@ pub fn check(config_path: &Path) -> i32 {
             problems.extend(tokio.block_on(check_nats(&config)));
             if let Some(pg) = &config.postgres {
                 problems.extend(tokio.block_on(crate::postgres::setup::check(pg)));
+                tokio.block_on(crate::postgres::close_tunnels());
             }
         }
         Err(error) => problems.push(format!("cannot start the async runtime: {error}")),

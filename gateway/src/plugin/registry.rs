@@ -98,7 +98,14 @@ impl PluginSlot {
         }
         // Not held while a new file compiles: `/readyz` reads the state meanwhile.
         let problem = self.act_on(stamp, runtime, metrics);
-        self.watched().problem = problem;
+        let unloaded = self.current.load().is_none();
+        let mut watched = self.watched();
+        if problem.is_some() && unloaded {
+            // Nothing serves: try again at the next check even if the file stays the same, so a
+            // passing failure (I/O, memory) does not leave the plugin unloaded for good.
+            watched.acted_on = FileStamp::Missing;
+        }
+        watched.problem = problem;
     }
 
     /// Loads, keeps or unloads for a file that changed; returns why the newest file is not
@@ -133,14 +140,18 @@ impl PluginSlot {
                         None
                     }
                     Err(error) => {
-                        let serving = if before.is_some() {
-                            "the previous version keeps serving"
-                        } else {
-                            "the plugin stays unloaded"
-                        };
-                        tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "new plugin file refused; {serving}");
-                        metrics.plugin_reload(&self.name, "refused");
-                        Some(format!("new file refused: {error}"))
+                        let problem = format!("new file refused: {error}");
+                        // A file retried at every check is reported once, not once a second.
+                        if self.watched().problem.as_deref() != Some(problem.as_str()) {
+                            let serving = if before.is_some() {
+                                "the previous version keeps serving"
+                            } else {
+                                "the plugin stays unloaded"
+                            };
+                            tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "new plugin file refused; {serving}");
+                            metrics.plugin_reload(&self.name, "refused");
+                        }
+                        Some(problem)
                     }
                 }
             }
@@ -226,9 +237,11 @@ impl PluginSet {
         self.slots.values()
     }
 
-    /// Names of plugins with no serving version.
-    pub fn unloaded(&self) -> Vec<&str> {
-        self.slots.values().filter(|slot| slot.current.load().is_none()).map(|slot| slot.name()).collect()
+    /// Reports each plugin's state in `metrics` (`weir_plugin_loaded`).
+    pub fn report(&self, metrics: &Metrics) {
+        for slot in self.slots.values() {
+            metrics.set_plugin_loaded(slot.name(), slot.current.load().is_some());
+        }
     }
 
     /// Per plugin: the serving version and, when the newest file is not serving, why.
@@ -255,9 +268,6 @@ impl PluginSet {
     /// Checks the plugin files every `interval` until the task is dropped. Compiling runs on a
     /// blocking thread so requests keep being served meanwhile.
     pub async fn watch(self: Arc<Self>, runtime: Arc<PluginRuntime>, metrics: Arc<Metrics>, interval: Duration) {
-        for slot in self.slots.values() {
-            metrics.set_plugin_loaded(slot.name(), slot.current.load().is_some());
-        }
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

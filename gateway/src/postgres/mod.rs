@@ -15,6 +15,8 @@ pub mod values;
 mod connection;
 mod tls;
 
+pub use tls::close_tunnels;
+
 pub use source::PostgresSource;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};

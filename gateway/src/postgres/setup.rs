@@ -285,6 +285,9 @@ pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::R
 /// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
 /// Prints what is fine and returns each problem with how to fix it.
 pub async fn check(config: &PostgresConfig) -> Vec<String> {
+    if let Err(error) = super::tls::check_settings(config) {
+        return vec![format!("{error:#}")];
+    }
     let client = match connect_control(config).await {
         Ok(client) => client,
         // TLS errors already say what to fix.

@@ -116,6 +116,11 @@ impl PostgresSource {
     /// Runs until `shutdown` turns true (returns `Ok`) or a fatal problem (returns `Err`);
     /// reconnects with backoff after anything else.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        // A TLS setting that cannot work is a config error: stop instead of retrying forever.
+        if let Err(error) = super::tls::check_settings(&self.config) {
+            tracing::error!(error = %format!("{error:#}"), "PostgreSQL change capture cannot start");
+            return Err(error);
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let started = Instant::now();

@@ -20,9 +20,15 @@ use tokio_postgres::config::Host;
 /// `SSLRequest`: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// The connection settings to use for `config`: the url itself for a Unix socket or
-/// `tls = "disable"`, otherwise the url pointed at this process's tunnel to the server.
-pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Config> {
+/// What the url and `[postgres] tls` ask for.
+struct Plan {
+    parsed: tokio_postgres::Config,
+    mode: PostgresTls,
+    /// The server, when the connection is TCP and TLS is not disabled.
+    tcp: Option<(String, u16)>,
+}
+
+fn plan(config: &PostgresConfig) -> anyhow::Result<Plan> {
     let mut parsed: tokio_postgres::Config =
         config.url.parse().map_err(|e| anyhow::anyhow!("[postgres] url is not a PostgreSQL connection string: {e}"))?;
     let mode = config.tls.unwrap_or(match parsed.get_ssl_mode() {
@@ -32,12 +38,34 @@ pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Co
     });
     // The drivers themselves never negotiate TLS: either there is none, or the tunnel does it.
     parsed.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let host = match parsed.get_hosts().first() {
-        Some(Host::Tcp(host)) if mode != PostgresTls::Disable => host.clone(),
-        _ => return Ok(parsed),
+    let tcp = match parsed.get_hosts().first() {
+        _ if mode == PostgresTls::Disable => None,
+        Some(Host::Tcp(host)) => Some((host.clone(), parsed.get_ports().first().copied().unwrap_or(5432))),
+        _ if mode == PostgresTls::Prefer => None,
+        _ => anyhow::bail!(
+            "[postgres] tls = \"{}\" needs a TCP host in the url (e.g. `host=db.example.com`): a Unix socket, or `hostaddr` alone, never uses TLS",
+            mode_name(mode)
+        ),
     };
-    let port = parsed.get_ports().first().copied().unwrap_or(5432);
-    let dir = tunnel(config, mode, host, port).await?;
+    Ok(Plan { parsed, mode, tcp })
+}
+
+/// Checks the TLS settings without connecting: the url's target, the CA, certificate and key
+/// files. A problem here is a config error; the gateway stops on it instead of retrying.
+pub fn check_settings(config: &PostgresConfig) -> anyhow::Result<()> {
+    let plan = plan(config)?;
+    if let Some((host, port)) = plan.tcp {
+        Upstream::new(config, plan.mode, host, port)?;
+    }
+    Ok(())
+}
+
+/// The connection settings to use for `config`: the url itself for a Unix socket or
+/// `tls = "disable"`, otherwise the url pointed at this process's tunnel to the server.
+pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Config> {
+    let Plan { parsed, mode, tcp } = plan(config)?;
+    let Some((host, port)) = tcp else { return Ok(parsed) };
+    let dir = tunnel(config, mode, host, port, parsed.get_connect_timeout().copied()).await?;
     let mut routed = tokio_postgres::Config::new();
     routed.host_path(dir).port(port).ssl_mode(tokio_postgres::config::SslMode::Disable);
     if let Some(user) = parsed.get_user() {
@@ -61,31 +89,57 @@ pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Co
     Ok(routed)
 }
 
-/// One tunnel per server and settings for the life of the process, started on first use.
+/// A running tunnel: its private directory (removed when dropped) and its listener task.
+struct Tunnel {
+    key: String,
+    dir: tempfile::TempDir,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+static TUNNELS: tokio::sync::Mutex<Vec<Tunnel>> = tokio::sync::Mutex::const_new(Vec::new());
+
+/// Stops every tunnel and removes their directories (at shutdown).
+pub async fn close_tunnels() {
+    TUNNELS.lock().await.clear();
+}
+
+/// A directory only this user can enter, whatever the umask.
+fn private_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().prefix("weir-postgres-tls-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+}
+
+/// One tunnel per server and settings, started on first use and kept until [`close_tunnels`].
 async fn tunnel(
     config: &PostgresConfig,
     mode: PostgresTls,
     host: String,
     port: u16,
+    connect_timeout: Option<Duration>,
 ) -> anyhow::Result<std::path::PathBuf> {
-    static TUNNELS: tokio::sync::Mutex<Vec<(String, tempfile::TempDir)>> = tokio::sync::Mutex::const_new(Vec::new());
+    use std::os::unix::fs::PermissionsExt;
     let key =
         format!("{host}:{port}:{mode:?}:{:?}:{:?}:{:?}", config.tls_ca_file, config.tls_cert_file, config.tls_key_file);
-    let mut tunnels = TUNNELS.lock().await;
-    if let Some((_, dir)) = tunnels.iter().find(|(k, _)| *k == key) {
-        return Ok(dir.path().to_path_buf());
+    if let Some(tunnel) = TUNNELS.lock().await.iter().find(|t| t.key == key) {
+        return Ok(tunnel.dir.path().to_path_buf());
     }
-    let upstream = Arc::new(Upstream::new(config, mode, host, port)?);
-    // One connection first, so a server without TLS or a certificate that does not verify is
-    // reported here, with the reason, instead of as a dropped connection later.
+    let upstream = Arc::new(Upstream::new(config, mode, host, port)?.with_timeout(connect_timeout));
+    // One connection first (without holding the lock), so a server without TLS or a certificate
+    // that does not verify is reported here, with the reason, not as a dropped connection later.
     upstream.connect().await?;
-    let dir = tempfile::Builder::new()
-        .prefix("weir-postgres-tls-")
-        .tempdir()
-        .map_err(|e| anyhow::anyhow!("cannot create the directory of the PostgreSQL TLS tunnel: {e}"))?;
-    let listener = UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}")))
+    let dir =
+        private_dir().map_err(|e| anyhow::anyhow!("cannot create the directory of the PostgreSQL TLS tunnel: {e}"))?;
+    let socket = dir.path().join(format!(".s.PGSQL.{port}"));
+    let listener = UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL TLS tunnel's socket: {e}"))?;
-    tokio::spawn(async move {
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let listener = tokio::spawn(async move {
         loop {
             let (mut local, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -111,8 +165,13 @@ async fn tunnel(
             });
         }
     });
+    let mut tunnels = TUNNELS.lock().await;
+    // Another caller may have started one meanwhile: keep theirs (ours is dropped and removed).
+    if let Some(tunnel) = tunnels.iter().find(|t| t.key == key) {
+        return Ok(tunnel.dir.path().to_path_buf());
+    }
     let path = dir.path().to_path_buf();
-    tunnels.push((key, dir));
+    tunnels.push(Tunnel { key, dir, listener });
     Ok(path)
 }
 
@@ -128,6 +187,8 @@ struct Upstream {
     mode: PostgresTls,
     tls: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
+    /// For the whole connection: TCP, the TLS request and the handshake.
+    timeout: Duration,
 }
 
 impl Upstream {
@@ -169,15 +230,40 @@ impl Upstream {
         };
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| anyhow::anyhow!("[postgres] host `{host}` is not a valid name for TLS"))?;
-        Ok(Upstream { host, port, mode, tls: Arc::new(tls), server_name })
+        Ok(Upstream { host, port, mode, tls: Arc::new(tls), server_name, timeout: Duration::from_secs(10) })
+    }
+
+    fn with_timeout(mut self, timeout: Option<Duration>) -> Upstream {
+        if let Some(timeout) = timeout {
+            self.timeout = timeout;
+        }
+        self
     }
 
     async fn connect(&self) -> anyhow::Result<Connection> {
         let at = format!("{}:{}", self.host, self.port);
-        let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&at))
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL at {at} timed out"))?
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {at}: {e}"))?;
+        match tokio::time::timeout(self.timeout, self.negotiate(&at)).await {
+            Ok(Err(error)) if self.mode == PostgresTls::Prefer && error.to_string().contains("TLS handshake") => {
+                // libpq's `prefer`: a server whose TLS cannot be agreed on is used without it.
+                tracing::warn!(error = %format!("{error:#}"), "PostgreSQL TLS failed under tls = \"prefer\"; connecting without TLS");
+                let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(&at))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL at {at} timed out"))?
+                    .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {at}: {e}"))?;
+                tcp.set_nodelay(true)?;
+                Ok(Connection::Plain(tcp))
+            }
+            Ok(outcome) => outcome,
+            Err(_) => Err(anyhow::anyhow!(
+                "connecting to PostgreSQL at {at} (TCP and TLS negotiation) took longer than {:?}",
+                self.timeout
+            )),
+        }
+    }
+
+    async fn negotiate(&self, at: &str) -> anyhow::Result<Connection> {
+        let mut tcp =
+            TcpStream::connect(at).await.map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {at}: {e}"))?;
         tcp.set_nodelay(true)?;
         tcp.write_all(&SSL_REQUEST).await?;
         let mut answer = [0u8; 1];
@@ -326,5 +412,37 @@ impl ServerCertVerifier for AnyHostName {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn config(url: &str, tls: Option<PostgresTls>) -> PostgresConfig {
+        let text = format!("[nats]\nurl = \"nats://x\"\n[jetstream]\nstream = \"S\"\n[postgres]\nurl = \"{url}\"\n");
+        let mut config = crate::config::Config::parse(&text, "weir.toml").ok().and_then(|c| c.postgres).unwrap();
+        config.tls = tls;
+        config
+    }
+
+    #[test]
+    fn the_tunnel_directory_is_private_whatever_the_umask() {
+        let dir = private_dir().unwrap();
+        assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn tls_that_must_happen_is_never_skipped() {
+        for url in ["host=/var/run/postgresql dbname=app", "hostaddr=10.0.0.1 dbname=app"] {
+            let error = check_settings(&config(url, Some(PostgresTls::VerifyFull))).unwrap_err().to_string();
+            assert!(error.contains("needs a TCP host"), "{url}: {error}");
+            assert!(check_settings(&config(url, Some(PostgresTls::Prefer))).is_ok(), "{url}");
+        }
+        let mut missing_ca = config("host=db.example.com", Some(PostgresTls::VerifyFull));
+        missing_ca.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let error = format!("{:#}", check_settings(&missing_ca).unwrap_err());
+        assert!(error.contains("[postgres] tls_ca_file /nonexistent/ca.pem"), "{error}");
     }
 }
