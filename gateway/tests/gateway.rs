@@ -1050,3 +1050,53 @@ async fn line_breaks_in_entities_and_keys_never_reach_nats_headers() {
     let envelope: Value = serde_json::from_slice(&messages[0].payload).unwrap();
     assert_eq!(envelope["key"], "k\r\nInjected: 1", "the envelope keeps the key as sent");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_already_running_finishes_on_the_old_version() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    replace_file(&common::plugin_path("fixture-infinite-loop"), &live);
+    let old_version = version_of(&live);
+    let gateway = Gateway::start(&format!(
+        r#"
+[nats]
+url = "{url}"
+[jetstream]
+stream = "WEIR"
+subjects = ["weir.>"]
+[http]
+listen = "127.0.0.1:0"
+[plugins]
+dir = "{dir}"
+watch = "100ms"
+[plugins.live]
+timeout_ms = 4000
+[[routes]]
+match = {{ entity = "users" }}
+plugins = ["live"]
+"#,
+        url = nats.url(),
+        dir = dir.path().display()
+    ));
+    // A request held inside the old version (it spins until its 4 s limit).
+    let url = gateway.url("/v1/events/users");
+    let running = tokio::spawn(async move {
+        let response = client().post(url).header("content-type", "application/json").body("{}").send().await.unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replace_file(&common::plugin_path("noop"), &live);
+    let new_version = version_of(&live);
+    wait_for_plugin(&gateway, "new version loaded", |p| p["version"] == new_version.as_str()).await;
+    assert!(!running.is_finished(), "the first request is still inside the old version");
+    let (status, answer, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!((status, answer["published"][0]["subject"].as_str()), (202, Some("weir.users.insert")), "{answer}");
+
+    let (status, answer) = running.await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["error"]["kind"], "timeout", "the old version ran it to its limit: {answer}");
+    let messages = nats.messages("WEIR").await;
+    let letter = messages.iter().find(|m| m.subject.as_str() == "weir.dlq.users").expect("a dead letter");
+    assert_eq!(header(letter, "Weir-Plugin-Version"), Some(old_version.as_str()));
+}
