@@ -8,6 +8,8 @@
 //!   transactions; beside `pg_recvlogical` reading the same backlog to /dev/null (the server's
 //!   decoding limit) and a bare pipelined async-nats publish of as many messages of the same
 //!   size (the sink's limit), in the same run;
+//! - per catch-up, the CPU each of `weir`, `nats-server` and the walsender spent per row (on two
+//!   shared cores their sum, not any one limit, is what bounds the rate);
 //! - a 1M-row transaction: rate and the gateway's peak memory (VmHWM);
 //! - commit → stored latency (p50/p99) at a steady 2k rows/s.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -55,15 +57,72 @@ async fn first_message_size(nats: &Nats) -> usize {
     stream.get_raw_message(first).await.unwrap().payload.len()
 }
 
-/// Seconds from the gateway's start until the stream holds `target` messages.
-async fn catch_up(nats: &Nats, config: &str, target: u64) -> (f64, Gateway) {
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The walsender serving the gateway's slot.
+async fn walsender_pid(slot: &str) -> Option<u32> {
+    let row = connect()
+        .await
+        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+        .await
+        .ok()??;
+    row.get::<_, Option<i32>>(0).and_then(|pid| u32::try_from(pid).ok())
+}
+
+/// CPU microseconds per row of each process during a catch-up, from the first row stored to
+/// the last (the gateway's start-up excluded).
+#[derive(Default)]
+struct CpuPerRow {
+    weir: f64,
+    nats: f64,
+    walsender: f64,
+}
+
+/// Seconds from the gateway's start until the stream holds `target` messages, and the CPU each
+/// process spent per row meanwhile.
+async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, Gateway, CpuPerRow) {
     let started = Instant::now();
     let gateway = Gateway::start(config);
-    while stream_count(nats).await < target {
+    let nats_pid = nats.pid().unwrap_or(0);
+    let mut first: Option<(u64, f64, f64, f64, Option<u32>)> = None;
+    loop {
+        let count = stream_count(nats).await;
+        if first.is_none() && count > 0 {
+            let walsender = walsender_pid(slot).await;
+            first = Some((
+                count,
+                cpu_seconds(gateway.pid()),
+                cpu_seconds(nats_pid),
+                walsender.map_or(0.0, cpu_seconds),
+                walsender,
+            ));
+        }
+        if count >= target {
+            break;
+        }
         assert!(started.elapsed() < Duration::from_secs(600), "catch-up stalled\n{}", gateway.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (started.elapsed().as_secs_f64(), gateway)
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = match first {
+        Some((count, weir, nats_cpu, walsender, walsender_pid)) if count < target => {
+            let rows = (target - count) as f64 / 1e6;
+            CpuPerRow {
+                weir: (cpu_seconds(gateway.pid()) - weir) / rows,
+                nats: (cpu_seconds(nats_pid) - nats_cpu) / rows,
+                walsender: walsender_pid.map_or(0.0, |pid| (cpu_seconds(pid) - walsender) / rows),
+            }
+        }
+        _ => CpuPerRow::default(),
+    };
+    (seconds, gateway, cpu)
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -91,7 +150,11 @@ async fn recvlogical(slot: &str, publication: &str, end_lsn: &str, rows: i64) ->
 }
 
 /// A bare pipelined JetStream publish of `count` messages of `size` bytes (ack window 1024).
-async fn bare_publish(nats: &Nats, count: i64, size: usize) -> f64 {
+/// With `weir_headers`, each message also carries the six other headers `weir` sets on a row
+/// change (`Weir-Source`, `-Entity`, `-Op`, `-Position`, `-Key`, `Content-Type`). Returns
+/// messages/s and nats-server's CPU µs per message.
+async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool) -> (f64, f64) {
+    let nats_cpu = cpu_seconds(nats.pid().unwrap_or(0));
     let context = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(1024)
         .backpressure_on_inflight(true)
@@ -101,7 +164,15 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize) -> f64 {
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..count {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("bare-{i}").as_str());
+        headers.insert("Nats-Msg-Id", format!("bare-{weir_headers}-{i}").as_str());
+        if weir_headers {
+            headers.insert("Weir-Source", "postgres");
+            headers.insert("Weir-Entity", "public.weir_t_bench1_a");
+            headers.insert("Weir-Op", "insert");
+            headers.insert("Weir-Position", "0/1A2B3C4D");
+            headers.insert("Weir-Key", format!("{i}").as_str());
+            headers.insert("Content-Type", "application/json");
+        }
         acks.push(context.publish_with_headers("bare.x", headers, payload.clone()).await.unwrap().into_future());
         while acks.len() >= 1024 {
             use futures::StreamExt;
@@ -112,7 +183,8 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize) -> f64 {
     while let Some(ack) = acks.next().await {
         ack.unwrap();
     }
-    count as f64 / started.elapsed().as_secs_f64()
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    (rate, (cpu_seconds(nats.pid().unwrap_or(0)) - nats_cpu) * 1e6 / count as f64)
 }
 
 fn bench_config(capture: &Capture, nats: &Nats) -> String {
@@ -178,18 +250,26 @@ async fn main() {
         write_backlog(&name, per_txn).await;
         let end = current_lsn().await;
         let (mut decode, mut weir, mut with_start_up, mut bare) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut cpus: Vec<CpuPerRow> = Vec::new();
+        let (mut bare_nats_cpu, mut bare_headers, mut bare_headers_nats_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let mut size = 300;
         for round in 0..ROUNDS {
             decode.push(recvlogical(&slot("r", round), &capture.name, &end, BACKLOG).await);
             let nats = Nats::start();
             let config = bench_config(&capture, &nats)
                 .replace(&format!("slot = \"{}\"", capture.name), &format!("slot = \"{}\"", slot("w", round)));
-            let (seconds, gateway) = catch_up(&nats, &config, BACKLOG as u64).await;
+            let (seconds, gateway, cpu) = catch_up(&nats, &config, &slot("w", round), BACKLOG as u64).await;
+            cpus.push(cpu);
             with_start_up.push(BACKLOG as f64 / seconds);
             weir.push((BACKLOG - 1) as f64 / stored_span(&nats).await);
             size = first_message_size(&nats).await;
             drop(gateway);
-            bare.push(bare_publish(&nats, BACKLOG, size).await);
+            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, false).await;
+            bare.push(rate);
+            bare_nats_cpu.push(nats_cpu);
+            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, true).await;
+            bare_headers.push(rate);
+            bare_headers_nats_cpu.push(nats_cpu);
         }
         for round in 0..ROUNDS {
             for kind in ["w", "r"] {
@@ -197,6 +277,13 @@ async fn main() {
             }
         }
         let ranges = (range(&decode), range(&bare), range(&weir));
+        let per_row = |pick: fn(&CpuPerRow) -> f64| median(&mut cpus.iter().map(pick).collect::<Vec<_>>());
+        let cpu_note = format!(
+            "CPU per row (median): weir {:.1} µs, nats-server {:.1} µs, walsender {:.1} µs",
+            per_row(|c| c.weir),
+            per_row(|c| c.nats),
+            per_row(|c| c.walsender)
+        );
         let (decode, bare, weir, with_start_up) =
             (median(&mut decode), median(&mut bare), median(&mut weir), median(&mut with_start_up));
         let limit = decode.min(bare);
@@ -208,13 +295,25 @@ async fn main() {
         table.push(Row {
             path: format!("bare async-nats publish, {size} B messages"),
             rows_per_second: bare,
-            note: format!("sink limit; rounds {}", ranges.1),
+            note: format!(
+                "sink limit; rounds {}; nats-server {:.1} µs per message",
+                ranges.1,
+                median(&mut bare_nats_cpu)
+            ),
+        });
+        table.push(Row {
+            path: format!("bare async-nats publish, {size} B messages with weir's 7 headers"),
+            rows_per_second: median(&mut bare_headers),
+            note: format!(
+                "not a limit of the goal; nats-server {:.1} µs per message",
+                median(&mut bare_headers_nats_cpu)
+            ),
         });
         table.push(Row {
             path: format!("weir slot → JetStream, {per_txn}-row txns"),
             rows_per_second: weir,
             note: format!(
-                "**{:.2}× the lower limit** (first to last stored; rounds {}; {with_start_up:.0} rows/s counting the gateway's start-up)",
+                "**{:.2}× the lower limit** (first to last stored; rounds {}; {with_start_up:.0} rows/s counting the gateway's start-up); {cpu_note}",
                 weir / limit,
                 ranges.2
             ),
@@ -237,7 +336,7 @@ async fn main() {
         ))
         .await
         .unwrap();
-    let (seconds, gateway) = catch_up(&nats, &config, 1_000_000).await;
+    let (seconds, gateway, _) = catch_up(&nats, &config, &capture.name, 1_000_000).await;
     let rss = peak_rss_mib(gateway.pid());
     table.push(Row {
         path: "weir slot → JetStream, one 1M-row txn".into(),
