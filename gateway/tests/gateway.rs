@@ -454,15 +454,24 @@ async fn health_readiness_and_metrics() {
     assert_eq!(client().get(gateway.url("/readyz")).send().await.unwrap().status().as_u16(), 200);
     post(&gateway, "/v1/events/users", "{}", &[]).await;
     post(&gateway, "/v1/events/poison", r#"{"seq":10}"#, &[]).await;
+    assert_metrics(
+        &gateway,
+        &[
+            "weir_events_received_total{source=\"http\"} 2",
+            "weir_events_published_total{source=\"http\",route=\"route-1\"} 1",
+            "weir_events_dead_lettered_total{source=\"http\",route=\"route-3\"} 1",
+            "weir_plugin_errors_total{plugin=\"fixture_panic_every_10th\",kind=\"trap\"} 1",
+            "weir_nats_connected 1",
+            "weir_publish_duration_seconds_count",
+        ],
+    )
+    .await;
+}
+
+/// `/metrics` holds every one of `needles`.
+async fn assert_metrics(gateway: &Gateway, needles: &[&str]) {
     let text = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for needle in [
-        "weir_events_received_total{source=\"http\"} 2",
-        "weir_events_published_total{source=\"http\",route=\"route-1\"} 1",
-        "weir_events_dead_lettered_total{source=\"http\",route=\"route-3\"} 1",
-        "weir_plugin_errors_total{plugin=\"fixture_panic_every_10th\",kind=\"trap\"} 1",
-        "weir_nats_connected 1",
-        "weir_publish_duration_seconds_count",
-    ] {
+    for needle in needles {
         assert!(text.contains(needle), "`{needle}` in\n{text}");
     }
 }
@@ -1019,15 +1028,16 @@ plugins = ["live"]
         ["weir.users.insert", "weir.users.insert", "weir.dlq.users", "weir.users.insert"],
         "noop, noop (both new files refused), the new version, noop again"
     );
-    let metrics = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for needle in [
-        "weir_plugin_reloads_total{plugin=\"live\",result=\"refused\"} 2",
-        "weir_plugin_reloads_total{plugin=\"live\",result=\"loaded\"} 2",
-        "weir_plugin_reloads_total{plugin=\"live\",result=\"removed\"} 1",
-        "weir_plugin_loaded{plugin=\"live\"} 1",
-    ] {
-        assert!(metrics.contains(needle), "`{needle}` in\n{metrics}");
-    }
+    assert_metrics(
+        &gateway,
+        &[
+            "weir_plugin_reloads_total{plugin=\"live\",result=\"refused\"} 2",
+            "weir_plugin_reloads_total{plugin=\"live\",result=\"loaded\"} 2",
+            "weir_plugin_reloads_total{plugin=\"live\",result=\"removed\"} 1",
+            "weir_plugin_loaded{plugin=\"live\"} 1",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -65,11 +65,6 @@ impl PluginSlot {
         &self.name
     }
 
-    /// The file it is loaded from.
-    pub fn file(&self) -> &Path {
-        &self.file
-    }
-
     /// The serving version, if any. Callers keep the `Arc` for a whole call, so a reload never
     /// changes the plugin under an event that is already running.
     pub fn current(&self) -> Option<Arc<Plugin>> {
@@ -201,30 +196,6 @@ impl PluginSet {
             }
         }
         if problems.is_empty() { Ok(PluginSet { slots }) } else { Err(problems) }
-    }
-
-    /// Already loaded plugins under their names, never reloaded (tools and benchmarks).
-    pub fn fixed(plugins: impl IntoIterator<Item = Plugin>) -> PluginSet {
-        let slots = plugins
-            .into_iter()
-            .map(|plugin| {
-                let name = plugin.name().to_string();
-                let slot = PluginSlot {
-                    name: name.clone(),
-                    file: PathBuf::new(),
-                    config: String::new(),
-                    limits: plugin.limits().clone(),
-                    current: ArcSwapOption::from_pointee(plugin),
-                    watched: Mutex::new(Watched {
-                        acted_on: FileStamp::Missing,
-                        last_seen: FileStamp::Missing,
-                        problem: None,
-                    }),
-                };
-                (name, Arc::new(slot))
-            })
-            .collect();
-        PluginSet { slots }
     }
 
     /// The slot named `name`.
