@@ -5,15 +5,16 @@
 //! handler that publishes the body to JetStream with the same ack window and answers 202 after
 //! the PubAck — no plugins, no parsing. The forwarder runs in a process of its own (this bench
 //! binary started again with `WEIR_BENCH_ROLE=bare-forwarder`), with the same allocator as
-//! `weir`, so that neither shares a runtime with the load generator. It prints a table: single-event
-//! throughput for both, NDJSON batch throughput, and p50/p99 latency at half of each one's
-//! maximum rate.
+//! `weir`, so that neither shares a runtime with the load generator. A second forwarder also sets
+//! the headers weir must set (a unique `Nats-Msg-Id` and four more), to show what they cost NATS.
+//! It prints a table: single-event throughput for each, NDJSON batch throughput, p50/p99 latency
+//! at half of each one's maximum rate, and the CPU each process spends per event.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{median, range};
+use common::{cpu_seconds, median, range};
 
 use common::services::{Gateway, Nats};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ const ROUNDS: usize = 3;
 const BODY: &str = r#"{"id":123456,"status":"paid","total":129.87,"customer":{"id":42,"name":"Ann Example"}}"#;
 
 /// Serves the bare forwarder until killed; prints its address on stdout.
-async fn serve_bare_forwarder(nats_url: String) {
+async fn serve_bare_forwarder(nats_url: String, with_headers: bool) {
     use axum::routing::post;
     let client = async_nats::connect(nats_url).await.unwrap();
     let context = async_nats::jetstream::ContextBuilder::new()
@@ -44,7 +45,24 @@ async fn serve_bare_forwarder(nats_url: String) {
         post(move |body: axum::body::Bytes| {
             let context = context.clone();
             async move {
-                match context.publish("bare.events", body).await {
+                let published = if with_headers {
+                    // What weir's headers cost NATS: a unique id (deduplicated by JetStream) and
+                    // the four others weir sets on a keyless single event.
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+                    for (name, value) in [
+                        ("Weir-Source", "http"),
+                        ("Weir-Entity", "orders"),
+                        ("Weir-Op", "insert"),
+                        ("Content-Type", "application/json"),
+                    ] {
+                        headers.insert(name, value);
+                    }
+                    context.publish_with_headers("bare.events", headers, body).await
+                } else {
+                    context.publish("bare.events", body).await
+                };
+                match published {
                     Ok(ack) => match ack.await {
                         Ok(_) => axum::http::StatusCode::ACCEPTED,
                         Err(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -66,17 +84,22 @@ struct BareForwarder {
 }
 
 impl BareForwarder {
-    fn start(nats_url: &str) -> BareForwarder {
+    fn start(nats_url: &str, with_headers: bool) -> BareForwarder {
         use std::io::BufRead;
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .env("WEIR_BENCH_ROLE", "bare-forwarder")
             .env("WEIR_BENCH_NATS", nats_url)
+            .env("WEIR_BENCH_HEADERS", if with_headers { "1" } else { "0" })
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         BareForwarder { child, addr: line.trim().parse().unwrap() }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -87,7 +110,30 @@ impl Drop for BareForwarder {
     }
 }
 
-/// Closed loop: `CONNECTIONS` clients posting back to back for `MEASURE`; requests per second.
+/// CPU microseconds per event of the server under test, nats-server and this load generator.
+#[derive(Clone, Copy, Default, Debug)]
+struct CpuPerEvent {
+    server: f64,
+    nats: f64,
+    load: f64,
+}
+
+/// Measures the CPU `pids` (server, nats-server) and this process use while `run` returns a
+/// number of events.
+async fn with_cpu(pids: [u32; 2], run: impl std::future::Future<Output = f64>) -> (f64, CpuPerEvent) {
+    let me = std::process::id();
+    let before = [cpu_seconds(pids[0]), cpu_seconds(pids[1]), cpu_seconds(me)];
+    let events = run.await;
+    let per_event = |pid: u32, start: f64| (cpu_seconds(pid) - start) * 1e6 / events.max(1.0);
+    let cpu = CpuPerEvent {
+        server: per_event(pids[0], before[0]),
+        nats: per_event(pids[1], before[1]),
+        load: per_event(me, before[2]),
+    };
+    (events / MEASURE.as_secs_f64(), cpu)
+}
+
+/// Closed loop: `CONNECTIONS` clients posting back to back for `MEASURE`; requests completed.
 async fn max_rate(client: &reqwest::Client, url: &str) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + MEASURE;
@@ -106,7 +152,7 @@ async fn max_rate(client: &reqwest::Client, url: &str) -> f64 {
     for task in tasks {
         task.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / MEASURE.as_secs_f64()
+    done.load(Ordering::Relaxed) as f64
 }
 
 /// `CONNECTIONS` workers together sending `rate` requests per second on a fixed schedule for
@@ -162,13 +208,14 @@ async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
     for task in tasks {
         task.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / MEASURE.as_secs_f64()
+    done.load(Ordering::Relaxed) as f64
 }
 
 #[tokio::main]
 async fn main() {
     if std::env::var("WEIR_BENCH_ROLE").is_ok_and(|role| role == "bare-forwarder") {
-        return serve_bare_forwarder(std::env::var("WEIR_BENCH_NATS").unwrap()).await;
+        let with_headers = std::env::var("WEIR_BENCH_HEADERS").is_ok_and(|v| v == "1");
+        return serve_bare_forwarder(std::env::var("WEIR_BENCH_NATS").unwrap(), with_headers).await;
     }
     let nats = Nats::start();
     let config = format!(
@@ -192,30 +239,69 @@ plugins = ["noop"]
         nats.url()
     );
     let gateway = Gateway::start(&config);
-    let bare_forwarder = BareForwarder::start(&nats.url());
-    let bare = bare_forwarder.addr;
+    let bare_forwarder = BareForwarder::start(&nats.url(), false);
+    let headers_forwarder = BareForwarder::start(&nats.url(), true);
     let client = reqwest::Client::builder().pool_max_idle_per_host(CONNECTIONS).build().unwrap();
     let weir_url = gateway.url("/v1/events/orders");
-    let bare_url = format!("http://{bare}/v1/events/orders");
+    let bare_url = format!("http://{}/v1/events/orders", bare_forwarder.addr);
+    let headers_url = format!("http://{}/v1/events/orders", headers_forwarder.addr);
 
-    // Warm up both (connections, plugin instances, stream).
-    for url in [&weir_url, &bare_url] {
+    // Warm up all (connections, plugin instances, stream).
+    for url in [&weir_url, &bare_url, &headers_url] {
         for _ in 0..200 {
             client.post(url).header("content-type", "application/json").body(BODY).send().await.unwrap();
         }
     }
+    // For profiling: `WEIR_BENCH_SOAK=single|batch|bare` loads only that path for 30 s, so
+    // `perf record -p <pid>` (the pid is printed) sees one path only.
+    if let Ok(path) = std::env::var("WEIR_BENCH_SOAK") {
+        eprintln!(
+            "soaking with {path} requests: weir pid {}, bare forwarder pid {}",
+            gateway.pid(),
+            bare_forwarder.pid()
+        );
+        for _ in 0..6 {
+            let events = match path.as_str() {
+                "batch" => batch_rate(&client, &gateway.url("/v1/batch")).await,
+                "bare" => max_rate(&client, &bare_url).await,
+                _ => max_rate(&client, &weir_url).await,
+            };
+            eprintln!("{:.0} events/s", events / MEASURE.as_secs_f64());
+        }
+        return;
+    }
+    let nats_pid = nats.pid().unwrap_or(0);
+    let paths = [
+        ("bare forwarder (hyper → JetStream)", bare_forwarder.pid(), bare_url.as_str()),
+        ("bare forwarder + weir's headers (not the goal's)", headers_forwarder.pid(), headers_url.as_str()),
+        ("weir single event (noop plugin)", gateway.pid(), weir_url.as_str()),
+    ];
+    let batch_url = gateway.url("/v1/batch");
     // This machine's run-to-run noise is ±30 %: the maximum rates are measured in interleaved
     // rounds and compared by their medians.
-    let (mut bare_rates, mut weir_rates, mut batch_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<CpuPerEvent>; 4] = Default::default();
     for _ in 0..ROUNDS {
-        bare_rates.push(max_rate(&client, &bare_url).await);
-        weir_rates.push(max_rate(&client, &weir_url).await);
-        batch_rates.push(batch_rate(&client, &gateway.url("/v1/batch")).await);
+        for (index, (_, pid, url)) in paths.iter().enumerate() {
+            let (rate, used) = with_cpu([*pid, nats_pid], max_rate(&client, url)).await;
+            rates[index].push(rate);
+            cpu[index].push(used);
+        }
+        let (rate, used) = with_cpu([gateway.pid(), nats_pid], batch_rate(&client, &batch_url)).await;
+        rates[3].push(rate);
+        cpu[3].push(used);
     }
-    let ranges = [&bare_rates, &weir_rates, &batch_rates].map(|rates| range(rates));
-    let (bare_max, weir_max, batch) = (median(&mut bare_rates), median(&mut weir_rates), median(&mut batch_rates));
-    let (bare_p50, bare_p99) = latency_at(&client, &bare_url, bare_max / 2.0).await;
-    let (weir_p50, weir_p99) = latency_at(&client, &weir_url, weir_max / 2.0).await;
+    // CPU per event: the median of the rounds, field by field.
+    let cpu = cpu.map(|rounds| {
+        let field = |get: fn(&CpuPerEvent) -> f64| median(&mut rounds.iter().map(get).collect::<Vec<_>>());
+        CpuPerEvent { server: field(|c| c.server), nats: field(|c| c.nats), load: field(|c| c.load) }
+    });
+    let ranges = rates.each_ref().map(|rates| range(rates));
+    let maxima = rates.each_mut().map(|rates| median(rates));
+    let mut latencies = Vec::new();
+    for (index, (_, _, url)) in paths.iter().enumerate() {
+        latencies.push(latency_at(&client, url, maxima[index] / 2.0).await);
+    }
 
     println!(
         "single-event body: {} bytes; {CONNECTIONS} keep-alive connections; {}s per measurement; max rates: median of {ROUNDS} interleaved rounds\n",
@@ -224,8 +310,18 @@ plugins = ["noop"]
     );
     println!("| path | max events/s (median) | rounds | p50 ms at half load | p99 ms at half load |");
     println!("|---|---:|---|---:|---:|");
-    println!("| bare forwarder (hyper → JetStream) | {bare_max:.0} | {} | {bare_p50:.2} | {bare_p99:.2} |", ranges[0]);
-    println!("| weir single event (noop plugin) | {weir_max:.0} | {} | {weir_p50:.2} | {weir_p99:.2} |", ranges[1]);
-    println!("| weir NDJSON batch of 1000 (noop plugin) | {batch:.0} | {} | – | – |", ranges[2]);
-    println!("\nweir / bare forwarder, single event: {:.2}×", weir_max / bare_max);
+    for (index, (name, _, _)) in paths.iter().enumerate() {
+        let (p50, p99) = latencies[index];
+        println!("| {name} | {:.0} | {} | {p50:.2} | {p99:.2} |", maxima[index], ranges[index]);
+    }
+    println!("| weir NDJSON batch of 1000 (noop plugin) | {:.0} | {} | – | – |", maxima[3], ranges[3]);
+    println!("\nweir / bare forwarder, single event: {:.2}×", maxima[2] / maxima[0]);
+    println!("weir / bare forwarder with weir's headers: {:.2}×", maxima[2] / maxima[1]);
+    println!("\nCPU µs per event during the max-rate rounds (median; /proc user+system):\n");
+    println!("| path | server | nats-server | load generator |");
+    println!("|---|---:|---:|---:|");
+    let names = ["bare forwarder", "bare forwarder + weir's headers", "weir single event", "weir NDJSON batch"];
+    for (name, used) in names.iter().zip(cpu) {
+        println!("| {name} | {:.1} | {:.1} | {:.1} |", used.server, used.nats, used.load);
+    }
 }

@@ -17,7 +17,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{median, range};
+use common::{cpu_seconds, median, range};
 
 use common::pg::{Capture, connect, wait_ready};
 use common::services::{Gateway, Nats};
@@ -55,15 +55,6 @@ async fn first_message_size(nats: &Nats) -> usize {
     let mut stream = js.get_stream("WEIR").await.unwrap();
     let first = stream.info().await.unwrap().state.first_sequence;
     stream.get_raw_message(first).await.unwrap().payload.len()
-}
-
-/// CPU seconds (user + system) the process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The walsender serving the gateway's slot.

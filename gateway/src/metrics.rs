@@ -143,10 +143,6 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// An event arrived from `source`.
-    pub fn received(&self, source: &str) {
-        self.received_many(source, 1);
-    }
     /// `count` events arrived from `source`.
     pub fn received_many(&self, source: &str, count: usize) {
         self.received.get_or_create(&vec![("source", source.to_string())]).inc_by(count as u64);

@@ -274,24 +274,34 @@ impl Pipeline {
             event.subject = template.render(event);
         }
         let count = events.len();
-        // Dead letters carry the event as it came in; keep a copy only when one can be written.
-        let originals =
-            if route.on_error == OnError::Dlq && !route.chain.is_empty() { events.clone() } else { Vec::new() };
-        // Each live event remembers which input it descends from.
-        let mut live: Vec<(usize, Event)> = events.into_iter().enumerate().collect();
+        // Dead letters carry the event as it came in: the first plugin's inputs, kept once that
+        // plugin has run (plugins borrow their inputs, so nothing is copied for this).
+        let mut originals: Vec<Event> = Vec::new();
+        // The next plugin's inputs, and which input event each descends from.
+        let mut batch = events;
+        let mut origins: Vec<usize> = (0..count).collect();
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
         for plugin in &chain {
-            let (origins, batch): (Vec<usize>, Vec<Event>) = live.into_iter().unzip();
-            let results = plugin.run(batch).await;
-            live = Vec::new();
-            for (origin, result) in origins.into_iter().zip(results) {
+            let results = plugin.run(&batch).await;
+            let inputs = std::mem::take(&mut batch);
+            if originals.is_empty() && route.on_error == OnError::Dlq {
+                originals = inputs;
+            }
+            let mut next_origins = Vec::with_capacity(origins.len());
+            for (origin, result) in std::mem::take(&mut origins).into_iter().zip(results) {
                 if verdicts[origin].is_some() {
                     continue;
                 }
                 let checked = result.and_then(|outcome| self.check_prefix(route, plugin, outcome));
                 match checked {
-                    Ok(Outcome::Keep(event)) => live.push((origin, event)),
-                    Ok(Outcome::Split(events)) => live.extend(events.into_iter().map(|e| (origin, e))),
+                    Ok(Outcome::Keep(event)) => {
+                        next_origins.push(origin);
+                        batch.push(event);
+                    }
+                    Ok(Outcome::Split(events)) => {
+                        next_origins.extend(std::iter::repeat_n(origin, events.len()));
+                        batch.extend(events);
+                    }
                     Ok(Outcome::Drop) => {}
                     Ok(Outcome::Reject(reason)) => {
                         let dead_letter = (route.on_error == OnError::Dlq)
@@ -309,8 +319,15 @@ impl Pipeline {
                 }
             }
             // Outputs of an input that failed later in the batch are not published.
-            live.retain(|(origin, _)| verdicts[*origin].is_none());
+            let (kept_origins, kept): (Vec<usize>, Vec<Event>) = next_origins
+                .into_iter()
+                .zip(std::mem::take(&mut batch))
+                .filter(|(origin, _)| verdicts[*origin].is_none())
+                .unzip();
+            origins = kept_origins;
+            batch = kept;
         }
+        let live = origins.into_iter().zip(batch);
         let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); count];
         for (origin, event) in live {
             outputs[origin].push(to_message(route, event));

@@ -201,53 +201,98 @@ impl Sink {
     }
 
     /// Publishes `messages` in order and waits until every one is stored (JetStream PubAck) or
-    /// flushed (core). Sends go out back to back; acks are awaited together.
+    /// flushed (core); the first failure is the answer.
     pub async fn publish_all(&self, messages: &[Message]) -> Result<Vec<Published>, SinkError> {
+        self.publish_each(messages).await.into_iter().collect()
+    }
+
+    /// Publishes `messages` in order; one outcome per message. Sends go out back to back and
+    /// acks are awaited together. Once NATS is unreachable or not acknowledging, nothing more is
+    /// sent and the rest share that failure. A message the server refuses (no stream, too large)
+    /// fails alone, except that later messages of the same entity and key are not sent either:
+    /// they must not overtake it.
+    pub async fn publish_each(&self, messages: &[Message]) -> Vec<Result<Published, SinkError>> {
         if !self.connected() {
-            return Err(SinkError::Disconnected);
+            return messages.iter().map(|_| Err(SinkError::Disconnected)).collect();
         }
         match &self.jetstream {
             Some((context, _)) => {
+                let failures = std::sync::Mutex::new(Failures::default());
+                let failures = &failures;
                 // Sending and awaiting PubAcks run side by side: each pending ack holds one of the
                 // context's `max_in_flight` permits until it is awaited, so sending everything
                 // first would stall (and, across concurrent callers, deadlock) once a call has
                 // more messages than the window.
                 let (sent, mut to_await) = tokio::sync::mpsc::unbounded_channel();
-                let send_all = async move {
-                    for message in messages {
-                        let outcome = self.send(context, message).await;
-                        let failed = outcome.is_err();
-                        if sent.send(outcome.map(|ack| (message, ack))).is_err() || failed {
-                            break;
+                let send_all = async {
+                    let mut held_back = Vec::new();
+                    for (index, message) in messages.iter().enumerate() {
+                        let blocked = failures.lock().unwrap_or_else(|p| p.into_inner()).blocking(message);
+                        match blocked {
+                            Blocked::Stop => break,
+                            Blocked::Key(error) => held_back.push((index, Err(error))),
+                            Blocked::No => match self.send(context, message).await {
+                                Ok(ack) => {
+                                    if sent.send((index, ack)).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(error) => {
+                                    failures.lock().unwrap_or_else(|p| p.into_inner()).record(message, &error);
+                                    held_back.push((index, Err(error)));
+                                }
+                            },
                         }
                     }
+                    drop(sent);
+                    held_back
                 };
                 let await_all = async {
-                    let mut stored = Vec::with_capacity(messages.len());
-                    while let Some(outcome) = to_await.recv().await {
-                        let (message, ack) = outcome?;
-                        stored.push(self.await_ack(context, message, ack).await?);
+                    let mut acked = Vec::with_capacity(messages.len());
+                    while let Some((index, ack)) = to_await.recv().await {
+                        let outcome = self.await_ack(context, &messages[index], ack).await;
+                        if let Err(error) = &outcome {
+                            failures.lock().unwrap_or_else(|p| p.into_inner()).record(&messages[index], error);
+                        }
+                        acked.push((index, outcome));
                     }
-                    Ok(stored)
+                    acked
                 };
-                let ((), stored) = futures::join!(send_all, await_all);
-                stored
+                let (held_back, acked) = futures::join!(send_all, await_all);
+                let mut outcomes: Vec<Option<Result<Published, SinkError>>> = vec![None; messages.len()];
+                for (index, outcome) in held_back.into_iter().chain(acked) {
+                    outcomes[index] = Some(outcome);
+                }
+                let stopped = failures.lock().unwrap_or_else(|p| p.into_inner()).stop.clone();
+                let stopped = stopped.unwrap_or(SinkError::Timeout);
+                outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
             }
             None => {
                 for message in messages {
-                    self.client
+                    if let Err(error) = self
+                        .client
                         .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone())
                         .await
-                        .map_err(|e| SinkError::Refused(e.to_string()))?;
+                    {
+                        return messages.iter().map(|_| Err(SinkError::Refused(error.to_string()))).collect();
+                    }
                 }
-                tokio::time::timeout(self.ack_timeout, self.client.flush())
-                    .await
-                    .map_err(|_| SinkError::Timeout)?
-                    .map_err(|_| SinkError::Disconnected)?;
-                Ok(messages
+                let flushed = match tokio::time::timeout(self.ack_timeout, self.client.flush()).await {
+                    Err(_) => Err(SinkError::Timeout),
+                    Ok(Err(_)) => Err(SinkError::Disconnected),
+                    Ok(Ok(())) => Ok(()),
+                };
+                messages
                     .iter()
-                    .map(|m| Published { subject: m.subject.clone(), stream: None, seq: None, duplicate: false })
-                    .collect())
+                    .map(|m| {
+                        flushed.clone().map(|()| Published {
+                            subject: m.subject.clone(),
+                            stream: None,
+                            seq: None,
+                            duplicate: false,
+                        })
+                    })
+                    .collect()
             }
         }
     }
@@ -294,6 +339,57 @@ impl Sink {
                     ack = self.send(context, message).await?;
                 }
             }
+        }
+    }
+}
+
+/// What has failed so far in one [`Sink::publish_each`].
+#[derive(Default)]
+struct Failures {
+    /// NATS is unreachable or not acknowledging: send nothing more.
+    stop: Option<SinkError>,
+    /// Entity and key of refused messages: later messages of theirs are held back.
+    keys: std::collections::HashMap<(String, String), SinkError>,
+}
+
+enum Blocked {
+    No,
+    Stop,
+    Key(SinkError),
+}
+
+/// The entity and key a message is ordered by, if it has a key.
+fn order_key(message: &Message) -> Option<(String, String)> {
+    use async_nats::header::HeaderName;
+    let key = message.header(HeaderName::from_static("Weir-Key"))?;
+    let entity = message.header(HeaderName::from_static("Weir-Entity")).unwrap_or("");
+    Some((entity.to_string(), key.to_string()))
+}
+
+impl Failures {
+    fn record(&mut self, message: &Message, error: &SinkError) {
+        match error {
+            SinkError::Disconnected | SinkError::Timeout => {
+                self.stop.get_or_insert_with(|| error.clone());
+            }
+            SinkError::NoStream(_) | SinkError::Refused(_) => {
+                if let Some(key) = order_key(message) {
+                    self.keys.entry(key).or_insert_with(|| error.clone());
+                }
+            }
+        }
+    }
+
+    fn blocking(&self, message: &Message) -> Blocked {
+        if self.stop.is_some() {
+            return Blocked::Stop;
+        }
+        if self.keys.is_empty() {
+            return Blocked::No;
+        }
+        match order_key(message).and_then(|key| self.keys.get(&key)) {
+            Some(error) => Blocked::Key(error.clone()),
+            None => Blocked::No,
         }
     }
 }

@@ -6,6 +6,7 @@ mod common;
 
 use common::services::{Gateway, Nats};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-0123456789";
@@ -1109,4 +1110,68 @@ plugins = ["live"]
     let messages = nats.messages("WEIR").await;
     let letter = messages.iter().find(|m| m.subject.as_str() == "weir.dlq.users").expect("a dead letter");
     assert_eq!(header(letter, "Weir-Plugin-Version"), Some(old_version.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_are_batched_yet_each_gets_its_own_outcome_in_key_order() {
+    let nats = Nats::start();
+    // On the catch-all route, entity `shop` is published under `shop.>`, which the stream
+    // captures, and `misc` where no stream listens: NATS refuses those messages.
+    let gateway = Gateway::start(&config(&nats, r#"subject = "{entity}.{op}""#));
+    let writer = |key: usize| {
+        let url = gateway.url(&format!("/v1/events/shop/k{key}"));
+        async move {
+            let mut statuses = Vec::new();
+            for n in 0..15 {
+                let response = client()
+                    .put(&url)
+                    .header("content-type", "application/json")
+                    .body(format!(r#"{{"n":{n},"email":"a@b.c"}}"#))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }
+    };
+    let refused = |n: usize| {
+        let url = gateway.url("/v1/events/misc");
+        async move {
+            let response =
+                client().post(&url).header("content-type", "application/json").body(format!("{{\"n\":{n}}}")).send();
+            let response = response.await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (writers, refusals) = futures::join!(
+        futures::future::join_all((0..12).map(writer)),
+        futures::future::join_all((0..60).map(refused)),
+    );
+    for statuses in writers {
+        assert!(statuses.iter().all(|s| *s == 202), "a refused neighbour does not fail other requests: {statuses:?}");
+    }
+    for (status, body) in refusals {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "not_stored", "{body}");
+    }
+    // Every update is stored once, and each key's updates in the order they were sent.
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 12 * 15);
+    let mut next: HashMap<String, i64> = HashMap::new();
+    for message in &messages {
+        let key = header(message, "Weir-Key").unwrap().to_string();
+        let envelope: Value = serde_json::from_slice(&message.payload).unwrap();
+        let expected = next.entry(key.clone()).or_insert(0);
+        assert_eq!(envelope["data"]["n"], *expected, "key {key} out of order");
+        *expected += 1;
+    }
+    // They were batched: fewer publish rounds than requests.
+    let text = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let rounds: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("weir_publish_duration_seconds_count "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap();
+    assert!(rounds < (12 * 15 + 60) as f64, "{rounds} publish rounds for {} requests", 12 * 15 + 60);
 }

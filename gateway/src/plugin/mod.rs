@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
+/// How many events of a failed batch are re-run at once.
+const RERUN_CONCURRENCY: usize = 8;
 /// How often the epoch advances; a call's time limit is enforced to within one tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Largest plugin file accepted.
@@ -537,43 +539,54 @@ impl Plugin {
     }
 
     /// Runs a batch through the plugin: one result per input event, in order. A failed call is
-    /// retried one event at a time, so only the events that fail on their own get an error.
-    pub async fn run(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
+    /// retried one event at a time, so only the events that fail on their own get an error. The
+    /// inputs are borrowed (the caller keeps them, e.g. for dead letters); a filter's kept event
+    /// is a copy.
+    pub async fn run(&self, events: &[Event]) -> Vec<Result<Outcome, PluginError>> {
         if events.is_empty() {
             return Vec::new();
         }
-        match self.call(&events).await {
+        match self.call(events).await {
             Ok(raw) => self.outcomes(events, raw),
             Err(error) if events.len() > 1 && error.kind != ErrorKind::StartFailed => {
                 tracing::debug!(plugin = %self.name, %error, events = events.len(), "batch failed; re-running its events one at a time");
-                let mut results = Vec::with_capacity(events.len());
-                for event in events {
-                    match self.call(std::slice::from_ref(&event)).await {
-                        Ok(raw) => results.extend(self.outcomes(vec![event], raw)),
-                        Err(error) => results.push(Err(error)),
-                    }
-                }
+                // A few at once (each on an instance of its own), so several events that each
+                // run to the time limit do not add up their waits.
+                use futures::StreamExt as _;
+                let reruns: Vec<_> = events.iter().map(|event| self.run_one(event)).collect();
+                let results: Vec<_> = futures::stream::iter(reruns).buffered(RERUN_CONCURRENCY).collect().await;
                 results
             }
             Err(error) => events.iter().map(|_| Err(error.clone())).collect(),
         }
     }
 
+    /// One event on its own call.
+    async fn run_one(&self, event: &Event) -> Result<Outcome, PluginError> {
+        let one = std::slice::from_ref(event);
+        match self.call(one).await {
+            Ok(raw) => self.outcomes(one, raw).pop().unwrap_or_else(|| {
+                Err(PluginError::new(ErrorKind::InvalidOutput, format!("plugin `{}` returned no result", self.name)))
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
     /// [`Plugin::run`] for callers outside async code (tests, tools): blocks the thread.
     pub fn run_blocking(&self, events: Vec<Event>) -> Vec<Result<Outcome, PluginError>> {
-        block_on(self.run(events))
+        block_on(self.run(&events))
     }
 
     /// The checked outcome of each of `events` from one successful call.
-    fn outcomes(&self, events: Vec<Event>, raw: RawResults) -> Vec<Result<Outcome, PluginError>> {
+    fn outcomes(&self, events: &[Event], raw: RawResults) -> Vec<Result<Outcome, PluginError>> {
         match raw {
             RawResults::Transform(outcomes) => {
                 events.iter().zip(outcomes).map(|(input, outcome)| self.check_outcome(input, outcome)).collect()
             }
             RawResults::Filter(keep) => events
-                .into_iter()
+                .iter()
                 .zip(keep)
-                .map(|(event, keep)| Ok(if keep { Outcome::Keep(event) } else { Outcome::Drop }))
+                .map(|(event, keep)| Ok(if keep { Outcome::Keep(event.clone()) } else { Outcome::Drop }))
                 .collect(),
         }
     }
