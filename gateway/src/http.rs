@@ -556,8 +556,7 @@ struct Waiting {
 }
 
 /// Most batches of coalesced requests that run at once: one per core, so plugins can use every
-/// core. Fewer runners make bigger batches, which cost less per event (measured on two cores:
-/// one runner per core used ~25% less CPU per event than four).
+/// core. Fewer runners make bigger batches, which cost less per event (docs/benchmarks.md).
 fn coalesce_runners() -> usize {
     std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
 }
