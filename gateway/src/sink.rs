@@ -251,10 +251,22 @@ impl Sink {
                     let mut acked = Vec::with_capacity(messages.len());
                     while let Some((index, ack)) = to_await.recv().await {
                         let outcome = self.await_ack(context, &messages[index], ack).await;
-                        if let Err(error) = &outcome {
-                            failures.lock().unwrap_or_else(|p| p.into_inner()).record(&messages[index], error);
-                        }
+                        let stop = match &outcome {
+                            Err(error) => {
+                                let mut failures = failures.lock().unwrap_or_else(|p| p.into_inner());
+                                failures.record(&messages[index], error);
+                                failures.stop.is_some()
+                            }
+                            Ok(_) => false,
+                        };
                         acked.push((index, outcome));
+                        if stop {
+                            // NATS is gone or not acknowledging: the acks still pending would
+                            // each wait out their own timeout. Their messages may or may not be
+                            // stored; they share the failure ("not stored, retry"), and a retry
+                            // is deduplicated by its id.
+                            break;
+                        }
                     }
                     acked
                 };
