@@ -238,14 +238,44 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     {
         return Err(too_large());
     }
-    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(state.settings.body_timeout, limited.collect()).await {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut body = body;
+    let mut collected = Vec::new();
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(chunk) = frame?.into_data() else { continue };
+            if collected.len() + chunk.len() > limit {
+                return Ok(false);
+            }
+            collected.extend_from_slice(&chunk);
+        }
+        Ok::<_, axum::Error>(true)
+    };
+    match tokio::time::timeout(state.settings.body_timeout, reading).await {
         Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the body did not arrive in time")),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(error)) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("cannot read body: {error}"))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes().to_vec()),
+        Ok(Ok(true)) => Ok(collected),
+        Ok(Ok(false)) => {
+            // A client still sending when the connection closes sees a broken pipe, not the
+            // 413: read on (discarding, bounded in bytes and time) so it can hear the answer.
+            let mut budget = limit.max(DRAIN_AT_LEAST);
+            let draining = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    budget = budget.saturating_sub(frame.data_ref().map_or(0, |chunk| chunk.len()));
+                    if budget == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_FOR, draining).await;
+            Err(too_large())
+        }
     }
 }
+
+/// How much of a body over the limit is still read (and discarded) so its sender hears the 413.
+const DRAIN_AT_LEAST: usize = 1024 * 1024;
+const DRAIN_FOR: Duration = Duration::from_secs(1);
 
 fn bad_json(error: serde_json::Error) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not valid JSON: {error}"))

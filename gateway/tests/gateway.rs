@@ -196,8 +196,9 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let (status, body, _) = post(&gateway, "/v1/events/users", &big, &[]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")));
 
-    // A chunked body (no Content-Length) is cut off at the limit too.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..100).map(|_| Ok(vec![b' '; 1024])).collect();
+    // A chunked body (no Content-Length) is cut off at the limit too, and its sender, still
+    // sending well past the limit, hears the 413 rather than a broken pipe.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..1000).map(|_| Ok(vec![b' '; 1024])).collect();
     let response = client()
         .post(gateway.url("/v1/events/users"))
         .header("content-type", "application/json")
