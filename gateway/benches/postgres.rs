@@ -216,8 +216,52 @@ struct Row {
 /// path is measured this many times, interleaved, and compared by its median.
 const ROUNDS: usize = 3;
 
+/// For profiling: one catch-up of `rows` rows in transactions of `per_txn`, the pids printed so
+/// `perf record -p` can attach (the backlog is large enough to outlast attaching).
+async fn soak(rows: i64, per_txn: i64) {
+    let columns = "id bigint PRIMARY KEY, n bigint, note text, at timestamptz";
+    let capture = Capture::new("bench_soak", &[("a", columns)]).await;
+    let nats = Nats::start();
+    let config = bench_config(&capture, &nats);
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    drop(gateway);
+    let client = connect().await;
+    client.batch_execute("SET synchronous_commit = off").await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR t IN 0..{txns} - 1 LOOP
+               INSERT INTO {table} SELECT g, g, 'order ' || g, now()
+                 FROM generate_series(t * {per_txn} + 1, (t + 1) * {per_txn}) g;
+               COMMIT;
+             END LOOP; END $$;",
+            txns = rows / per_txn,
+            table = capture.table("a")
+        ))
+        .await
+        .unwrap();
+    eprintln!("backlog written; starting the gateway");
+    eprintln!("soak: nats-server pid {} (weir: `pgrep -n weir`)", nats.pid().unwrap_or(0));
+    let started = Instant::now();
+    let (seconds, gateway, cpu) = catch_up(&nats, &config, &capture.name, rows as u64).await;
+    drop(gateway);
+    eprintln!(
+        "{rows} rows in {seconds:.1} s ({:.0} rows/s since start; first-to-last {:.0}); CPU µs per row: weir {:.1}, nats-server {:.1}, walsender {:.1}",
+        rows as f64 / started.elapsed().as_secs_f64(),
+        (rows - 1) as f64 / stored_span(&nats).await,
+        cpu.weir,
+        cpu.nats,
+        cpu.walsender
+    );
+    capture.cleanup().await;
+}
+
 #[tokio::main]
 async fn main() {
+    if let Ok(rows) = std::env::var("WEIR_BENCH_PG_SOAK") {
+        let per_txn = std::env::var("WEIR_BENCH_PG_TXN").map_or(1, |n| n.parse().unwrap());
+        return soak(rows.parse().unwrap(), per_txn).await;
+    }
     let columns = "id bigint PRIMARY KEY, n bigint, note text, at timestamptz";
     let mut table = Vec::new();
     for per_txn in [1i64, 100] {

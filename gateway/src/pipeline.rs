@@ -137,9 +137,8 @@ impl Route {
 pub struct Message {
     /// Subject to publish to.
     pub subject: String,
-    /// Headers, built once in the form the NATS client sends (cloning it for a send copies no
-    /// names: the host's are static).
-    pub headers: HeaderMap,
+    /// Headers, in order.
+    pub headers: Headers,
     /// Payload (shared, so retries and hand-offs to the client do not copy it).
     pub payload: bytes::Bytes,
 }
@@ -147,12 +146,70 @@ pub struct Message {
 impl Message {
     /// The `Nats-Msg-Id` header.
     pub fn id(&self) -> &str {
-        self.header(HeaderName::from_static(MSG_ID)).unwrap_or("")
+        self.header(MSG_ID).unwrap_or("")
     }
 
     /// The first value of header `name`.
-    pub fn header(&self, name: HeaderName) -> Option<&str> {
-        self.headers.get(name).map(HeaderValue::as_str)
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)
+    }
+}
+
+/// A message's headers as a list. The NATS client's own map (a hash map of vectors) is built
+/// at each send instead: building it once and cloning it per send cost more than either.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Headers(Vec<(HeaderName, String)>);
+
+impl Headers {
+    /// Room for the host's headers plus `extra`.
+    pub fn with_capacity(extra: usize) -> Headers {
+        Headers(Vec::with_capacity(HOST_HEADERS.len() + extra))
+    }
+
+    /// Adds a header (a name may repeat).
+    pub fn append(&mut self, name: HeaderName, value: String) {
+        self.0.push((name, value));
+    }
+
+    /// Sets header `name`, replacing every value it had.
+    pub fn set(&mut self, name: HeaderName, value: String) {
+        self.0.retain(|(have, _)| have != &name);
+        self.0.push((name, value));
+    }
+
+    /// The first value of header `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(have, _)| AsRef::<str>::as_ref(have) == name).map(|(_, value)| value.as_str())
+    }
+
+    /// Every header, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(name, value)| (AsRef::<str>::as_ref(name), value.as_str()))
+    }
+
+    /// How many headers there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The NATS client's form, for one send.
+    pub fn to_nats(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (index, (name, value)) in self.0.iter().enumerate() {
+            let value = HeaderValue::from(value.clone());
+            // `insert` hashes once, `append` twice: append only to a name already there.
+            if self.0[..index].iter().any(|(earlier, _)| earlier == name) {
+                map.append(name.clone(), value);
+            } else {
+                map.insert(name.clone(), value);
+            }
+        }
+        map
     }
 }
 
@@ -502,23 +559,26 @@ fn cloudevent(event: &Event) -> Vec<u8> {
 }
 
 /// Host headers (which win over plugin headers of the same name), then the event's own.
-fn headers_for(event: &Event, content_type: &'static str) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(HeaderName::from_static(MSG_ID), header_value(&event.id));
-    headers.insert(HeaderName::from_static("Weir-Source"), header_value(&event.source));
-    headers.insert(HeaderName::from_static("Weir-Entity"), header_value(&event.entity));
-    headers.insert(HeaderName::from_static("Weir-Op"), header_value(&event.op));
-    headers.insert(HeaderName::from_static("Content-Type"), content_type);
+fn headers_for(event: &Event, content_type: &'static str) -> Headers {
+    let mut headers = Headers::with_capacity(event.headers.len());
+    headers.append(HeaderName::from_static(MSG_ID), header_value(&event.id));
+    headers.append(HeaderName::from_static("Weir-Source"), header_value(&event.source));
+    headers.append(HeaderName::from_static("Weir-Entity"), header_value(&event.entity));
+    headers.append(HeaderName::from_static("Weir-Op"), header_value(&event.op));
+    headers.append(HeaderName::from_static("Content-Type"), content_type.to_string());
     if let Some(position) = &event.position {
-        headers.insert(HeaderName::from_static("Weir-Position"), header_value(position));
+        headers.append(HeaderName::from_static("Weir-Position"), header_value(position));
     }
     if let Some(key) = &event.key {
-        headers.insert(HeaderName::from_static("Weir-Key"), header_value(key));
+        headers.append(HeaderName::from_static("Weir-Key"), header_value(key));
     }
     for (name, value) in &event.headers {
         // Plugins' headers are checked when they return; this also covers sources' own.
-        if valid_header_name(name) && !HOST_HEADERS.iter().any(|host| host.eq_ignore_ascii_case(name)) {
-            headers.append(name.as_str(), header_value(value));
+        if valid_header_name(name)
+            && !HOST_HEADERS.iter().any(|host| host.eq_ignore_ascii_case(name))
+            && let Ok(name) = HeaderName::try_from(name.as_str())
+        {
+            headers.append(name, header_value(value));
         }
     }
     headers
@@ -540,7 +600,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
     let mut headers = headers_for(original, "application/json");
     // A distinct id: a later successful retry of the same event must not be deduplicated
     // against its dead letter.
-    headers.insert(HeaderName::from_static(MSG_ID), header_value(&format!("dlq:{}", original.id)));
+    headers.set(HeaderName::from_static(MSG_ID), header_value(&format!("dlq:{}", original.id)));
     for (name, value) in [
         ("Weir-Error", message.chars().take(1024).collect::<String>()),
         ("Weir-Error-Kind", kind.to_string()),
@@ -549,7 +609,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
         ("Weir-Route", route.name.clone()),
         ("Weir-Original-Subject", original.subject.clone()),
     ] {
-        headers.insert(HeaderName::from_static(name), header_value(&value));
+        headers.set(HeaderName::from_static(name), header_value(&value));
     }
     Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original).into() }
 }
@@ -609,10 +669,10 @@ mod tests {
         e.headers.push(("bad name".into(), "dropped".into()));
         e.entity = "orders\r\nInjected: 1".into();
         let headers = headers_for(&e, "application/json");
-        assert_eq!(headers.get("Nats-Msg-Id").map(HeaderValue::as_str), Some("e1"));
-        assert_eq!(headers.get("x-a").map(HeaderValue::as_str), Some("1"));
-        assert_eq!(headers.get("Weir-Entity").map(HeaderValue::as_str), Some("orders  Injected: 1"));
-        let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_ref()).collect();
+        assert_eq!(headers.get("Nats-Msg-Id"), Some("e1"));
+        assert_eq!(headers.get("x-a"), Some("1"));
+        assert_eq!(headers.get("Weir-Entity"), Some("orders  Injected: 1"));
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
         assert!(!names.contains(&"bad name") && !names.contains(&"Injected"), "{names:?}");
         assert_eq!(headers.len(), 7, "spoofed id and bad name left out: {headers:?}");
         let envelope = weir_envelope(&e);

@@ -154,6 +154,29 @@ impl Sink {
     /// JetStream, creates the stream if missing. An existing stream that differs from the config
     /// is reported in the log, never changed.
     pub async fn connect(config: &Config) -> anyhow::Result<Sink> {
+        let sink = Sink::connect_publisher(config).await?;
+        if let (Some((context, _)), Some(js)) = (&sink.jetstream, &config.jetstream) {
+            let want = stream_config(js);
+            let mut stream = match context.get_stream(&js.stream).await {
+                Ok(stream) => stream,
+                Err(_) => context
+                    .create_stream(want.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot create JetStream stream `{}`: {e}", js.stream))?,
+            };
+            let info = stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
+            for difference in stream_differences(&want, &info.config) {
+                tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
+            }
+        } else if config.jetstream.is_none() {
+            tracing::warn!("no [jetstream] section: publishing to core NATS, which is at-most-once");
+        }
+        Ok(sink)
+    }
+
+    /// A sink with a connection of its own, for a source on a runtime of its own (its
+    /// connection's task then runs beside it); the stream is left to [`Sink::connect`].
+    pub async fn connect_publisher(config: &Config) -> anyhow::Result<Sink> {
         let client = connect_client(config).await?;
         let (jetstream, ack_timeout) = match &config.jetstream {
             Some(js) => {
@@ -162,25 +185,9 @@ impl Sink {
                     .max_ack_inflight(js.max_in_flight)
                     .backpressure_on_inflight(true)
                     .build(client.clone());
-                let want = stream_config(js);
-                let mut stream = match context.get_stream(&js.stream).await {
-                    Ok(stream) => stream,
-                    Err(_) => context
-                        .create_stream(want.clone())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("cannot create JetStream stream `{}`: {e}", js.stream))?,
-                };
-                let info =
-                    stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
-                for difference in stream_differences(&want, &info.config) {
-                    tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
-                }
                 (Some((context, js.stream.clone())), js.ack_timeout)
             }
-            None => {
-                tracing::warn!("no [jetstream] section: publishing to core NATS, which is at-most-once");
-                (None, Duration::from_secs(5))
-            }
+            None => (None, Duration::from_secs(5)),
         };
         Ok(Sink { client, jetstream, ack_timeout })
     }
@@ -372,9 +379,8 @@ enum Blocked {
 
 /// The entity and key a message is ordered by, if it has a key.
 fn order_key(message: &Message) -> Option<(String, String)> {
-    use async_nats::header::HeaderName;
-    let key = message.header(HeaderName::from_static("Weir-Key"))?;
-    let entity = message.header(HeaderName::from_static("Weir-Entity")).unwrap_or("");
+    let key = message.header("Weir-Key")?;
+    let entity = message.header("Weir-Entity").unwrap_or("");
     Some((entity.to_string(), key.to_string()))
 }
 
@@ -417,5 +423,5 @@ fn classify(kind: PublishErrorKind, subject: &str, text: String) -> SinkError {
 }
 
 fn headers(message: &Message) -> async_nats::HeaderMap {
-    message.headers.clone()
+    message.headers.to_nats()
 }

@@ -26,6 +26,9 @@ pub enum Failure {
     Fatal(anyhow::Error),
 }
 
+/// Batches' worth of replication messages read ahead of the one being stored.
+const READ_AHEAD_BATCHES: usize = 4;
+
 fn retry(error: impl Into<anyhow::Error>) -> Failure {
     Failure::Retry(error.into())
 }
@@ -164,6 +167,8 @@ impl PostgresSource {
             .with_start_lsn(start)
             .with_ack_lsn(start)
             .with_status_interval(self.config.status_interval)
+            // Room to keep reading the slot while a batch or two is being stored.
+            .with_buffer_size(READ_AHEAD_BATCHES * self.config.max_batch.max(2048))
             .with_application_name("weir");
         let mut stream = ReplicationClient::connect(replication).await.map_err(retry)?;
         self.status.connected.store(true, Ordering::Relaxed);
@@ -653,7 +658,7 @@ impl PostgresSource {
 /// id and position, so it can be found and re-read from the table.
 fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pipeline::Message {
     use async_nats::header::HeaderName;
-    let header = |name: &'static str| message.header(HeaderName::from_static(name)).map(str::to_string);
+    let header = |name: &'static str| message.header(name).map(str::to_string);
     let entity = header("Weir-Entity").unwrap_or_default();
     let body = serde_json::json!({
         "id": message.id(),
@@ -665,18 +670,18 @@ fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pi
         "bytes": message.payload.len(),
         "error": reason,
     });
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
+    let mut headers = crate::pipeline::Headers::default();
+    headers.append(
         HeaderName::from_static("Nats-Msg-Id"),
         crate::pipeline::header_value(&format!("dlq:{}", message.id())),
     );
     for name in ["Weir-Source", "Weir-Entity", "Weir-Op", "Weir-Position"] {
         if let Some(value) = header(name) {
-            headers.insert(HeaderName::from_static(name), value);
+            headers.append(HeaderName::from_static(name), value);
         }
     }
-    headers.insert(HeaderName::from_static("Weir-Error-Kind"), "refused");
-    headers.insert(
+    headers.append(HeaderName::from_static("Weir-Error-Kind"), "refused".into());
+    headers.append(
         HeaderName::from_static("Weir-Error"),
         crate::pipeline::header_value(&reason.chars().take(1024).collect::<String>()),
     );

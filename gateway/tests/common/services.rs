@@ -163,7 +163,9 @@ impl Gateway {
         let path = dir.path().join("weir.toml");
         let config = config.replace("{plugins}", &super::plugins_dir().display().to_string());
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        // `WEIR_BENCH_BIN` runs another build (benchmarks compare builds side by side).
+        let binary = std::env::var_os("WEIR_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_weir").into());
+        let mut child = Command::new(binary)
             .args(["run", "--config"])
             .arg(&path)
             .args(["--drain-timeout", "20s"])
