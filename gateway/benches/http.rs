@@ -188,8 +188,16 @@ async fn latency_at(client: &reqwest::Client, url: &str, rate: f64) -> (f64, f64
 }
 
 async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
-    let lines: String =
-        (0..1000).map(|i| format!("{{\"entity\":\"orders\",\"key\":\"{i}\",\"data\":{BODY}}}\n")).collect();
+    let keyless = std::env::var("WEIR_BENCH_KEYLESS").is_ok();
+    let lines: String = (0..1000)
+        .map(|i| {
+            if keyless {
+                format!("{{\"entity\":\"orders\",\"data\":{BODY}}}\n")
+            } else {
+                format!("{{\"entity\":\"orders\",\"key\":\"{i}\",\"data\":{BODY}}}\n")
+            }
+        })
+        .collect();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + MEASURE;
     let mut tasks = Vec::new();

@@ -433,14 +433,14 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     if !state.sink.connected() {
         return events.iter().map(|_| Err(sink_error(SinkError::Disconnected))).collect();
     }
-    // Per-key order: take the key stripes first, in a fixed order so batches cannot deadlock.
+    // Per-key order: the key stripes are held from the first publish until every ack is in, so
+    // a later batch with one of these keys cannot overtake (not even through a retried send).
+    // Plugins run before they are taken: concurrent requests have no order between them, and
+    // their plugin calls then overlap another batch's publishing.
     let mut stripes: Vec<usize> = events.iter().filter_map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
     stripes.sort_unstable();
     stripes.dedup();
     let mut guards = Vec::with_capacity(stripes.len());
-    for index in stripes {
-        guards.push(state.key_locks[index].lock().await);
-    }
 
     let count = events.len();
     let mut routed: HashMap<usize, Vec<(usize, Event)>> = HashMap::new();
@@ -489,6 +489,12 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
                 Disposition::Dropped => {}
             }
             spans.push(start..messages.len());
+        }
+        if guards.is_empty() && !messages.is_empty() {
+            // In a fixed order, so batches cannot deadlock.
+            for &index in &stripes {
+                guards.push(state.key_locks[index].lock().await);
+            }
         }
         let published_started = Instant::now();
         // One outcome per message: events coalesced from different requests do not share a
