@@ -459,6 +459,9 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
             }
         }
     }
+    // Every route's chain first; then everything is published in arrival order, in one run, so
+    // events of one key keep their order even when an op sends them down different routes.
+    let mut processed: Vec<(usize, usize, Disposition)> = Vec::with_capacity(count);
     for (route, items) in routed {
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
         let started = Instant::now();
@@ -472,103 +475,110 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
             }
         };
         state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
-        let route_name = state.pipeline.route(route).name.clone();
+        processed.extend(positions.into_iter().zip(dispositions).map(|(position, d)| (position, route, d)));
+    }
+    processed.sort_unstable_by_key(|(position, ..)| *position);
+    // The messages move out of the dispositions; each event's span says which are its own.
+    let mut messages: Vec<Message> = Vec::new();
+    let mut spans = Vec::with_capacity(processed.len());
+    for (_, _, disposition) in &mut processed {
+        let start = messages.len();
+        match disposition {
+            Disposition::Publish(out) => messages.append(out),
+            Disposition::Rejected { dead_letter, .. } | Disposition::Failed { dead_letter, .. } => {
+                messages.extend(dead_letter.take());
+            }
+            Disposition::Dropped => {}
+        }
+        spans.push(start..messages.len());
+    }
+    if !messages.is_empty() {
+        // In a fixed order, so batches cannot deadlock.
+        for &index in &stripes {
+            guards.push(state.key_locks[index].lock().await);
+        }
+    }
+    let published_started = Instant::now();
+    // One outcome per message: events coalesced from different requests do not share a
+    // failure that is not theirs.
+    let stored = if messages.is_empty() { Vec::new() } else { state.sink.publish_each(&messages).await };
+    state.metrics.publish_duration(published_started.elapsed());
+    let mut published_per_route: Vec<(usize, usize)> = Vec::new();
+    for ((position, route, disposition), span) in processed.into_iter().zip(spans) {
+        let route_name = &state.pipeline.route(route).name;
         let on_error = state.pipeline.route(route).on_error;
-        // Everything to store for this route's events, in order, published together. The
-        // messages move out of the dispositions; each event's span says which are its own.
-        let mut messages: Vec<Message> = Vec::new();
-        let mut spans = Vec::with_capacity(dispositions.len());
-        let mut dispositions = dispositions;
-        for disposition in &mut dispositions {
-            let start = messages.len();
-            match disposition {
-                Disposition::Publish(out) => messages.append(out),
-                Disposition::Rejected { dead_letter, .. } | Disposition::Failed { dead_letter, .. } => {
-                    messages.extend(dead_letter.take());
-                }
-                Disposition::Dropped => {}
-            }
-            spans.push(start..messages.len());
-        }
-        if guards.is_empty() && !messages.is_empty() {
-            // In a fixed order, so batches cannot deadlock.
-            for &index in &stripes {
-                guards.push(state.key_locks[index].lock().await);
-            }
-        }
-        let published_started = Instant::now();
-        // One outcome per message: events coalesced from different requests do not share a
-        // failure that is not theirs.
-        let stored = if messages.is_empty() { Vec::new() } else { state.sink.publish_each(&messages).await };
-        state.metrics.publish_duration(published_started.elapsed());
         let mut published = 0;
-        for ((position, disposition), span) in positions.into_iter().zip(dispositions).zip(spans) {
-            let id = &ids[position];
-            // Whether this event had something to store, and if so whether all of it was stored.
-            let stored_here: Option<Result<Vec<Published>, SinkError>> =
-                (!span.is_empty()).then(|| stored[span].iter().cloned().collect());
-            let answer = match (stored_here, disposition) {
-                (Some(Err(error)), _) => Err(sink_error(error)),
-                (Some(Ok(stored)), Disposition::Publish(_)) => {
-                    published += stored.len();
-                    Ok(Answer {
-                        status: StatusCode::ACCEPTED,
-                        body: AnswerBody::Stored(Stored { id: id.clone(), published: stored, dropped: false }),
-                    })
-                }
-                (_, Disposition::Dropped | Disposition::Publish(_)) => {
-                    state.metrics.dropped("http", &route_name);
-                    Ok(Answer {
-                        status: StatusCode::ACCEPTED,
-                        body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
-                    })
-                }
-                (stored, Disposition::Rejected { plugin, reason, .. }) => {
-                    state.metrics.rejected("http", &route_name, &plugin);
-                    let mut error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", reason);
-                    let dead = match stored {
-                        Some(Ok(stored)) => {
-                            state.metrics.dead_lettered("http", &route_name);
-                            published_json(&stored)
-                        }
-                        _ => Value::Null,
-                    };
-                    error.extra = Some(json!({"plugin": plugin, "id": id, "dead_lettered": dead}));
-                    Err(error)
-                }
-                (stored, Disposition::Failed { plugin, error, .. }) => {
-                    state.metrics.plugin_error(&plugin, error.kind.as_str());
-                    match (stored, on_error) {
-                        (Some(Ok(stored)), _) => {
-                            state.metrics.dead_lettered("http", &route_name);
-                            Ok(Answer {
-                                status: StatusCode::ACCEPTED,
-                                body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": false,
-                                             "dead_lettered": published_json(&stored),
-                                             "error": {"plugin": plugin, "kind": error.kind.as_str(), "message": error.message}})),
-                            })
-                        }
-                        (_, crate::config::OnError::Drop) => {
-                            state.metrics.dropped("http", &route_name);
-                            Ok(Answer {
-                                status: StatusCode::ACCEPTED,
-                                body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
-                            })
-                        }
-                        _ => {
-                            let mut failure =
-                                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", error.message);
-                            failure.extra = Some(json!({"plugin": plugin, "kind": error.kind.as_str(), "id": id}));
-                            Err(failure)
-                        }
+        let id = &ids[position];
+        // Whether this event had something to store, and if so whether all of it was stored.
+        let stored_here: Option<Result<Vec<Published>, SinkError>> =
+            (!span.is_empty()).then(|| stored[span].iter().cloned().collect());
+        let answer = match (stored_here, disposition) {
+            (Some(Err(error)), _) => Err(sink_error(error)),
+            (Some(Ok(stored)), Disposition::Publish(_)) => {
+                published += stored.len();
+                Ok(Answer {
+                    status: StatusCode::ACCEPTED,
+                    body: AnswerBody::Stored(Stored { id: id.clone(), published: stored, dropped: false }),
+                })
+            }
+            (_, Disposition::Dropped | Disposition::Publish(_)) => {
+                state.metrics.dropped("http", route_name);
+                Ok(Answer {
+                    status: StatusCode::ACCEPTED,
+                    body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
+                })
+            }
+            (stored, Disposition::Rejected { plugin, reason, .. }) => {
+                state.metrics.rejected("http", route_name, &plugin);
+                let mut error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected", reason);
+                let dead = match stored {
+                    Some(Ok(stored)) => {
+                        state.metrics.dead_lettered("http", route_name);
+                        published_json(&stored)
+                    }
+                    _ => Value::Null,
+                };
+                error.extra = Some(json!({"plugin": plugin, "id": id, "dead_lettered": dead}));
+                Err(error)
+            }
+            (stored, Disposition::Failed { plugin, error, .. }) => {
+                state.metrics.plugin_error(&plugin, error.kind.as_str());
+                match (stored, on_error) {
+                    (Some(Ok(stored)), _) => {
+                        state.metrics.dead_lettered("http", route_name);
+                        Ok(Answer {
+                            status: StatusCode::ACCEPTED,
+                            body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": false,
+                                         "dead_lettered": published_json(&stored),
+                                         "error": {"plugin": plugin, "kind": error.kind.as_str(), "message": error.message}})),
+                        })
+                    }
+                    (_, crate::config::OnError::Drop) => {
+                        state.metrics.dropped("http", route_name);
+                        Ok(Answer {
+                            status: StatusCode::ACCEPTED,
+                            body: AnswerBody::Json(json!({"id": id, "published": [], "dropped": true})),
+                        })
+                    }
+                    _ => {
+                        let mut failure =
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", error.message);
+                        failure.extra = Some(json!({"plugin": plugin, "kind": error.kind.as_str(), "id": id}));
+                        Err(failure)
                     }
                 }
-            };
-            answers[position] = Some(answer);
-        }
+            }
+        };
+        answers[position] = Some(answer);
         if published > 0 {
-            state.metrics.published("http", &route_name, published);
+            match published_per_route.iter_mut().find(|(r, _)| *r == route) {
+                Some((_, total)) => *total += published,
+                None => published_per_route.push((route, published)),
+            }
         }
+    }
+    for (route, published) in published_per_route {
+        state.metrics.published("http", &state.pipeline.route(route).name, published);
     }
     drop(guards);
     answers

@@ -85,7 +85,10 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
                         let _ = stop_source.send(true);
                         match tokio::time::timeout(drain, &mut task).await {
                             Ok(Ok(Err(error))) => return Err(error),
-                            Ok(_) => {}
+                            Ok(Err(_)) => {
+                                return Err(anyhow::anyhow!("the PostgreSQL source's thread panicked while stopping (see stderr)"));
+                            }
+                            Ok(Ok(Ok(()))) => {}
                             Err(_) => tracing::warn!("PostgreSQL source did not stop within the drain timeout"),
                         }
                     }
@@ -95,7 +98,7 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
                         return match stopped {
                             Ok(Ok(())) => Ok(()),
                             Ok(Err(error)) => Err(error),
-                            Err(_) => Err(anyhow::anyhow!("the PostgreSQL source stopped unexpectedly (its thread panicked; see the log)")),
+                            Err(_) => Err(anyhow::anyhow!("the PostgreSQL source stopped unexpectedly (its thread panicked; see stderr)")),
                         };
                     }
                 }
@@ -126,7 +129,21 @@ fn start_postgres_source(
             let finished = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(tokio) => tokio.block_on(async move {
                     let Some(pg) = &config.postgres else { return Ok(()) };
-                    let sink = Sink::connect_publisher(&config).await?;
+                    let mut stopped = stopped;
+                    // NATS was reachable a moment ago (the main connection is up): a failure here
+                    // is an outage, waited out like any other, not a reason to stop the gateway.
+                    let sink = loop {
+                        match Sink::connect_publisher(&config).await {
+                            Ok(sink) => break sink,
+                            Err(error) => {
+                                tracing::warn!(error = %format!("{error:#}"), "PostgreSQL source: cannot connect to NATS yet; retrying");
+                                tokio::select! {
+                                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                                    _ = stopped.changed() => return Ok(()),
+                                }
+                            }
+                        }
+                    };
                     crate::postgres::PostgresSource::new(pg.clone(), pipeline, sink, metrics, status).run(stopped).await
                 }),
                 Err(error) => Err(anyhow::anyhow!("cannot start the PostgreSQL source's runtime: {error}")),

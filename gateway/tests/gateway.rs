@@ -1176,3 +1176,45 @@ async fn concurrent_requests_are_batched_yet_each_gets_its_own_outcome_in_key_or
         .unwrap();
     assert!(rounds < (12 * 15 + 60) as f64, "{rounds} publish rounds for {} requests", 12 * 15 + 60);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_keeps_each_keys_order_across_routes() {
+    let nats = Nats::start();
+    // Deletes of `ledger` take a route of their own; inserts take the catch-all.
+    let catch_all = "[[routes]]\nmatch = { entity = \"*\" }";
+    let config = config(&nats, "").replace(
+        catch_all,
+        &format!(
+            "[[routes]]\nmatch = {{ entity = \"ledger\", op = [\"delete\"] }}\nplugins = [\"redact\"]\n\n{catch_all}"
+        ),
+    );
+    let gateway = Gateway::start(&config);
+    let lines: String = (0..40)
+        .map(|n| {
+            let op = if n % 2 == 0 { "insert" } else { "delete" };
+            format!("{{\"entity\":\"ledger\",\"op\":\"{op}\",\"key\":\"k\",\"data\":{{\"n\":{n}}}}}\n")
+        })
+        .collect();
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let stored: Vec<(String, i64)> = nats
+        .messages("WEIR")
+        .await
+        .iter()
+        .map(|m| {
+            let envelope: Value = serde_json::from_slice(&m.payload).unwrap();
+            (m.subject.to_string(), envelope["data"]["n"].as_i64().unwrap())
+        })
+        .collect();
+    let expected: Vec<(String, i64)> =
+        (0..40).map(|n| (format!("weir.ledger.{}", if n % 2 == 0 { "insert" } else { "delete" }), n)).collect();
+    assert_eq!(stored, expected, "one key's events are stored in the order they came, whichever route they took");
+}

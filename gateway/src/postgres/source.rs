@@ -28,6 +28,8 @@ pub enum Failure {
 
 /// Batches' worth of replication messages read ahead of the one being stored.
 const READ_AHEAD_BATCHES: usize = 4;
+/// At most this many messages read ahead, whatever `max_batch` is.
+const READ_AHEAD_MAX: usize = 32_768;
 
 fn retry(error: impl Into<anyhow::Error>) -> Failure {
     Failure::Retry(error.into())
@@ -168,7 +170,7 @@ impl PostgresSource {
             .with_ack_lsn(start)
             .with_status_interval(self.config.status_interval)
             // Room to keep reading the slot while a batch or two is being stored.
-            .with_buffer_size(READ_AHEAD_BATCHES * self.config.max_batch.max(2048))
+            .with_buffer_size((READ_AHEAD_BATCHES * self.config.max_batch.max(2048)).min(READ_AHEAD_MAX))
             .with_application_name("weir");
         let mut stream = ReplicationClient::connect(replication).await.map_err(retry)?;
         self.status.connected.store(true, Ordering::Relaxed);
