@@ -41,8 +41,13 @@ fn main() {
     }
 }
 
+/// The workspace root: from the `CARGO_MANIFEST_DIR` that `cargo run` (the `cargo xtask` alias)
+/// sets, so a checkout sharing a target dir with another, whose `xtask` binary cargo may not copy
+/// out again, still works on its own files; the compile-time path otherwise.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A cargo command without the package variables `cargo run` gave xtask: build scripts that
