@@ -183,9 +183,9 @@ fn bench_config(capture: &Capture, nats: &Nats) -> String {
     capture.config(nats, &extra).replace("subjects = [\"weir.>\"]", "subjects = [\"weir.>\", \"bare.>\"]")
 }
 
-/// Writes `BACKLOG` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's
+/// Writes `rows` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's
 /// write speed is not what is measured).
-async fn write_backlog(table: &str, per_txn: i64) {
+async fn write_backlog(table: &str, per_txn: i64, rows: i64) {
     let client = connect().await;
     // Separate statements: a DO block may COMMIT only outside an implicit transaction.
     client.batch_execute("SET synchronous_commit = off").await.unwrap();
@@ -196,7 +196,7 @@ async fn write_backlog(table: &str, per_txn: i64) {
                  FROM generate_series(t * {per_txn} + 1, (t + 1) * {per_txn}) g;
                COMMIT;
              END LOOP; END $$;",
-            txns = BACKLOG / per_txn
+            txns = rows / per_txn
         ))
         .await
         .unwrap();
@@ -226,20 +226,7 @@ async fn soak(rows: i64, per_txn: i64) {
     let gateway = Gateway::start(&config);
     wait_ready(&gateway).await;
     drop(gateway);
-    let client = connect().await;
-    client.batch_execute("SET synchronous_commit = off").await.unwrap();
-    client
-        .batch_execute(&format!(
-            "DO $$ BEGIN FOR t IN 0..{txns} - 1 LOOP
-               INSERT INTO {table} SELECT g, g, 'order ' || g, now()
-                 FROM generate_series(t * {per_txn} + 1, (t + 1) * {per_txn}) g;
-               COMMIT;
-             END LOOP; END $$;",
-            txns = rows / per_txn,
-            table = capture.table("a")
-        ))
-        .await
-        .unwrap();
+    write_backlog(&capture.table("a"), per_txn, rows).await;
     eprintln!("backlog written; starting the gateway");
     eprintln!("soak: nats-server pid {} (weir: `pgrep -n weir`)", nats.pid().unwrap_or(0));
     let started = Instant::now();
@@ -282,7 +269,7 @@ async fn main() {
                     .unwrap();
             }
         }
-        write_backlog(&name, per_txn).await;
+        write_backlog(&name, per_txn, BACKLOG).await;
         let end = current_lsn().await;
         let (mut decode, mut weir, mut with_start_up, mut bare) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut cpus: Vec<CpuPerRow> = Vec::new();
