@@ -502,6 +502,8 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     // One outcome per message: events coalesced from different requests do not share a
     // failure that is not theirs.
     let stored = if messages.is_empty() { Vec::new() } else { state.sink.publish_each(&messages).await };
+    // Each outcome belongs to one event's span: taken, not copied.
+    let mut stored: Vec<Option<Result<Published, SinkError>>> = stored.into_iter().map(Some).collect();
     state.metrics.publish_duration(published_started.elapsed());
     let mut published_per_route: Vec<(usize, usize)> = Vec::new();
     for ((position, route, disposition), span) in processed.into_iter().zip(spans) {
@@ -511,7 +513,7 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let id = &ids[position];
         // Whether this event had something to store, and if so whether all of it was stored.
         let stored_here: Option<Result<Vec<Published>, SinkError>> =
-            (!span.is_empty()).then(|| stored[span].iter().cloned().collect());
+            (!span.is_empty()).then(|| stored[span].iter_mut().filter_map(Option::take).collect());
         let answer = match (stored_here, disposition) {
             (Some(Err(error)), _) => Err(sink_error(error)),
             (Some(Ok(stored)), Disposition::Publish(_)) => {

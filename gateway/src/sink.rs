@@ -290,7 +290,11 @@ impl Sink {
                 for message in messages {
                     if let Err(error) = self
                         .client
-                        .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone())
+                        .publish_with_headers(
+                            message.subject.clone(),
+                            message.headers.to_nats(),
+                            message.payload.clone(),
+                        )
                         .await
                     {
                         return messages.iter().map(|_| Err(SinkError::Refused(error.to_string()))).collect();
@@ -322,7 +326,7 @@ impl Sink {
         message: &Message,
     ) -> Result<jetstream::context::PublishAckFuture, SinkError> {
         context
-            .publish_with_headers(message.subject.clone(), headers(message), message.payload.clone())
+            .publish_with_headers(message.subject.clone(), message.headers.to_nats(), message.payload.clone())
             .await
             .map_err(|e| classify(e.kind(), &message.subject, e.to_string()))
     }
@@ -420,8 +424,4 @@ fn classify(kind: PublishErrorKind, subject: &str, text: String) -> SinkError {
         _ if text.contains("no responders") => SinkError::NoStream(subject.to_string()),
         _ => SinkError::Refused(text),
     }
-}
-
-fn headers(message: &Message) -> async_nats::HeaderMap {
-    message.headers.to_nats()
 }

@@ -94,6 +94,19 @@ async fn post(
     (status, body, headers)
 }
 
+/// Posts NDJSON `lines` to `/v1/batch`: status and body.
+async fn post_batch(gateway: &Gateway, lines: impl Into<reqwest::Body>) -> (u16, Value) {
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 fn header<'a>(message: &'a async_nats::jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
     message.headers.get(name).map(|v| v.as_str())
 }
@@ -299,15 +312,8 @@ async fn batches_answer_per_line_and_keep_per_key_order() {
     }
     lines.push_str("not json\n");
     lines.push_str("{\"entity\":\"poison\",\"data\":{\"seq\":20}}\n");
-    let response = client()
-        .post(gateway.url("/v1/batch"))
-        .header("content-type", "application/x-ndjson")
-        .body(lines)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 207);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207);
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 62);
     assert!(results[..60].iter().all(|r| r["status"] == 202));
@@ -570,14 +576,7 @@ webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", tim
     }
     assert_eq!(answers[6], answers[4], "a replayed delivery gets the same answer");
     // A batch line cannot bypass the signature.
-    let response = client()
-        .post(gateway.url("/v1/batch"))
-        .header("content-type", "application/x-ndjson")
-        .body("{\"entity\":\"github\",\"data\":{}}\n")
-        .send()
-        .await
-        .unwrap();
-    let batch: Value = response.json().await.unwrap();
+    let (_, batch) = post_batch(&gateway, "{\"entity\":\"github\",\"data\":{}}\n").await;
     assert_eq!(batch["results"][0]["status"], 400, "{batch}");
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -1195,15 +1194,7 @@ async fn a_batch_keeps_each_keys_order_across_routes() {
             format!("{{\"entity\":\"ledger\",\"op\":\"{op}\",\"key\":\"k\",\"data\":{{\"n\":{n}}}}}\n")
         })
         .collect();
-    let response = client()
-        .post(gateway.url("/v1/batch"))
-        .header("content-type", "application/x-ndjson")
-        .body(lines)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = post_batch(&gateway, lines).await;
     assert_eq!(status, 202, "{body}");
     let stored: Vec<(String, i64)> = nats
         .messages("WEIR")
