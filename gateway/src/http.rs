@@ -5,7 +5,7 @@
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Message, Pipeline};
-use crate::sink::{Published, Sink, SinkError};
+use crate::sink::{Published, SendOrder, Sink, SinkError};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -16,13 +16,15 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 /// Stripes for per-key ordering: events with the same entity and key take the same lock, in
-/// arrival order (tokio's mutex is fair), and hold it until their outputs are stored.
+/// arrival order (tokio's mutex is fair), and hold it while their outputs are sent.
 const KEY_STRIPES: usize = 1024;
 /// Most single-event requests run as one batch.
 const COALESCE_MAX: usize = 256;
@@ -53,7 +55,8 @@ pub struct AppState {
     settings: HttpSettings,
     token_digests: Vec<[u8; 32]>,
     in_flight: Semaphore,
-    key_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per stripe, how many batches have sent under it (see [`StripeOrder`]).
+    key_locks: Vec<tokio::sync::Mutex<u64>>,
     coalescer: Coalescer,
     idempotency: Mutex<HashMap<String, Remembered>>,
     /// Set when shutting down: `/readyz` answers 503.
@@ -85,7 +88,7 @@ impl AppState {
             in_flight: Semaphore::new(settings.max_in_flight),
             token_digests,
             settings,
-            key_locks: (0..KEY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            key_locks: (0..KEY_STRIPES).map(|_| tokio::sync::Mutex::new(0)).collect(),
             coalescer: Coalescer {
                 queue: Mutex::new(VecDeque::new()),
                 runners: Arc::new(Semaphore::new(coalesce_runners())),
@@ -433,14 +436,12 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     if !state.sink.connected() {
         return events.iter().map(|_| Err(sink_error(SinkError::Disconnected))).collect();
     }
-    // Per-key order: the key stripes are held from the first publish until every ack is in, so
-    // a later batch with one of these keys cannot overtake (not even through a retried send).
+    // Per-key order: the key stripes are held while this batch sends (see `StripeOrder`).
     // Plugins run before they are taken: concurrent requests have no order between them, and
     // their plugin calls then overlap another batch's publishing.
     let mut stripes: Vec<usize> = events.iter().filter_map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
     stripes.sort_unstable();
     stripes.dedup();
-    let mut guards = Vec::with_capacity(stripes.len());
 
     let count = events.len();
     let mut routed: HashMap<usize, Vec<(usize, Event)>> = HashMap::new();
@@ -492,16 +493,15 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         }
         spans.push(start..messages.len());
     }
-    if !messages.is_empty() {
-        // In a fixed order, so batches cannot deadlock.
-        for &index in &stripes {
-            guards.push(state.key_locks[index].lock().await);
-        }
-    }
     let published_started = Instant::now();
     // One outcome per message: events coalesced from different requests do not share a
     // failure that is not theirs.
-    let stored = if messages.is_empty() { Vec::new() } else { state.sink.publish_each(&messages).await };
+    let stored = if messages.is_empty() {
+        Vec::new()
+    } else {
+        let mut order = StripeOrder::lock(&state.key_locks, stripes).await;
+        state.sink.publish_ordered(&messages, &mut order).await
+    };
     // Each outcome belongs to one event's span: taken, not copied.
     let mut stored: Vec<Option<Result<Published, SinkError>>> = stored.into_iter().map(Some).collect();
     state.metrics.publish_duration(published_started.elapsed());
@@ -582,11 +582,61 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     for (route, published) in published_per_route {
         state.metrics.published("http", &state.pipeline.route(route).name, published);
     }
-    drop(guards);
     answers
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no answer"))))
         .collect()
+}
+
+/// The key stripes one batch publishes under. They are held while its messages are sent, so
+/// batches sharing a key send one after another; the NATS connection then stores them in the
+/// order sent, so the stripes are let go before the acks are in. Only a resend (after a
+/// timed-out ack) could overtake a later batch's message: it takes the stripes again and goes
+/// ahead only if no batch has sent under them since, else its messages fail (`503`, retry).
+struct StripeOrder<'a> {
+    locks: &'a [tokio::sync::Mutex<u64>],
+    stripes: Vec<usize>,
+    /// Each stripe's count as this batch left it.
+    generations: Vec<u64>,
+    guards: Vec<tokio::sync::MutexGuard<'a, u64>>,
+}
+
+impl<'a> StripeOrder<'a> {
+    /// Takes `stripes` (sorted: a fixed order, so batches cannot deadlock).
+    async fn lock(locks: &'a [tokio::sync::Mutex<u64>], stripes: Vec<usize>) -> StripeOrder<'a> {
+        let mut generations = Vec::with_capacity(stripes.len());
+        let mut guards = Vec::with_capacity(stripes.len());
+        for &index in &stripes {
+            let mut guard = locks[index].lock().await;
+            *guard += 1;
+            generations.push(*guard);
+            guards.push(guard);
+        }
+        StripeOrder { locks, stripes, generations, guards }
+    }
+}
+
+impl SendOrder for StripeOrder<'_> {
+    fn sent(&mut self) {
+        self.guards.clear();
+    }
+
+    fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            if !self.guards.is_empty() {
+                return true;
+            }
+            for (&index, &generation) in self.stripes.iter().zip(&self.generations) {
+                let guard = self.locks[index].lock().await;
+                if *guard != generation {
+                    self.guards.clear();
+                    return false;
+                }
+                self.guards.push(guard);
+            }
+            true
+        })
+    }
 }
 
 /// Single-event requests waiting to run. Requests that arrive while others are being processed

@@ -3,8 +3,16 @@
 
 use crate::config::{Config, JetStreamConfig, NatsConfig, Storage};
 use crate::pipeline::Message;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use acks::{AckRouter, Answer, SendError};
+use async_nats::jetstream::{self, stream};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+mod acks;
 
 /// Where a message was stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -40,8 +48,15 @@ pub enum SinkError {
 #[derive(Clone)]
 pub struct Sink {
     client: async_nats::Client,
-    jetstream: Option<(jetstream::Context, String)>,
+    jetstream: Option<JetStreamSink>,
     ack_timeout: Duration,
+}
+
+/// JetStream publishing: the context for stream management, the router for PubAcks.
+#[derive(Clone)]
+struct JetStreamSink {
+    context: jetstream::Context,
+    acks: Arc<AckRouter>,
 }
 
 /// Connection options from `[nats]`.
@@ -155,7 +170,7 @@ impl Sink {
     /// is reported in the log, never changed.
     pub async fn connect(config: &Config) -> anyhow::Result<Sink> {
         let sink = Sink::connect_publisher(config).await?;
-        if let (Some((context, _)), Some(js)) = (&sink.jetstream, &config.jetstream) {
+        if let (Some(JetStreamSink { context, .. }), Some(js)) = (&sink.jetstream, &config.jetstream) {
             let want = stream_config(js);
             let mut stream = match context.get_stream(&js.stream).await {
                 Ok(stream) => stream,
@@ -180,12 +195,9 @@ impl Sink {
         let client = connect_client(config).await?;
         let (jetstream, ack_timeout) = match &config.jetstream {
             Some(js) => {
-                let context = jetstream::ContextBuilder::new()
-                    .timeout(js.ack_timeout)
-                    .max_ack_inflight(js.max_in_flight)
-                    .backpressure_on_inflight(true)
-                    .build(client.clone());
-                (Some((context, js.stream.clone())), js.ack_timeout)
+                let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
+                let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight).await?);
+                (Some(JetStreamSink { context, acks }), js.ack_timeout)
             }
             None => (None, Duration::from_secs(5)),
         };
@@ -199,7 +211,7 @@ impl Sink {
 
     /// The JetStream context, unless the sink is core NATS.
     pub fn jetstream(&self) -> Option<&jetstream::Context> {
-        self.jetstream.as_ref().map(|(context, _)| context)
+        self.jetstream.as_ref().map(|jetstream| &jetstream.context)
     }
 
     /// The NATS client.
@@ -213,79 +225,27 @@ impl Sink {
         self.publish_each(messages).await.into_iter().collect()
     }
 
-    /// Publishes `messages` in order; one outcome per message. Sends go out back to back and
+    /// Publishes `messages` in order; one outcome per message; see [`Sink::publish_ordered`]. Sends go out back to back and
     /// acks are awaited together. Once NATS is unreachable or not acknowledging, nothing more is
     /// sent and the rest share that failure. A message the server refuses (no stream, too large)
     /// fails alone, except that later messages of the same entity and key are not sent either:
     /// they must not overtake it.
     pub async fn publish_each(&self, messages: &[Message]) -> Vec<Result<Published, SinkError>> {
+        self.publish_ordered(messages, &mut InOrder).await
+    }
+
+    /// [`Sink::publish_each`], telling `order` when the sends are out and asking it before any
+    /// message is sent again.
+    pub async fn publish_ordered(
+        &self,
+        messages: &[Message],
+        order: &mut dyn SendOrder,
+    ) -> Vec<Result<Published, SinkError>> {
         if !self.connected() {
             return messages.iter().map(|_| Err(SinkError::Disconnected)).collect();
         }
         match &self.jetstream {
-            Some((context, _)) => {
-                let failures = std::sync::Mutex::new(Failures::default());
-                let failures = &failures;
-                // Sending and awaiting PubAcks run side by side: each pending ack holds one of the
-                // context's `max_in_flight` permits until it is awaited, so sending everything
-                // first would stall (and, across concurrent callers, deadlock) once a call has
-                // more messages than the window.
-                let (sent, mut to_await) = tokio::sync::mpsc::unbounded_channel();
-                let send_all = async {
-                    let mut held_back = Vec::new();
-                    for (index, message) in messages.iter().enumerate() {
-                        let blocked = failures.lock().unwrap_or_else(|p| p.into_inner()).blocking(message);
-                        match blocked {
-                            Blocked::Stop => break,
-                            Blocked::Key(error) => held_back.push((index, Err(error))),
-                            Blocked::No => match self.send(context, message).await {
-                                Ok(ack) => {
-                                    if sent.send((index, ack)).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(error) => {
-                                    failures.lock().unwrap_or_else(|p| p.into_inner()).record(message, &error);
-                                    held_back.push((index, Err(error)));
-                                }
-                            },
-                        }
-                    }
-                    drop(sent);
-                    held_back
-                };
-                let await_all = async {
-                    let mut acked = Vec::with_capacity(messages.len());
-                    while let Some((index, ack)) = to_await.recv().await {
-                        let outcome = self.await_ack(context, &messages[index], ack).await;
-                        let stop = match &outcome {
-                            Err(error) => {
-                                let mut failures = failures.lock().unwrap_or_else(|p| p.into_inner());
-                                failures.record(&messages[index], error);
-                                failures.stop.is_some()
-                            }
-                            Ok(_) => false,
-                        };
-                        acked.push((index, outcome));
-                        if stop {
-                            // NATS is gone or not acknowledging: the acks still pending would
-                            // each wait out their own timeout. Their messages may or may not be
-                            // stored; they share the failure ("not stored, retry"), and a retry
-                            // is deduplicated by its id.
-                            break;
-                        }
-                    }
-                    acked
-                };
-                let (held_back, acked) = futures::join!(send_all, await_all);
-                let mut outcomes: Vec<Option<Result<Published, SinkError>>> = vec![None; messages.len()];
-                for (index, outcome) in held_back.into_iter().chain(acked) {
-                    outcomes[index] = Some(outcome);
-                }
-                let stopped = failures.lock().unwrap_or_else(|p| p.into_inner()).stop.clone();
-                let stopped = stopped.unwrap_or(SinkError::Timeout);
-                outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
-            }
+            Some(jetstream) => self.publish_jetstream(&jetstream.acks, messages, order).await,
             None => {
                 for message in messages {
                     if let Err(error) = self
@@ -320,50 +280,156 @@ impl Sink {
         }
     }
 
-    async fn send(
+    /// JetStream: sends go out back to back, PubAcks are awaited as they come. Sends that get
+    /// no answer within `ack_timeout` of the last answer are sent again in order with the same
+    /// `Nats-Msg-Id` (so JetStream stores one copy), up to three attempts while connected. Never
+    /// reports a message stored that is not.
+    async fn publish_jetstream(
         &self,
-        context: &jetstream::Context,
-        message: &Message,
-    ) -> Result<jetstream::context::PublishAckFuture, SinkError> {
-        context
-            .publish_with_headers(message.subject.clone(), message.headers.to_nats(), message.payload.clone())
-            .await
-            .map_err(|e| classify(e.kind(), &message.subject, e.to_string()))
-    }
-
-    /// Awaits one PubAck; a timed-out ack is retried with the same `Nats-Msg-Id` (so JetStream
-    /// stores one copy) until the retries run out. Never reports a message stored that is not.
-    async fn await_ack(
-        &self,
-        context: &jetstream::Context,
-        message: &Message,
-        first: jetstream::context::PublishAckFuture,
-    ) -> Result<Published, SinkError> {
-        let mut ack = first;
+        acks: &AckRouter,
+        messages: &[Message],
+        order: &mut dyn SendOrder,
+    ) -> Vec<Result<Published, SinkError>> {
+        let progress = Mutex::new(Progress { outcomes: vec![None; messages.len()], failures: Failures::default() });
         let mut attempt = 1;
         loop {
-            match ack.await {
-                Ok(ack) => {
-                    return Ok(Published {
-                        subject: message.subject.clone(),
-                        stream: Some(ack.stream),
-                        seq: Some(ack.sequence),
-                        duplicate: ack.duplicate,
-                    });
-                }
-                Err(error) => {
-                    let failure = classify(error.kind(), &message.subject, error.to_string());
-                    let retriable = matches!(failure, SinkError::Timeout | SinkError::Disconnected);
-                    if !retriable || attempt >= 3 || !self.connected() {
-                        return Err(failure);
+            let due: Vec<usize> = {
+                let mut progress = lock(&progress);
+                progress.failures.stop = None;
+                (0..messages.len()).filter(|&index| progress.outcomes[index].is_none()).collect()
+            };
+            if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
+                break;
+            }
+            self.attempt(acks, messages, &due, &progress, order).await;
+            let unanswered = lock(&progress).failures.stop.is_some();
+            if !unanswered || attempt >= 3 || !self.connected() {
+                break;
+            }
+            attempt += 1;
+            tracing::debug!(attempt, "PubAcks timed out; publishing the unanswered messages again with the same ids");
+        }
+        let Progress { outcomes, failures } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let stopped = failures.stop.unwrap_or(SinkError::Timeout);
+        outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
+    }
+
+    /// One attempt at the messages `due`: sending and awaiting answers run side by side, since
+    /// each unanswered send holds room in the window.
+    async fn attempt(
+        &self,
+        acks: &AckRouter,
+        messages: &[Message],
+        due: &[usize],
+        progress: &Mutex<Progress>,
+        order: &mut dyn SendOrder,
+    ) {
+        let call = acks.call_id();
+        let (answers_to, mut answers) = mpsc::unbounded_channel();
+        let send_all = async move {
+            for &index in due {
+                let message = &messages[index];
+                match lock(progress).failures.blocking(message) {
+                    Blocked::Stop => break,
+                    Blocked::Key(error) => {
+                        lock(progress).outcomes[index] = Some(Err(error));
+                        continue;
                     }
-                    attempt += 1;
-                    tracing::debug!(id = message.id(), attempt, "PubAck timed out; publishing again with the same id");
-                    ack = self.send(context, message).await?;
+                    Blocked::No => {}
+                }
+                if let Err(error) = acks.send(call, index, message, &answers_to).await {
+                    let error = match error {
+                        SendError::Closed => SinkError::Disconnected,
+                        SendError::TooLarge(text) => SinkError::Refused(text),
+                    };
+                    let mut progress = lock(progress);
+                    progress.failures.record(message, &error);
+                    if matches!(error, SinkError::Refused(_)) {
+                        progress.outcomes[index] = Some(Err(error));
+                    }
                 }
             }
-        }
+            order.sent();
+            // Dropping `answers_to` here lets `answers` end once every send is answered.
+        };
+        let await_all = async {
+            // One timer for the whole call, re-armed lazily: "no answer for `ack_timeout`".
+            let sleep = tokio::time::sleep(self.ack_timeout);
+            tokio::pin!(sleep);
+            let mut last_answer = Instant::now();
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = answers.recv() => {
+                        let Some((index, answer)) = answer else { break };
+                        last_answer = Instant::now();
+                        let message = &messages[index];
+                        let outcome = match answer {
+                            Answer::Stored { stream, seq, duplicate } => Ok(Published {
+                                subject: message.subject.clone(),
+                                stream: Some(stream),
+                                seq: Some(seq),
+                                duplicate,
+                            }),
+                            Answer::NoStream => Err(SinkError::NoStream(message.subject.clone())),
+                            Answer::Refused(reason) => Err(SinkError::Refused(reason)),
+                        };
+                        let mut progress = lock(progress);
+                        if let Err(error) = &outcome {
+                            progress.failures.record(message, error);
+                        }
+                        progress.outcomes[index] = Some(outcome);
+                    }
+                    () = &mut sleep => {
+                        let deadline = last_answer + self.ack_timeout;
+                        if Instant::now() < deadline {
+                            sleep.as_mut().reset(deadline);
+                            continue;
+                        }
+                        // NATS is gone or not acknowledging: stop sending; what is unanswered
+                        // may or may not be stored, and is sent again (deduplicated by its id).
+                        lock(progress).failures.stop.get_or_insert(SinkError::Timeout);
+                        acks.abandon(call);
+                        break;
+                    }
+                }
+            }
+        };
+        futures::join!(send_all, await_all);
+        acks.abandon(call);
     }
+}
+
+/// How a caller keeps order across concurrent publishes (HTTP's per-key locks). One
+/// connection stores what it sends in the order sent, so only a resend could overtake.
+pub trait SendOrder: Send {
+    /// This attempt's messages are all queued on the connection, in order: later publishers
+    /// may send now.
+    fn sent(&mut self);
+    /// Before unanswered messages are sent again: whether that still keeps their order (no
+    /// later message of theirs was sent meanwhile). `false` fails them instead.
+    fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+/// No order to keep beyond the call's own.
+pub struct InOrder;
+
+impl SendOrder for InOrder {
+    fn sent(&mut self) {}
+
+    fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(std::future::ready(true))
+    }
+}
+
+/// The outcomes so far of one [`Sink::publish_each`], and what has failed.
+struct Progress {
+    outcomes: Vec<Option<Result<Published, SinkError>>>,
+    failures: Failures,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What has failed so far in one [`Sink::publish_each`].
@@ -413,15 +479,5 @@ impl Failures {
             Some(error) => Blocked::Key(error.clone()),
             None => Blocked::No,
         }
-    }
-}
-
-fn classify(kind: PublishErrorKind, subject: &str, text: String) -> SinkError {
-    match kind {
-        PublishErrorKind::TimedOut | PublishErrorKind::MaxAckPending => SinkError::Timeout,
-        PublishErrorKind::BrokenPipe => SinkError::Disconnected,
-        PublishErrorKind::StreamNotFound => SinkError::NoStream(subject.to_string()),
-        _ if text.contains("no responders") => SinkError::NoStream(subject.to_string()),
-        _ => SinkError::Refused(text),
     }
 }

@@ -921,6 +921,67 @@ async fn batches_larger_than_the_ack_window_are_stored_concurrently() {
     assert_eq!(nats.messages("WEIR").await.len(), 800);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
+    use futures::StreamExt as _;
+    let nats = Nats::start();
+    // No stream captures `elsewhere.>`, but a plain subscriber listens there: each send is
+    // delivered and never acknowledged, the way a stuck or misrouted JetStream looks.
+    let gateway = Gateway::start(&config(&nats, r#"subject = "elsewhere.{entity}""#));
+    let mut listener = nats.client().await.subscribe("elsewhere.>").await.unwrap();
+    let (status, body, _) = post(&gateway, "/v1/events/things", r#"{"n":1}"#, &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "nats_unavailable", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("did not acknowledge"), "{body}");
+    let mut ids = Vec::new();
+    while let Ok(Some(sent)) = tokio::time::timeout(Duration::from_millis(500), listener.next()).await {
+        ids.push(sent.headers.unwrap().get("Nats-Msg-Id").unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 3, "three attempts: {ids:?}");
+    assert!(ids.iter().all(|id| id == &ids[0]), "every attempt carries the event's id: {ids:?}");
+    assert!(nats.messages("WEIR").await.is_empty());
+    // The connection is fine: other events are stored meanwhile.
+    let (status, body, _) = post(&gateway, "/v1/events/users", r#"{"email":"x@y","n":2}"#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resend_never_overtakes_a_later_event_of_the_same_key() {
+    use futures::StreamExt as _;
+    let nats = Nats::start();
+    // Deletes of `split` go where nothing acknowledges them; its other ops are stored.
+    let split = "[[routes]]\nmatch = { entity = \"split\", op = [\"delete\"] }\nsubject = \"elsewhere.{entity}\"\n\n";
+    let config = config(&nats, "").replacen(
+        "[[routes]]\nmatch = { entity = \"*\" }",
+        &format!("{split}[[routes]]\nmatch = {{ entity = \"*\" }}"),
+        1,
+    );
+    assert!(config.contains("elsewhere"));
+    let gateway = Gateway::start(&config);
+    let mut listener = nats.client().await.subscribe("elsewhere.>").await.unwrap();
+    let delete = {
+        let url = gateway.url("/v1/events/split/k1");
+        tokio::spawn(async move { client().delete(url).send().await.unwrap().status().as_u16() })
+    };
+    // The delete is sent (and unanswered) before the update of the same key arrives.
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.next()).await.unwrap().unwrap();
+    let id = first.headers.unwrap().get("Nats-Msg-Id").unwrap().to_string();
+    let update = client()
+        .put(gateway.url("/v1/events/split/k1"))
+        .header("content-type", "application/json")
+        .body(r#"{"n":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(update.status(), 202, "the update is stored while the delete waits for its ack");
+    assert_eq!(delete.await.unwrap(), 503, "the delete is not acknowledged");
+    // Sending the delete again would have put it after the update: it was not resent.
+    let again = tokio::time::timeout(Duration::from_millis(2500), listener.next()).await;
+    assert!(again.is_err(), "resent after a later event of its key ({id}): {again:?}");
+    assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
 /// Puts `source` at `target` the way deploy tools do: write beside it, then rename over it.
 fn replace_file(source: &std::path::Path, target: &std::path::Path) {
     let staging = target.with_extension("wasm.tmp");
