@@ -202,7 +202,7 @@ pub struct JetStreamConfig {
     /// Replicas (1, 3 or 5 in a cluster).
     #[serde(default = "defaults::replicas")]
     pub replicas: usize,
-    /// How long to wait for a PubAck before retrying with the same id.
+    /// How long a publish may hear no PubAck before it sends what is unanswered again (same ids).
     #[serde(default = "defaults::ack_timeout", deserialize_with = "duration")]
     pub ack_timeout: Duration,
     /// Most publishes awaiting their PubAck at once.

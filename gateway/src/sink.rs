@@ -325,6 +325,10 @@ impl Sink {
         order: &mut dyn SendOrder,
     ) {
         let call = acks.call_id();
+        // Whatever of this call is still pending when it ends (or is dropped mid-way) is
+        // abandoned, so its room in the window is never lost.
+        let mut leftovers = acks.abandon_on_drop(call);
+        let mut all_answered = false;
         let (answers_to, mut answers) = mpsc::unbounded_channel();
         let send_all = async move {
             for &index in due {
@@ -361,7 +365,11 @@ impl Sink {
                 tokio::select! {
                     biased;
                     answer = answers.recv() => {
-                        let Some((index, answer)) = answer else { break };
+                        let Some((index, answer)) = answer else {
+                            // Closed: every pending send of this call held a sender, so none is left.
+                            all_answered = true;
+                            break;
+                        };
                         last_answer = Instant::now();
                         let message = &messages[index];
                         let outcome = match answer {
@@ -396,7 +404,9 @@ impl Sink {
             }
         };
         futures::join!(send_all, await_all);
-        acks.abandon(call);
+        if all_answered {
+            leftovers.disarm();
+        }
     }
 }
 

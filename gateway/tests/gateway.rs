@@ -927,7 +927,11 @@ async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
     let nats = Nats::start();
     // No stream captures `elsewhere.>`, but a plain subscriber listens there: each send is
     // delivered and never acknowledged, the way a stuck or misrouted JetStream looks.
-    let gateway = Gateway::start(&config(&nats, r#"subject = "elsewhere.{entity}""#));
+    // A window of two: an abandoned send that kept its room would stall what follows.
+    let config = config(&nats, r#"subject = "elsewhere.{entity}""#)
+        .replace("ack_timeout = \"1s\"", "ack_timeout = \"1s\"\nmax_in_flight = 2");
+    assert!(config.contains("max_in_flight = 2"));
+    let gateway = Gateway::start(&config);
     let mut listener = nats.client().await.subscribe("elsewhere.>").await.unwrap();
     let (status, body, _) = post(&gateway, "/v1/events/things", r#"{"n":1}"#, &[]).await;
     assert_eq!(status, 503, "{body}");
@@ -940,10 +944,11 @@ async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
     assert_eq!(ids.len(), 3, "three attempts: {ids:?}");
     assert!(ids.iter().all(|id| id == &ids[0]), "every attempt carries the event's id: {ids:?}");
     assert!(nats.messages("WEIR").await.is_empty());
-    // The connection is fine: other events are stored meanwhile.
-    let (status, body, _) = post(&gateway, "/v1/events/users", r#"{"email":"x@y","n":2}"#, &[]).await;
+    // The connection is fine and the window whole: other events are stored meanwhile.
+    let lines: String = (0..5).map(|n| format!("{{\"entity\":\"users\",\"data\":{{\"n\":{n}}}}}\n")).collect();
+    let (status, body) = post_batch(&gateway, lines).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(nats.messages("WEIR").await.len(), 1);
+    assert_eq!(nats.messages("WEIR").await.len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -132,6 +132,11 @@ impl AckRouter {
         })
     }
 
+    /// A guard that abandons `call` when dropped (see [`AckRouter::abandon`]).
+    pub fn abandon_on_drop(&self, call: u64) -> AbandonOnDrop<'_> {
+        AbandonOnDrop { acks: self, call, armed: true }
+    }
+
     /// Stops waiting for every unanswered send of `call`: their room in the window is returned
     /// and their late answers are ignored.
     pub fn abandon(&self, call: u64) {
@@ -141,6 +146,28 @@ impl AckRouter {
         let abandoned = before - pending.len();
         drop(pending);
         self.shared.window.add_permits(abandoned);
+    }
+}
+
+/// Abandons a call's pending sends when dropped, unless disarmed.
+pub struct AbandonOnDrop<'a> {
+    acks: &'a AckRouter,
+    call: u64,
+    armed: bool,
+}
+
+impl AbandonOnDrop<'_> {
+    /// Nothing of the call is pending any more.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.acks.abandon(self.call);
+        }
     }
 }
 
