@@ -137,10 +137,17 @@ impl IntoResponse for ApiError {
 
 fn sink_error(error: SinkError) -> ApiError {
     match error {
-        SinkError::Disconnected | SinkError::Timeout => ApiError::new(
+        SinkError::Disconnected => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "nats_unavailable",
             format!("{error}; nothing was stored, retry"),
+        ),
+        SinkError::Timeout => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nats_unavailable",
+            format!(
+                "{error}; it is not known to be stored: retry with the same Idempotency-Key (stored once either way)"
+            ),
         ),
         SinkError::NoStream(_) | SinkError::Refused(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
@@ -174,14 +181,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let connected = state.sink.connected();
     let draining = state.draining.load(Ordering::Relaxed);
     let replicating = state.postgres.as_ref().map(|status| status.connected.load(Ordering::Relaxed));
+    let source_nats = state.postgres.as_ref().map(|status| status.nats_connected());
     // Only plugins some route uses count: an unused one that is missing takes nothing down.
     let plugins_loaded = state.pipeline.unloaded_plugins().is_empty();
     let status = state.pipeline.plugins().status();
     let mut body = json!({"nats": connected, "plugins": plugins_loaded, "draining": draining, "plugin_status": status});
-    if let Some(replicating) = replicating {
+    if let (Some(replicating), Some(source_nats)) = (replicating, source_nats) {
         body["postgres"] = json!(replicating);
+        body["postgres_nats"] = json!(source_nats);
     }
-    let ready = connected && plugins_loaded && !draining && replicating != Some(false);
+    let ready = connected && plugins_loaded && !draining && replicating != Some(false) && source_nats != Some(false);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }

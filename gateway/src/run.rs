@@ -144,6 +144,8 @@ fn start_postgres_source(
                             }
                         }
                     };
+                    // Only the first connection is ever set: the source keeps this one.
+                    let _ = status.nats.set(sink.client().clone());
                     crate::postgres::PostgresSource::new(pg.clone(), pipeline, sink, metrics, status).run(stopped).await
                 }),
                 Err(error) => Err(anyhow::anyhow!("cannot start the PostgreSQL source's runtime: {error}")),

@@ -33,7 +33,7 @@ pub enum SinkError {
     /// Not connected to NATS right now.
     #[error("NATS is not reachable")]
     Disconnected,
-    /// No PubAck arrived in time, even after retrying.
+    /// No PubAck arrived in time, even after retrying: it may or may not be stored.
     #[error("NATS did not acknowledge the message in time")]
     Timeout,
     /// No stream captures the subject.
@@ -282,8 +282,9 @@ impl Sink {
 
     /// JetStream: sends go out back to back, PubAcks are awaited as they come. Sends that get
     /// no answer within `ack_timeout` of the last answer are sent again in order with the same
-    /// `Nats-Msg-Id` (so JetStream stores one copy), up to three attempts while connected. Never
-    /// reports a message stored that is not.
+    /// `Nats-Msg-Id` (so JetStream stores one copy), up to three attempts while connected,
+    /// unless a later message of their key went out (see [`resendable`]). Never reports a
+    /// message stored that is not.
     async fn publish_jetstream(
         &self,
         acks: &AckRouter,
@@ -291,17 +292,23 @@ impl Sink {
         order: &mut dyn SendOrder,
     ) -> Vec<Result<Published, SinkError>> {
         let progress = Mutex::new(Progress { outcomes: vec![None; messages.len()], failures: Failures::default() });
+        // Which messages have gone out at least once.
+        let mut sent = vec![false; messages.len()];
         let mut attempt = 1;
         loop {
             let due: Vec<usize> = {
                 let mut progress = lock(&progress);
                 progress.failures.stop = None;
-                (0..messages.len()).filter(|&index| progress.outcomes[index].is_none()).collect()
+                if attempt == 1 {
+                    (0..messages.len()).collect()
+                } else {
+                    resendable(messages, &sent, &mut progress.outcomes)
+                }
             };
             if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
                 break;
             }
-            self.attempt(acks, messages, &due, &progress, order).await;
+            self.attempt(acks, messages, &due, &progress, &mut sent, order).await;
             let unanswered = lock(&progress).failures.stop.is_some();
             if !unanswered || attempt >= 3 || !self.connected() {
                 break;
@@ -322,6 +329,7 @@ impl Sink {
         messages: &[Message],
         due: &[usize],
         progress: &Mutex<Progress>,
+        sent: &mut [bool],
         order: &mut dyn SendOrder,
     ) {
         let call = acks.call_id();
@@ -330,6 +338,9 @@ impl Sink {
         let mut leftovers = acks.abandon_on_drop(call);
         let mut all_answered = false;
         let (answers_to, mut answers) = mpsc::unbounded_channel();
+        // Set when the answers stop coming: a send still waiting for room in the window gives up
+        // at once instead of holding the caller (and its key locks) for another `ack_timeout`.
+        let stopped = &tokio::sync::Notify::new();
         let send_all = async move {
             for &index in due {
                 let message = &messages[index];
@@ -341,15 +352,23 @@ impl Sink {
                     }
                     Blocked::No => {}
                 }
-                if let Err(error) = acks.send(call, index, message, &answers_to).await {
-                    let error = match error {
-                        SendError::Closed => SinkError::Disconnected,
-                        SendError::TooLarge(text) => SinkError::Refused(text),
-                    };
-                    let mut progress = lock(progress);
-                    progress.failures.record(message, &error);
-                    if matches!(error, SinkError::Refused(_)) {
-                        progress.outcomes[index] = Some(Err(error));
+                let outcome = tokio::select! {
+                    biased;
+                    () = stopped.notified() => break,
+                    outcome = acks.send(call, index, message, &answers_to) => outcome,
+                };
+                match outcome {
+                    Ok(()) => sent[index] = true,
+                    Err(error) => {
+                        let error = match error {
+                            SendError::Closed => SinkError::Disconnected,
+                            SendError::Refused(text) => SinkError::Refused(text),
+                        };
+                        let mut progress = lock(progress);
+                        progress.failures.record(message, &error);
+                        if matches!(error, SinkError::Refused(_)) {
+                            progress.outcomes[index] = Some(Err(error));
+                        }
                     }
                 }
             }
@@ -398,6 +417,7 @@ impl Sink {
                         // may or may not be stored, and is sent again (deduplicated by its id).
                         lock(progress).failures.stop.get_or_insert(SinkError::Timeout);
                         acks.abandon(call);
+                        stopped.notify_one();
                         break;
                     }
                 }
@@ -408,6 +428,36 @@ impl Sink {
             leftovers.disarm();
         }
     }
+}
+
+/// The unanswered messages to send again, in order. A message is sent again only if no later
+/// message of its entity and key has gone out: that one may be stored already, and the resend
+/// would land after it (after a lost connection, the client delivers what it still had queued
+/// while what it had buffered is gone). Such a message fails instead, "not stored, retry".
+fn resendable(
+    messages: &[Message],
+    sent: &[bool],
+    outcomes: &mut [Option<Result<Published, SinkError>>],
+) -> Vec<usize> {
+    let mut later_sent = std::collections::HashSet::new();
+    let mut due = Vec::new();
+    for index in (0..messages.len()).rev() {
+        let key = order_key(&messages[index]);
+        if outcomes[index].is_none() {
+            if key.as_ref().is_some_and(|key| later_sent.contains(key)) {
+                outcomes[index] = Some(Err(SinkError::Timeout));
+                continue;
+            }
+            due.push(index);
+        }
+        if sent[index]
+            && let Some(key) = key
+        {
+            later_sent.insert(key);
+        }
+    }
+    due.reverse();
+    due
 }
 
 /// How a caller keeps order across concurrent publishes (HTTP's per-key locks). One

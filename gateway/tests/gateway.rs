@@ -923,7 +923,6 @@ async fn batches_larger_than_the_ack_window_are_stored_concurrently() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
-    use futures::StreamExt as _;
     let nats = Nats::start();
     // No stream captures `elsewhere.>`, but a plain subscriber listens there: each send is
     // delivered and never acknowledged, the way a stuck or misrouted JetStream looks.
@@ -932,15 +931,13 @@ async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
         .replace("ack_timeout = \"1s\"", "ack_timeout = \"1s\"\nmax_in_flight = 2");
     assert!(config.contains("max_in_flight = 2"));
     let gateway = Gateway::start(&config);
-    let mut listener = nats.client().await.subscribe("elsewhere.>").await.unwrap();
+    let mut listener = listen(&nats, "elsewhere.>").await;
     let (status, body, _) = post(&gateway, "/v1/events/things", r#"{"n":1}"#, &[]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "nats_unavailable", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("did not acknowledge"), "{body}");
-    let mut ids = Vec::new();
-    while let Ok(Some(sent)) = tokio::time::timeout(Duration::from_millis(500), listener.next()).await {
-        ids.push(sent.headers.unwrap().get("Nats-Msg-Id").unwrap().to_string());
-    }
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("did not acknowledge") && message.contains("not known to be stored"), "{body}");
+    let ids = ids_heard(&mut listener).await;
     assert_eq!(ids.len(), 3, "three attempts: {ids:?}");
     assert!(ids.iter().all(|id| id == &ids[0]), "every attempt carries the event's id: {ids:?}");
     assert!(nats.messages("WEIR").await.is_empty());
@@ -951,20 +948,47 @@ async fn an_unacknowledged_send_is_retried_with_its_id_then_answered_503() {
     assert_eq!(nats.messages("WEIR").await.len(), 5);
 }
 
+/// A subscription that is known to the server before this returns (so a publish right after
+/// reaches it instead of finding no responders).
+async fn listen(nats: &Nats, subject: &str) -> async_nats::Subscriber {
+    let client = nats.client().await;
+    let subscriber = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    subscriber
+}
+
+/// The `Nats-Msg-Id`s `listener` hears until it has been quiet for half a second.
+async fn ids_heard(listener: &mut async_nats::Subscriber) -> Vec<String> {
+    use futures::StreamExt as _;
+    let mut ids = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), listener.next()).await {
+        ids.push(message.headers.unwrap().get("Nats-Msg-Id").unwrap().to_string());
+    }
+    ids
+}
+
+/// The test config, with deletes of entity `split` routed where nothing acknowledges them (a
+/// plain subscriber listens on `elsewhere.>`, no stream captures it); its other ops are stored.
+fn split_config(nats: &Nats, ack_timeout: &str) -> String {
+    let split = "[[routes]]\nmatch = { entity = \"split\", op = [\"delete\"] }\nsubject = \"elsewhere.{entity}\"\n\n";
+    let config = config(nats, "")
+        .replacen(
+            "[[routes]]\nmatch = { entity = \"*\" }",
+            &format!("{split}[[routes]]\nmatch = {{ entity = \"*\" }}"),
+            1,
+        )
+        .replace("ack_timeout = \"1s\"", &format!("ack_timeout = \"{ack_timeout}\""));
+    assert!(config.contains("elsewhere") && config.contains(ack_timeout));
+    config
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resend_never_overtakes_a_later_event_of_the_same_key() {
     use futures::StreamExt as _;
     let nats = Nats::start();
-    // Deletes of `split` go where nothing acknowledges them; its other ops are stored.
-    let split = "[[routes]]\nmatch = { entity = \"split\", op = [\"delete\"] }\nsubject = \"elsewhere.{entity}\"\n\n";
-    let config = config(&nats, "").replacen(
-        "[[routes]]\nmatch = { entity = \"*\" }",
-        &format!("{split}[[routes]]\nmatch = {{ entity = \"*\" }}"),
-        1,
-    );
-    assert!(config.contains("elsewhere"));
-    let gateway = Gateway::start(&config);
-    let mut listener = nats.client().await.subscribe("elsewhere.>").await.unwrap();
+    // Long enough that the update below is surely stored before the delete's ack times out.
+    let gateway = Gateway::start(&split_config(&nats, "3s"));
+    let mut listener = listen(&nats, "elsewhere.>").await;
     let delete = {
         let url = gateway.url("/v1/events/split/k1");
         tokio::spawn(async move { client().delete(url).send().await.unwrap().status().as_u16() })
@@ -985,6 +1009,64 @@ async fn a_resend_never_overtakes_a_later_event_of_the_same_key() {
     let again = tokio::time::timeout(Duration::from_millis(2500), listener.next()).await;
     assert!(again.is_err(), "resent after a later event of its key ({id}): {again:?}");
     assert_eq!(nats.messages("WEIR").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn within_a_batch_an_unanswered_send_is_not_resent_behind_a_later_event_of_its_key() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&split_config(&nats, "1s"));
+    let mut listener = listen(&nats, "elsewhere.>").await;
+    // k1's delete is never acknowledged and k1's update, sent after it, is stored: sending the
+    // delete again could store it behind the update. k2's delete has nothing after it.
+    let lines = concat!(
+        "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k1\",\"id\":\"d1\"}\n",
+        "{\"entity\":\"split\",\"op\":\"update\",\"key\":\"k1\",\"id\":\"u1\",\"data\":{\"n\":1}}\n",
+        "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k2\",\"id\":\"d2\"}\n",
+    );
+    let (status, body) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{body}");
+    let statuses: Vec<u64> =
+        body["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [503, 202, 503], "{body}");
+    let sent = ids_heard(&mut listener).await;
+    assert_eq!(sent.iter().filter(|id| *id == "d1").count(), 1, "d1 went out once: {sent:?}");
+    assert_eq!(sent.iter().filter(|id| *id == "d2").count(), 3, "d2 was tried three times: {sent:?}");
+    let stored = nats.messages("WEIR").await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(header(&stored[0], "Nats-Msg-Id"), Some("u1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_mid_batch_leaves_the_ack_window_whole() {
+    let nats = Nats::start();
+    // A window of two and an ack timeout far beyond the test: sends of an abandoned request that
+    // kept their room would stall every later event until the timeout.
+    let config =
+        split_config(&nats, "60s").replace("ack_timeout = \"60s\"", "ack_timeout = \"60s\"\nmax_in_flight = 2");
+    assert!(config.contains("max_in_flight = 2"));
+    let gateway = Gateway::start(&config);
+    let _listener = listen(&nats, "elsewhere.>").await;
+    let deletes: String =
+        (0..2).map(|n| format!("{{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k{n}\"}}\n")).collect();
+    let gone = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(deletes)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the deletes are never acknowledged: {gone:?}");
+    let lines: String = (0..5).map(|n| format!("{{\"entity\":\"users\",\"data\":{{\"n\":{n}}}}}\n")).collect();
+    let later = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("later events are not held up by the abandoned request's sends");
+    assert_eq!(later.status(), 202);
+    assert_eq!(nats.messages("WEIR").await.len(), 5);
 }
 
 /// Puts `source` at `target` the way deploy tools do: write beside it, then rename over it.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, stored, wait_ready};
+use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, readiness_until, stored, wait_ready};
 use common::services::{Gateway, Nats};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -190,8 +190,14 @@ async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() 
     let writer = tokio::spawn(async move { mixed_load(&tables, 3_000, Duration::from_millis(10), 11).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.stop();
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    let stopped = Instant::now();
+    // Readiness follows change capture's own NATS connection, not only the HTTP side's.
+    let down = readiness_until(&gateway, |ready| ready["postgres_nats"] == false && ready["nats"] == false).await;
+    assert_eq!(down["postgres"], true, "the replication stream stays up: {down}");
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
     nats.restart();
+    let up = readiness_until(&gateway, |ready| ready["postgres_nats"] == true && ready["nats"] == true).await;
+    assert_eq!(up["postgres"], true, "{up}");
     let written = writer.await.unwrap();
     let messages = stored(&nats, written.len()).await;
     assert_exactly_once_in_order(&written, &messages, &capture.tables);

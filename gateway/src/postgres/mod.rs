@@ -34,4 +34,13 @@ pub struct SourceStatus {
     pub server_lsn: AtomicU64,
     /// How far behind the server's clock the stream is, in microseconds.
     pub lag_micros: AtomicI64,
+    /// The source's own NATS connection, once made (it publishes apart from HTTP's).
+    pub nats: std::sync::OnceLock<async_nats::Client>,
+}
+
+impl SourceStatus {
+    /// Whether the source's own NATS connection is up (not yet made counts as down).
+    pub fn nats_connected(&self) -> bool {
+        self.nats.get().is_some_and(|client| client.connection_state() == async_nats::connection::State::Connected)
+    }
 }

@@ -72,8 +72,9 @@ impl Drop for AckRouter {
 pub enum SendError {
     /// The connection is closed for good.
     Closed,
-    /// Headers and payload exceed the server's `max_payload`.
-    TooLarge(String),
+    /// The client refused it: headers and payload over the server's `max_payload`, or a subject
+    /// it will not send.
+    Refused(String),
 }
 
 impl AckRouter {
@@ -126,8 +127,10 @@ impl AckRouter {
         sent.map_err(|error| {
             self.shared.take(token);
             match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded => SendError::TooLarge(error.to_string()),
-                PublishErrorKind::InvalidSubject | PublishErrorKind::Send => SendError::Closed,
+                PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject => {
+                    SendError::Refused(error.to_string())
+                }
+                PublishErrorKind::Send => SendError::Closed,
             }
         })
     }

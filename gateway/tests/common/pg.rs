@@ -102,6 +102,24 @@ tables = [{tables}]
     }
 }
 
+/// Polls `/readyz` until `wanted` holds of its body (at most 30 s); returns the body. The status
+/// must agree: 200 exactly when every part is up.
+pub async fn readiness_until(gateway: &Gateway, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = reqwest::get(gateway.url("/readyz")).await.unwrap();
+        let status = response.status().as_u16();
+        let ready: Value = response.json().await.unwrap();
+        if wanted(&ready) {
+            let all_up = ["nats", "plugins", "postgres", "postgres_nats"].iter().all(|part| ready[part] == true);
+            assert_eq!(status, if all_up { 200 } else { 503 }, "{ready}");
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "/readyz never showed what was awaited: {ready}\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn wait_ready(gateway: &Gateway) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
