@@ -159,6 +159,17 @@ async fn max_rate(client: &reqwest::Client, url: &str) -> f64 {
 /// `MEASURE`; (p50, p99) latency in milliseconds, measured from each request's scheduled time (so
 /// a slow answer that delays the next request counts against the server, not hidden).
 async fn latency_at(client: &reqwest::Client, url: &str, rate: f64) -> (f64, f64) {
+    let latencies = latencies_at(client, url, rate).await;
+    (quantile(&latencies, 0.5), quantile(&latencies, 0.99))
+}
+
+/// The `q` quantile of sorted `latencies`.
+fn quantile(latencies: &[f64], q: f64) -> f64 {
+    latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]
+}
+
+/// Every request's latency (ms, sorted) at a steady `rate`, from its scheduled time.
+async fn latencies_at(client: &reqwest::Client, url: &str, rate: f64) -> Vec<f64> {
     let interval = Duration::from_secs_f64(CONNECTIONS as f64 / rate.max(1.0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -183,8 +194,7 @@ async fn latency_at(client: &reqwest::Client, url: &str, rate: f64) -> (f64, f64
         latencies.extend(task.await.unwrap());
     }
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    (at(0.5), at(0.99))
+    latencies
 }
 
 async fn batch_rate(client: &reqwest::Client, url: &str) -> f64 {
@@ -268,6 +278,26 @@ plugins = ["noop"]
             gateway.pid(),
             bare_forwarder.pid()
         );
+        // `latency`: weir's and the bare forwarder's latency tails at a steady rate
+        // (`WEIR_BENCH_RATE`, default 10 000/s), alternating.
+        if path == "latency" {
+            let rate = std::env::var("WEIR_BENCH_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(10_000.0);
+            for _ in 0..3 {
+                for (name, url) in [("weir", &weir_url), ("bare", &bare_url)] {
+                    let latencies = latencies_at(&client, url, rate).await;
+                    let slow = latencies.iter().filter(|&&ms| ms > 50.0).count();
+                    eprintln!(
+                        "{name}: {} requests, p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms, {slow} over 50 ms",
+                        latencies.len(),
+                        quantile(&latencies, 0.5),
+                        quantile(&latencies, 0.99),
+                        quantile(&latencies, 0.999),
+                        latencies.last().copied().unwrap_or_default()
+                    );
+                }
+            }
+            return;
+        }
         for _ in 0..6 {
             let events = match path.as_str() {
                 "batch" => batch_rate(&client, &gateway.url("/v1/batch")).await,
