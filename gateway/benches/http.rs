@@ -28,6 +28,9 @@ const CONNECTIONS: usize = 32;
 const MEASURE: Duration = Duration::from_secs(5);
 const ROUNDS: usize = 3;
 
+/// The forwarder's ack window: weir's default `[jetstream] max_in_flight`.
+const ACK_WINDOW: usize = 4096;
+
 const BODY: &str = r#"{"id":123456,"status":"paid","total":129.87,"customer":{"id":42,"name":"Ann Example"}}"#;
 
 /// Serves the bare forwarder until killed; prints its address on stdout.
@@ -36,7 +39,7 @@ async fn serve_bare_forwarder(nats_url: String, with_headers: bool) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let context = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
-        .max_ack_inflight(1024)
+        .max_ack_inflight(ACK_WINDOW)
         .backpressure_on_inflight(true)
         .build(client);
     let context = Arc::new(context);

@@ -140,14 +140,17 @@ async fn recvlogical(slot: &str, publication: &str, end_lsn: &str, rows: i64) ->
     rows as f64 / started.elapsed().as_secs_f64()
 }
 
-/// A bare pipelined JetStream publish of `count` messages of `size` bytes (ack window 1024).
+/// The bare publish's ack window: weir's default `[jetstream] max_in_flight`.
+const ACK_WINDOW: usize = 4096;
+
+/// A bare pipelined JetStream publish of `count` messages of `size` bytes (ack window as weir's).
 /// With `weir_headers`, each message also carries the six other headers `weir` sets on a row
 /// change (`Weir-Source`, `-Entity`, `-Op`, `-Position`, `-Key`, `Content-Type`). Returns
 /// messages/s and nats-server's CPU µs per message.
 async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool) -> (f64, f64) {
     let nats_cpu = cpu_seconds(nats.pid().unwrap_or(0));
     let context = async_nats::jetstream::ContextBuilder::new()
-        .max_ack_inflight(1024)
+        .max_ack_inflight(ACK_WINDOW)
         .backpressure_on_inflight(true)
         .build(nats.client().await);
     let payload = bytes::Bytes::from(vec![b'x'; size]);
@@ -165,7 +168,7 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool) 
             headers.insert("Content-Type", "application/json");
         }
         acks.push(context.publish_with_headers("bare.x", headers, payload.clone()).await.unwrap().into_future());
-        while acks.len() >= 1024 {
+        while acks.len() >= ACK_WINDOW {
             use futures::StreamExt;
             acks.next().await.unwrap().unwrap();
         }

@@ -205,8 +205,8 @@ pub struct JetStreamConfig {
     /// How long a publish may hear no PubAck before it sends what is unanswered again (same ids).
     #[serde(default = "defaults::ack_timeout", deserialize_with = "duration")]
     pub ack_timeout: Duration,
-    /// Most publishes awaiting their PubAck at once.
-    #[serde(default = "defaults::max_in_flight")]
+    /// Most publishes awaiting their PubAck at once (the ack window).
+    #[serde(default = "defaults::ack_window")]
     pub max_in_flight: usize,
 }
 
@@ -507,6 +507,11 @@ mod defaults {
     }
     pub fn max_in_flight() -> usize {
         1024
+    }
+    /// nats.go's default for asynchronous publishes too; wider than 1024 lets a batch's sends
+    /// overlap the previous batch's PubAcks (docs/benchmarks.md, seventh session).
+    pub fn ack_window() -> usize {
+        4096
     }
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 8080))
