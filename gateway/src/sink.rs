@@ -433,7 +433,7 @@ impl Sink {
 /// The unanswered messages to send again, in order. A message is sent again only if no later
 /// message of its entity and key has gone out: that one may be stored already, and the resend
 /// would land after it (after a lost connection, the client delivers what it still had queued
-/// while what it had buffered is gone). Such a message fails instead, "not stored, retry".
+/// while what it had buffered is gone). Such a message fails instead: not known to be stored.
 fn resendable(
     messages: &[Message],
     sent: &[bool],
