@@ -146,7 +146,7 @@ fn sink_error(error: SinkError) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "nats_unavailable",
             format!(
-                "{error}; it is not known to be stored: retry with the same Idempotency-Key (stored once either way)"
+                "{error}; it is not known to be stored: retry with the same event id (Idempotency-Key, or a batch line's `id`) to have it stored once"
             ),
         ),
         SinkError::NoStream(_) | SinkError::Refused(_) => {

@@ -299,11 +299,7 @@ impl Sink {
             let due: Vec<usize> = {
                 let mut progress = lock(&progress);
                 progress.failures.stop = None;
-                if attempt == 1 {
-                    (0..messages.len()).collect()
-                } else {
-                    resendable(messages, &sent, &mut progress.outcomes)
-                }
+                if attempt == 1 { (0..messages.len()).collect() } else { resendable(messages, &sent, &mut progress) }
             };
             if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
                 break;
@@ -344,7 +340,10 @@ impl Sink {
         let send_all = async move {
             for &index in due {
                 let message = &messages[index];
-                match lock(progress).failures.blocking(message) {
+                // Its own statement: a guard in the `match` scrutinee would live through the
+                // arms, and the `Key` arm locks again.
+                let blocked = lock(progress).failures.blocking(message);
+                match blocked {
                     Blocked::Stop => break,
                     Blocked::Key(error) => {
                         lock(progress).outcomes[index] = Some(Err(error));
@@ -433,19 +432,19 @@ impl Sink {
 /// The unanswered messages to send again, in order. A message is sent again only if no later
 /// message of its entity and key has gone out: that one may be stored already, and the resend
 /// would land after it (after a lost connection, the client delivers what it still had queued
-/// while what it had buffered is gone). Such a message fails instead: not known to be stored.
-fn resendable(
-    messages: &[Message],
-    sent: &[bool],
-    outcomes: &mut [Option<Result<Published, SinkError>>],
-) -> Vec<usize> {
+/// while what it had buffered is gone). Such a message fails instead (not known to be stored),
+/// and so does every later unanswered message of its key: resending those alone would put them
+/// ahead of it.
+fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress) -> Vec<usize> {
     let mut later_sent = std::collections::HashSet::new();
     let mut due = Vec::new();
     for index in (0..messages.len()).rev() {
         let key = order_key(&messages[index]);
-        if outcomes[index].is_none() {
-            if key.as_ref().is_some_and(|key| later_sent.contains(key)) {
-                outcomes[index] = Some(Err(SinkError::Timeout));
+        if progress.outcomes[index].is_none() {
+            if let Some(key) = key.as_ref().filter(|key| later_sent.contains(*key)) {
+                progress.outcomes[index] = Some(Err(SinkError::Timeout));
+                // Later messages of its key already in `due` are held back when their turn comes.
+                progress.failures.keys.entry(key.clone()).or_insert(SinkError::Timeout);
                 continue;
             }
             due.push(index);

@@ -1017,20 +1017,24 @@ async fn within_a_batch_an_unanswered_send_is_not_resent_behind_a_later_event_of
     let gateway = Gateway::start(&split_config(&nats, "1s"));
     let mut listener = listen(&nats, "elsewhere.>").await;
     // k1's delete is never acknowledged and k1's update, sent after it, is stored: sending the
-    // delete again could store it behind the update. k2's delete has nothing after it.
+    // delete again could store it behind the update. k2's delete has nothing after it. k3's two
+    // deletes are both unanswered: resending the second alone would put it ahead of the first.
     let lines = concat!(
         "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k1\",\"id\":\"d1\"}\n",
         "{\"entity\":\"split\",\"op\":\"update\",\"key\":\"k1\",\"id\":\"u1\",\"data\":{\"n\":1}}\n",
         "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k2\",\"id\":\"d2\"}\n",
+        "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k3\",\"id\":\"d3\"}\n",
+        "{\"entity\":\"split\",\"op\":\"delete\",\"key\":\"k3\",\"id\":\"d4\"}\n",
     );
     let (status, body) = post_batch(&gateway, lines).await;
     assert_eq!(status, 207, "{body}");
     let statuses: Vec<u64> =
         body["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
-    assert_eq!(statuses, [503, 202, 503], "{body}");
+    assert_eq!(statuses, [503, 202, 503, 503, 503], "{body}");
     let sent = ids_heard(&mut listener).await;
-    assert_eq!(sent.iter().filter(|id| *id == "d1").count(), 1, "d1 went out once: {sent:?}");
-    assert_eq!(sent.iter().filter(|id| *id == "d2").count(), 3, "d2 was tried three times: {sent:?}");
+    let times = |id: &str| sent.iter().filter(|heard| *heard == id).count();
+    assert_eq!([times("d1"), times("d3"), times("d4")], [1, 1, 1], "sent once each: {sent:?}");
+    assert_eq!(times("d2"), 3, "d2 was tried three times: {sent:?}");
     let stored = nats.messages("WEIR").await;
     assert_eq!(stored.len(), 1);
     assert_eq!(header(&stored[0], "Nats-Msg-Id"), Some("u1"));

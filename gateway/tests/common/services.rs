@@ -3,15 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn nats_binary() -> PathBuf {
     for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
@@ -52,7 +48,9 @@ impl Nats {
     pub fn start_with(extra: &[&str]) -> Nats {
         let mut nats = Nats {
             child: None,
-            port: free_port(),
+            // Chosen by the server itself (see `spawn`): a port picked here could be taken by
+            // another test's server before this one binds it.
+            port: 0,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
             client_options: None,
@@ -61,16 +59,36 @@ impl Nats {
         nats
     }
 
+    /// Starts the server: on a port of its choosing the first time (read back from its ports
+    /// file), on the same port after a restart, so clients reconnect to it.
     fn spawn(&mut self) {
+        let port = if self.port == 0 { "-1".to_string() } else { self.port.to_string() };
         let child = Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(self.dir.path())
+            .arg("--ports_file_dir")
             .arg(self.dir.path())
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server runs (cargo xtask test installs it)");
+        let ports_file = self.dir.path().join(format!("nats-server_{}.ports", child.id()));
         self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let listening = loop {
+            // {"nats":["nats://127.0.0.1:PORT"]}, written once the server listens.
+            let port = std::fs::read_to_string(&ports_file).ok().and_then(|ports| {
+                let ports: serde_json::Value = serde_json::from_str(&ports).ok()?;
+                ports["nats"][0].as_str()?.rsplit(':').next()?.parse::<u16>().ok()
+            });
+            if let Some(port) = port {
+                break port;
+            }
+            assert!(std::time::Instant::now() < deadline, "nats-server did not start (no {})", ports_file.display());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.port = listening;
         assert!(wait_for_port(self.port, Duration::from_secs(10)), "nats-server listens on {}", self.port);
     }
 
