@@ -340,16 +340,16 @@ impl Sink {
         let send_all = async move {
             for &index in due {
                 let message = &messages[index];
-                // Its own statement: a guard in the `match` scrutinee would live through the
-                // arms, and the `Key` arm locks again.
-                let blocked = lock(progress).failures.blocking(message);
-                match blocked {
-                    Blocked::Stop => break,
-                    Blocked::Key(error) => {
-                        lock(progress).outcomes[index] = Some(Err(error));
-                        continue;
+                {
+                    let mut progress = lock(progress);
+                    match progress.failures.blocking(message) {
+                        Blocked::Stop => break,
+                        Blocked::Key(error) => {
+                            progress.outcomes[index] = Some(Err(error));
+                            continue;
+                        }
+                        Blocked::No => {}
                     }
-                    Blocked::No => {}
                 }
                 let outcome = tokio::select! {
                     biased;

@@ -75,7 +75,7 @@ impl Nats {
             .expect("nats-server runs (cargo xtask test installs it)");
         let ports_file = self.dir.path().join(format!("nats-server_{}.ports", child.id()));
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let listening = loop {
             // {"nats":["nats://127.0.0.1:PORT"]}, written once the server listens.
             let port = std::fs::read_to_string(&ports_file).ok().and_then(|ports| {
@@ -85,7 +85,7 @@ impl Nats {
             if let Some(port) = port {
                 break port;
             }
-            assert!(std::time::Instant::now() < deadline, "nats-server did not start (no {})", ports_file.display());
+            assert!(Instant::now() < deadline, "nats-server did not start (no {})", ports_file.display());
             std::thread::sleep(Duration::from_millis(20));
         };
         self.port = listening;
