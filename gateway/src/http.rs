@@ -12,6 +12,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -693,21 +694,17 @@ async fn run_waiting(state: Arc<AppState>, permit: tokio::sync::OwnedSemaphorePe
             if batch.is_empty() {
                 break;
             }
-            let (events, answers): (Vec<Event>, Vec<_>) = batch.into_iter().map(|w| (w.event, w.answer)).unzip();
-            let mut ingesting = std::pin::pin!(ingest(&state, events));
-            let results = match tokio::time::timeout(COALESCE_STALL, &mut ingesting).await {
-                Ok(results) => results,
-                Err(_) => {
-                    // A slow batch (a plugin spinning toward its limit, NATS slow to acknowledge)
-                    // gives its slot up, so the requests behind it do not wait for it.
-                    drop(permit.take());
-                    start_runner(&state);
-                    ingesting.await
-                }
-            };
-            for (answer, result) in answers.into_iter().zip(results) {
-                // The request may be gone (client disconnected); its event was still processed.
-                let _ = answer.send(result);
+            // Each route's events run as a group of their own and are answered when it is done:
+            // a request does not wait for another route's slow plugin it was coalesced with.
+            let mut groups: futures::stream::FuturesUnordered<_> =
+                by_route(&state, batch).into_iter().map(|group| run_group(&state, group)).collect();
+            let mut all_done = std::pin::pin!(async { while groups.next().await.is_some() {} });
+            if tokio::time::timeout(COALESCE_STALL, &mut all_done).await.is_err() {
+                // A slow batch (a plugin spinning toward its limit, NATS slow to acknowledge)
+                // gives its slot up, so the requests behind it do not wait for it.
+                drop(permit.take());
+                start_runner(&state);
+                all_done.await;
             }
         }
         drop(permit.take());
@@ -720,6 +717,29 @@ async fn run_waiting(state: Arc<AppState>, permit: tokio::sync::OwnedSemaphorePe
             Ok(again) => permit = Some(again),
             Err(_) => return,
         }
+    }
+}
+
+/// Splits coalesced requests by the route their event takes, keeping arrival order in each.
+fn by_route(state: &AppState, batch: Vec<Waiting>) -> Vec<Vec<Waiting>> {
+    let mut groups: Vec<(Option<usize>, Vec<Waiting>)> = Vec::new();
+    for waiting in batch {
+        let route = state.pipeline.route_for(&waiting.event);
+        match groups.iter_mut().find(|(have, _)| *have == route) {
+            Some((_, group)) => group.push(waiting),
+            None => groups.push((route, vec![waiting])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
+/// Runs one group of coalesced requests and answers each.
+async fn run_group(state: &Arc<AppState>, group: Vec<Waiting>) {
+    let (events, answers): (Vec<Event>, Vec<_>) = group.into_iter().map(|w| (w.event, w.answer)).unzip();
+    let results = ingest(state, events).await;
+    for (answer, result) in answers.into_iter().zip(results) {
+        // The request may be gone (client disconnected); its event was still processed.
+        let _ = answer.send(result);
     }
 }
 
