@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, readiness_until, stored, wait_ready};
+use common::pg::{
+    Capture, assert_exactly_once_in_order, connect, current_wal_lsn, mixed_load, readiness_until, slot_confirmed_past,
+    stored, wait_ready,
+};
 use common::services::{Gateway, Nats};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -187,14 +190,25 @@ async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() 
     let gateway = Gateway::start(&capture.config(&nats, ""));
     wait_ready(&gateway).await;
     let tables = capture.tables.clone();
-    let writer = tokio::spawn(async move { mixed_load(&tables, 3_000, Duration::from_millis(10), 11).await });
+    // ~125 transactions 200 ms apart: the load goes on through most of the outage.
+    let writer = tokio::spawn(async move { mixed_load(&tables, 3_000, Duration::from_millis(200), 11).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.stop();
     let stopped = Instant::now();
     // Readiness follows change capture's own NATS connection, not only the HTTP side's.
     let down = readiness_until(&gateway, |ready| ready["postgres_nats"] == false && ready["nats"] == false).await;
     assert_eq!(down["postgres"], true, "the replication stream stays up: {down}");
+    // Changes committed since NATS went away cannot be stored, so the slot must not be
+    // confirmed past them: not now, nor after status updates have had time to go out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!writer.is_finished(), "the load must still be writing while NATS is down");
+    let client = connect().await;
+    let written_while_down = current_wal_lsn(&client).await;
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
+    assert!(
+        !slot_confirmed_past(&client, &capture.name, &written_while_down).await,
+        "the slot was confirmed past changes NATS never stored"
+    );
     nats.restart();
     let up = readiness_until(&gateway, |ready| ready["postgres_nats"] == true && ready["nats"] == true).await;
     assert_eq!(up["postgres"], true, "{up}");
@@ -202,6 +216,68 @@ async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() 
     let messages = stored(&nats, written.len()).await;
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_killed_while_nats_is_down_resumes_from_its_last_stored_change() {
+    let capture = Capture::new("killdown", &load_tables()).await;
+    full_identity(&capture).await;
+    let mut nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 17).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.stop();
+    readiness_until(&gateway, |ready| ready["postgres_nats"] == false).await;
+    // Longer than the 10 s status interval: a confirmation of anything not stored would have
+    // reached the server, and the restarted gateway would skip it.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    drop(gateway); // SIGKILL
+    nats.restart();
+    let gateway = Gateway::start(&config);
+    let written = writer.await.unwrap();
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_publication_on_a_busy_database_does_not_pin_wal() {
+    let capture = Capture::new("quiet", &[("a", "id bigint PRIMARY KEY")]).await;
+    // Written to, but not in the publication.
+    let busy = capture.table("busy");
+    let client = connect().await;
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS {busy}; CREATE TABLE {busy} (id bigint, pad text)"))
+        .await
+        .unwrap();
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {} VALUES (1)", capture.tables[0])).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1);
+
+    for _ in 0..20 {
+        client
+            .batch_execute(&format!("INSERT INTO {busy} SELECT g, repeat('x', 200) FROM generate_series(1, 1000) g"))
+            .await
+            .unwrap();
+    }
+    let busy_until = current_wal_lsn(&client).await;
+    // Caught up with nothing to store, the gateway confirms the server's keepalive position
+    // (status updates go out at least every 10 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !slot_confirmed_past(&client, &capture.name, &busy_until).await {
+        assert!(Instant::now() < deadline, "the slot stayed behind {busy_until}:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(nats.messages("WEIR").await.len(), 1, "the other table's rows are not published");
+    drop(gateway);
+    client.batch_execute(&format!("DROP TABLE IF EXISTS {busy}")).await.unwrap();
     capture.cleanup().await;
 }
 

@@ -132,6 +132,24 @@ pub async fn wait_ready(gateway: &Gateway) {
     }
 }
 
+/// The server's current WAL position, as text (`0/1A2B3C4`).
+pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> String {
+    client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0)
+}
+
+/// Whether slot `slot` has been confirmed (its `confirmed_flush_lsn`) at or past `lsn`.
+pub async fn slot_confirmed_past(client: &tokio_postgres::Client, slot: &str, lsn: &str) -> bool {
+    client
+        .query_one(
+            "SELECT coalesce(bool_or(confirmed_flush_lsn >= $2::text::pg_lsn), false) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Stream messages as (subject, Nats-Msg-Id, envelope), waiting until `count` are stored.
 pub async fn stored(nats: &Nats, count: usize) -> Vec<(String, String, Value)> {
     let deadline = Instant::now() + Duration::from_secs(60);
