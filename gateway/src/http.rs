@@ -290,6 +290,45 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
 const DRAIN_AT_LEAST: usize = 1024 * 1024;
 const DRAIN_FOR: Duration = Duration::from_secs(1);
 
+/// Deepest nesting of arrays and objects accepted in event data: well within what plugins
+/// parsing with serde_json (limit 128, and the envelope adds a level) can read.
+const MAX_JSON_DEPTH: usize = 100;
+
+/// Whether JSON `text` nests arrays and objects deeper than [`MAX_JSON_DEPTH`]. (The parser
+/// that validates bodies skips values without a depth limit.)
+fn nests_too_deep(text: &[u8]) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn too_deep_message() -> String {
+    format!("JSON nests arrays and objects deeper than {MAX_JSON_DEPTH} levels; flatten it")
+}
+
 fn bad_json(error: serde_json::Error) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not valid JSON: {error}"))
 }
@@ -337,10 +376,11 @@ fn single_event(
         if body.is_empty() {
             data = b"{}".to_vec();
         } else {
-            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(bad_json)?;
-        }
-        if let Some(ce_id) = header_text(headers, "ce-id") {
-            id = id.or(Some(ce_id.to_string()));
+            // As text first: skipping a string does not check that its bytes are UTF-8.
+            let text = std::str::from_utf8(body).map_err(|error| {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not UTF-8: {error}"))
+            })?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(bad_json)?;
         }
     } else {
         return Err(ApiError::new(
@@ -348,6 +388,14 @@ fn single_event(
             "unsupported_media_type",
             format!("Content-Type `{media}` is not accepted; send application/json or application/cloudevents+json"),
         ));
+    }
+    if nests_too_deep(&data) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_json", too_deep_message()));
+    }
+    if media != "application/cloudevents+json"
+        && let Some(ce_id) = header_text(headers, "ce-id")
+    {
+        id = id.or(Some(ce_id.to_string()));
     }
     if let Some(id) = &id
         && (id.is_empty() || id.len() > MAX_IDEMPOTENCY_KEY || id.chars().any(|c| c.is_control()))
@@ -1036,6 +1084,9 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             if !valid_word(&op) || line.entity.is_empty() {
                 return Err("`entity` must be non-empty and `op` a word".to_string());
             }
+            if line.data.as_ref().is_some_and(|raw| nests_too_deep(raw.get().as_bytes())) {
+                return Err(too_deep_message());
+            }
             Ok(Event {
                 id: line.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
                 source: "http".into(),
@@ -1144,4 +1195,20 @@ pub async fn serve(
         tracing::warn!(?drain, "drain timeout passed with requests still open");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(!nests_too_deep(nested(MAX_JSON_DEPTH).as_bytes()));
+        assert!(nests_too_deep(nested(MAX_JSON_DEPTH + 1).as_bytes()));
+        let brackets_in_text = format!(r#"{{"a":"{}","b":"\"[{{"}}"#, "[".repeat(500));
+        assert!(!nests_too_deep(brackets_in_text.as_bytes()));
+        let escaped_backslash = format!(r#"["\\", {}]"#, nested(MAX_JSON_DEPTH));
+        assert!(nests_too_deep(escaped_backslash.as_bytes()), "a string ending in \\\\ is closed");
+    }
 }

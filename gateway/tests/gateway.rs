@@ -224,9 +224,31 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let (status, body, _) = post(&gateway, "/v1/events/users", "{}", &[("weir-op", "has space")]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_op")));
 
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let (status, _, _) = post(&gateway, "/v1/events/users", &deep, &[]).await;
-    assert!(status == 400 || status == 413, "deep nesting refused: {status}");
+    // Nesting deep enough to overflow a recursive parser, in a body under the size limit.
+    let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    let (status, body, _) = post(&gateway, "/v1/events/users", &deep, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_json")), "{body}");
+    let deep_lines = format!("{{\"entity\":\"users\",\"data\":{}{}}}\n", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(deep_lines)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], 400, "{body}");
+
+    let not_utf8 = client()
+        .post(gateway.url("/v1/events/users"))
+        .header("content-type", "application/json")
+        .body(vec![b'"', 0xff, 0xfe, b'"'])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_utf8.status().as_u16(), 400);
+    let body: Value = not_utf8.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_json", "{body}");
 
     assert!(nats.messages("WEIR").await.is_empty(), "nothing stored");
     let health = client().get(gateway.url("/healthz")).send().await.unwrap();
