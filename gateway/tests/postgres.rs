@@ -493,12 +493,12 @@ async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     let gateway = Gateway::start(&config);
     // Kill it once some, but not all, rows are stored.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while nats.messages("WEIR").await.len() < 1000 {
+    while stream_count(&nats).await < 1000 {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(gateway);
-    let partial = nats.messages("WEIR").await.len();
+    let partial = stream_count(&nats).await;
     assert!(partial < 50_000, "killed before the snapshot finished ({partial} rows stored)");
     client.batch_execute(&format!("UPDATE {table} SET n = -1 WHERE id = 1")).await.unwrap();
     let gateway = Gateway::start(&config);
