@@ -124,14 +124,18 @@ async fn unchanged_toast_is_marked_and_replica_identity_full_sends_old_rows() {
         .batch_execute(&format!(
             "BEGIN; INSERT INTO {plain} VALUES (2, 'gone', ''); ROLLBACK;
              BEGIN; INSERT INTO {plain} VALUES (3, 'kept', ''); SAVEPOINT s; INSERT INTO {plain} VALUES (4, 'gone', '');
-             ROLLBACK TO SAVEPOINT s; COMMIT;"
+             ROLLBACK TO SAVEPOINT s; COMMIT;
+             INSERT INTO {plain} VALUES (5, 'marker', '');"
         ))
         .await
         .unwrap();
-    let messages = stored(&nats, 5).await;
+    // Changes are stored in commit order: once the later marker is in, anything the rolled-back
+    // work had leaked would be too.
+    let messages = stored(&nats, 6).await;
     let envelopes: Vec<&Value> = messages.iter().map(|(_, _, e)| e).collect();
     let summary: Vec<String> = messages.iter().map(|(subject, id, _)| format!("{subject} {id}")).collect();
-    assert_eq!(envelopes.len(), 5, "{summary:?}\n{}", gateway.log());
+    assert_eq!(envelopes.len(), 6, "{summary:?}\n{}", gateway.log());
+    assert_eq!(envelopes[5]["data"]["id"], 5, "{summary:?}");
     let plain_update = envelopes[1];
     assert_eq!(plain_update["data"], json!({"id": 1, "note": "b"}), "the unchanged TOAST value is not sent as null");
     let headers = nats.messages("WEIR").await[1].headers.clone();
@@ -173,6 +177,8 @@ async fn kill_9_at_random_points_loses_nothing_and_stores_each_change_once() {
         drop(gateway); // SIGKILL
         kills += 1;
         gateway = Gateway::start(&config);
+        // The next kill lands while it streams, not while it is still connecting.
+        wait_ready(&gateway).await;
     }
     let written = writer.await.unwrap();
     assert!(kills >= 3, "the load outlived only {kills} kills; make it longer");
@@ -241,6 +247,58 @@ async fn a_gateway_killed_while_nats_is_down_resumes_from_its_last_stored_change
     let written = writer.await.unwrap();
     let messages = stored(&nats, written.len()).await;
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+/// A TCP proxy to the machine's PostgreSQL. Sending on the returned channel cuts every
+/// connection on the gateway's side at once, while the server's side stays open for `hold` — as
+/// after a network cut, which the server notices only at its `wal_sender_timeout`.
+async fn cutting_proxy(hold: Duration) -> (u16, tokio::sync::broadcast::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cut, _) = tokio::sync::broadcast::channel::<()>(4);
+    let cuts = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut cut = cuts.subscribe();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", 5432)).await.unwrap();
+                let was_cut = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                    _ = cut.recv() => true,
+                };
+                if was_cut {
+                    drop(client);
+                    tokio::time::sleep(hold).await;
+                }
+            });
+        }
+    });
+    (port, cut)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
+    let capture = Capture::new("netcut", &load_tables()).await;
+    full_identity(&capture).await;
+    let nats = Nats::start();
+    // Longer than the 10 s a starting gateway waits for a slot to be let go.
+    let (port, cut) = cutting_proxy(Duration::from_secs(14)).await;
+    let config = capture
+        .config(&nats, "")
+        .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 23).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cut.send(()).unwrap();
+    let written = writer.await.unwrap();
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
+    assert!(gateway.log().contains("still held by PID"), "it waited for the slot:\n{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

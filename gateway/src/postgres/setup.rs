@@ -94,11 +94,13 @@ impl SlotMarker {
     }
 }
 
-/// Makes the publication and the slot ready and says where to start.
+/// Makes the publication and the slot ready and says where to start. `resuming`: this process
+/// has streamed from the slot before (a reconnect).
 pub async fn prepare(
     config: &PostgresConfig,
     client: &tokio_postgres::Client,
     sink: &crate::sink::Sink,
+    resuming: bool,
 ) -> Result<(Start, SlotMarker), Failure> {
     ensure_publication(config, client).await?;
     let system: String =
@@ -185,6 +187,16 @@ pub async fn prepare(
                      so changes were skipped. Drop the slot, purge {marker_key} from stream {SLOT_BUCKET} \
                      (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start again",
                     config.slot
+                )));
+            }
+            if active && resuming {
+                // After a network cut the server keeps this gateway's old connection (and the
+                // slot) until its `wal_sender_timeout` passes: wait for that, do not stop.
+                return Err(retry(anyhow::anyhow!(
+                    "replication slot `{}` is still held by PID {}, most likely this gateway's connection \
+                     from before the interruption, which the server drops after its wal_sender_timeout",
+                    config.slot,
+                    pid.unwrap_or_default()
                 )));
             }
             if active {

@@ -50,6 +50,9 @@ pub struct PostgresSource {
     sink: Sink,
     metrics: Arc<Metrics>,
     status: Arc<SourceStatus>,
+    /// Whether this process has streamed from the slot: a reconnect then waits for a slot still
+    /// held by its own cut-off connection instead of stopping.
+    streamed: std::sync::atomic::AtomicBool,
 }
 
 /// Refreshes the replication metrics every few seconds, with the slot's retained WAL read over
@@ -115,7 +118,7 @@ impl PostgresSource {
         metrics: Arc<Metrics>,
         status: Arc<SourceStatus>,
     ) -> PostgresSource {
-        PostgresSource { config, pipeline, sink, metrics, status }
+        PostgresSource { config, pipeline, sink, metrics, status, streamed: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Runs until `shutdown` turns true (returns `Ok`) or a fatal problem (returns `Err`);
@@ -158,7 +161,8 @@ impl PostgresSource {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let control = super::setup::connect_control(&self.config).await.map_err(retry)?;
-        let (start, marker) = super::setup::prepare(&self.config, &control, &self.sink).await?;
+        let resuming = self.streamed.load(Ordering::Relaxed);
+        let (start, marker) = super::setup::prepare(&self.config, &control, &self.sink, resuming).await?;
         let mut types = super::setup::load_types(&control).await.map_err(retry)?;
         let start = match start {
             super::setup::Start::Resume(lsn) => lsn,
@@ -174,6 +178,7 @@ impl PostgresSource {
             .with_application_name("weir");
         let mut stream = ReplicationClient::connect(replication).await.map_err(retry)?;
         self.status.connected.store(true, Ordering::Relaxed);
+        self.streamed.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
         tracing::info!(slot = %self.config.slot, from = %start, "PostgreSQL change capture streaming");
 
