@@ -251,10 +251,20 @@ async fn a_gateway_killed_while_nats_is_down_resumes_from_its_last_stored_change
     capture.cleanup().await;
 }
 
+/// How [`cutting_proxy`] cuts its connections.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// The gateway's side is closed at once.
+    Close,
+    /// Nothing more passes either way and nothing is closed on the gateway's side: packets lost.
+    Silent,
+}
+
 /// A TCP proxy to the machine's PostgreSQL. Sending on the returned channel cuts every
-/// connection on the gateway's side at once, while the server's side stays open for `hold` — as
-/// after a network cut, which the server notices only at its `wal_sender_timeout`.
-async fn cutting_proxy(hold: Duration) -> (u16, tokio::sync::broadcast::Sender<()>) {
+/// connection open at that moment; the server's side stays open for `hold` — as after a network
+/// cut, which the server notices only at its `wal_sender_timeout` — then closes. Later
+/// connections pass normally.
+async fn cutting_proxy(cut_how: Cut, hold: Duration) -> (u16, tokio::sync::broadcast::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (cut, _) = tokio::sync::broadcast::channel::<()>(4);
@@ -268,10 +278,19 @@ async fn cutting_proxy(hold: Duration) -> (u16, tokio::sync::broadcast::Sender<(
                     _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
                     _ = cut.recv() => true,
                 };
-                if was_cut {
+                if !was_cut {
+                    return;
+                }
+                if matches!(cut_how, Cut::Close) {
                     drop(client);
                     tokio::time::sleep(hold).await;
+                    return;
                 }
+                tokio::time::sleep(hold).await;
+                drop(server);
+                // The gateway's side never hears another byte, nor a close.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(client);
             });
         }
     });
@@ -284,7 +303,7 @@ async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
     full_identity(&capture).await;
     let nats = Nats::start();
     // Longer than the 10 s a starting gateway waits for a slot to be let go.
-    let (port, cut) = cutting_proxy(Duration::from_secs(14)).await;
+    let (port, cut) = cutting_proxy(Cut::Close, Duration::from_secs(14)).await;
     let config = capture
         .config(&nats, "")
         .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
@@ -299,6 +318,30 @@ async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
     assert!(gateway.log().contains("still held by PID"), "it waited for the slot:\n{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_network_cut_is_noticed_and_capture_resumes() {
+    let capture = Capture::new("silentcut", &load_tables()).await;
+    full_identity(&capture).await;
+    let nats = Nats::start();
+    let (port, cut) = cutting_proxy(Cut::Silent, Duration::from_secs(8)).await;
+    // Status every second: the gateway takes the server as gone after 5 s without an answer.
+    let config = capture
+        .config(&nats, "status_interval = \"1s\"")
+        .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 29).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cut.send(()).unwrap();
+    let written = writer.await.unwrap();
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    assert!(gateway.log().contains("taking the connection as cut"), "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

@@ -160,7 +160,7 @@ impl PostgresSource {
     }
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
-        let control = super::setup::connect_control(&self.config).await.map_err(retry)?;
+        let control = within_connect_time(super::setup::connect_control(&self.config)).await?;
         let resuming = self.streamed.load(Ordering::Relaxed);
         let (start, marker) = super::setup::prepare(&self.config, &control, &self.sink, resuming).await?;
         let mut types = super::setup::load_types(&control).await.map_err(retry)?;
@@ -176,7 +176,7 @@ impl PostgresSource {
             // Room to keep reading the slot while a batch or two is being stored.
             .with_buffer_size((READ_AHEAD_BATCHES * self.config.max_batch.max(2048)).min(READ_AHEAD_MAX))
             .with_application_name("weir");
-        let mut stream = ReplicationClient::connect(replication).await.map_err(retry)?;
+        let mut stream = within_connect_time(async { Ok(ReplicationClient::connect(replication).await?) }).await?;
         self.status.connected.store(true, Ordering::Relaxed);
         self.streamed.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
@@ -185,6 +185,7 @@ impl PostgresSource {
         let mut relations: HashMap<u32, Table> = HashMap::new();
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
+        let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
         loop {
             let next = match batch.started {
                 Some(started) => {
@@ -193,6 +194,7 @@ impl PostgresSource {
                         biased;
                         _ = shutdown.changed() => None,
                         event = stream.recv() => Some(event),
+                        error = &mut server_gone => return Err(retry(error)),
                         _ = tokio::time::sleep_until(deadline) => {
                             self.flush(&mut batch, &stream, shutdown).await?;
                             continue;
@@ -203,6 +205,7 @@ impl PostgresSource {
                     biased;
                     _ = shutdown.changed() => None,
                     event = stream.recv() => Some(event),
+                    error = &mut server_gone => return Err(retry(error)),
                 },
             };
             let Some(event) = next else {
@@ -657,6 +660,36 @@ impl PostgresSource {
         if lsn.as_u64() > self.status.confirmed_lsn.load(Ordering::Relaxed) {
             stream.update_applied_lsn(lsn);
             self.status.confirmed_lsn.store(lsn.as_u64(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// How long a connection to PostgreSQL may take before it is retried: a silent network would
+/// otherwise hold each attempt for as long as TCP keeps trying (minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn within_connect_time<T>(connecting: impl Future<Output = anyhow::Result<T>>) -> Result<T, Failure> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connected) => connected.map_err(retry),
+        Err(_) => Err(retry(anyhow::anyhow!("PostgreSQL did not accept a connection within {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// Resolves once PostgreSQL stops answering on the control connection: a query every
+/// `interval` that gets no answer within three intervals (at least 5 s). After a silent network
+/// cut the replication stream would otherwise wait until TCP gives up, about a quarter of an hour.
+async fn server_stops_answering(control: &tokio_postgres::Client, interval: Duration) -> anyhow::Error {
+    let patience = (interval * 3).max(Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(patience, control.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return anyhow::anyhow!("the PostgreSQL control connection failed: {error}"),
+            Err(_) => {
+                return anyhow::anyhow!(
+                    "PostgreSQL did not answer for {patience:?}: taking the connection as cut, reconnecting"
+                );
+            }
         }
     }
 }
