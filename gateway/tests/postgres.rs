@@ -297,15 +297,15 @@ async fn cutting_proxy(cut_how: Cut, hold: Duration) -> (u16, tokio::sync::broad
     (port, cut)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
-    let capture = Capture::new("netcut", &load_tables()).await;
+/// Streams a mixed load through a [`cutting_proxy`] that cuts one second in; checks every
+/// change is stored once and in order, and that the gateway kept running. Returns its log.
+async fn load_through_a_cut(name: &str, how: Cut, hold: Duration, extra: &str) -> String {
+    let capture = Capture::new(name, &load_tables()).await;
     full_identity(&capture).await;
     let nats = Nats::start();
-    // Longer than the 10 s a starting gateway waits for a slot to be let go.
-    let (port, cut) = cutting_proxy(Cut::Close, Duration::from_secs(14)).await;
+    let (port, cut) = cutting_proxy(how, hold).await;
     let config = capture
-        .config(&nats, "")
+        .config(&nats, extra)
         .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
     let mut gateway = Gateway::start(&config);
     wait_ready(&gateway).await;
@@ -317,33 +317,24 @@ async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
     let messages = stored(&nats, written.len()).await;
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
-    assert!(gateway.log().contains("still held by PID"), "it waited for the slot:\n{}", gateway.log());
+    let log = gateway.log();
     drop(gateway);
     capture.cleanup().await;
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_cut_is_ridden_out_while_the_server_still_holds_the_slot() {
+    // Held longer than the 10 s a starting gateway waits for a slot to be let go.
+    let log = load_through_a_cut("netcut", Cut::Close, Duration::from_secs(14), "").await;
+    assert!(log.contains("still held by PID"), "it waited for the slot:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_network_cut_is_noticed_and_capture_resumes() {
-    let capture = Capture::new("silentcut", &load_tables()).await;
-    full_identity(&capture).await;
-    let nats = Nats::start();
-    let (port, cut) = cutting_proxy(Cut::Silent, Duration::from_secs(8)).await;
     // Status every second: the gateway takes the server as gone after 5 s without an answer.
-    let config = capture
-        .config(&nats, "status_interval = \"1s\"")
-        .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
-    let gateway = Gateway::start(&config);
-    wait_ready(&gateway).await;
-    let tables = capture.tables.clone();
-    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 29).await });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    cut.send(()).unwrap();
-    let written = writer.await.unwrap();
-    let messages = stored(&nats, written.len()).await;
-    assert_exactly_once_in_order(&written, &messages, &capture.tables);
-    assert!(gateway.log().contains("taking the connection as cut"), "{}", gateway.log());
-    drop(gateway);
-    capture.cleanup().await;
+    let log = load_through_a_cut("silentcut", Cut::Silent, Duration::from_secs(8), "status_interval = \"1s\"").await;
+    assert!(log.contains("taking the connection as cut"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
