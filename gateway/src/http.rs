@@ -153,6 +153,12 @@ fn sink_error(error: SinkError) -> ApiError {
         SinkError::NoStream(_) | SinkError::Refused(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
         }
+        // Retrying cannot help: the event (after its plugins) is too large to store.
+        SinkError::TooLarge(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+            format!("{error}, or lower [http] max_body; nothing was stored"),
+        ),
     }
 }
 

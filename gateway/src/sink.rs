@@ -39,9 +39,12 @@ pub enum SinkError {
     /// No stream captures the subject.
     #[error("no JetStream stream captures subject `{0}`; add it to [jetstream] subjects")]
     NoStream(String),
-    /// The server refused the message (stream full, too large, …).
+    /// The server refused the message (stream full, too large for the stream, …).
     #[error("NATS refused the message: {0}")]
     Refused(String),
+    /// Headers and payload are over the NATS server's `max_payload`: it can never be stored.
+    #[error("the message is larger than the NATS server accepts ({0}); raise the server's max_payload")]
+    TooLarge(String),
 }
 
 /// A connected sink.
@@ -257,7 +260,13 @@ impl Sink {
                         )
                         .await
                     {
-                        return messages.iter().map(|_| Err(SinkError::Refused(error.to_string()))).collect();
+                        let error = match error.kind() {
+                            async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                                SinkError::TooLarge(error.to_string())
+                            }
+                            _ => SinkError::Refused(error.to_string()),
+                        };
+                        return messages.iter().map(|_| Err(error.clone())).collect();
                     }
                 }
                 let flushed = match tokio::time::timeout(self.ack_timeout, self.client.flush()).await {
@@ -362,10 +371,11 @@ impl Sink {
                         let error = match error {
                             SendError::Closed => SinkError::Disconnected,
                             SendError::Refused(text) => SinkError::Refused(text),
+                            SendError::TooLarge(text) => SinkError::TooLarge(text),
                         };
                         let mut progress = lock(progress);
                         progress.failures.record(message, &error);
-                        if matches!(error, SinkError::Refused(_)) {
+                        if matches!(error, SinkError::Refused(_) | SinkError::TooLarge(_)) {
                             progress.outcomes[index] = Some(Err(error));
                         }
                     }
@@ -519,7 +529,7 @@ impl Failures {
             SinkError::Disconnected | SinkError::Timeout => {
                 self.stop.get_or_insert_with(|| error.clone());
             }
-            SinkError::NoStream(_) | SinkError::Refused(_) => {
+            SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::TooLarge(_) => {
                 if let Some(key) = order_key(message) {
                     self.keys.entry(key).or_insert_with(|| error.clone());
                 }

@@ -107,6 +107,15 @@ async fn post_batch(gateway: &Gateway, lines: impl Into<reqwest::Body>) -> (u16,
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The `data.n` of every stored event, in stream order.
+async fn stored_ns(nats: &Nats) -> Vec<u64> {
+    let messages = nats.messages("WEIR").await;
+    messages
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["n"].as_u64().unwrap())
+        .collect()
+}
+
 fn header<'a>(message: &'a async_nats::jetstream::message::StreamMessage, name: &str) -> Option<&'a str> {
     message.headers.get(name).map(|v| v.as_str())
 }
@@ -427,12 +436,7 @@ async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
         assert!(Instant::now() < deadline, "recovered after NATS came back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let stored: Vec<u64> = nats
-        .messages("WEIR")
-        .await
-        .iter()
-        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["n"].as_u64().unwrap())
-        .collect();
+    let stored = stored_ns(&nats).await;
     assert_eq!(stored, vec![1, 2], "only what was answered 202 is stored");
 }
 
@@ -678,6 +682,30 @@ async fn cloudevents_in_structured_and_binary_mode() {
         assert_eq!(event["id"], id);
         assert_eq!(event["data"], json!({"total": total}));
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_too_large_for_nats_gets_413_and_the_rest_are_stored() {
+    let nats = Nats::start_with_max_payload(8192);
+    let gateway = Gateway::start(&config(&nats, ""));
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+    let (status, body, _) = post(&gateway, "/v1/events/users", &big, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("message_too_large")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_payload"), "{body}");
+    let (status, _, _) = post(&gateway, "/v1/events/users", r#"{"n":1}"#, &[]).await;
+    assert_eq!(status, 202);
+    // In a batch the large line fails alone.
+    let lines = format!(
+        "{{\"entity\":\"users\",\"key\":\"a\",\"data\":{{\"n\":2}}}}\n\
+         {{\"entity\":\"users\",\"key\":\"b\",\"data\":{big}}}\n\
+         {{\"entity\":\"users\",\"key\":\"c\",\"data\":{{\"n\":3}}}}\n"
+    );
+    let (status, body) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{body}");
+    let statuses: Vec<&Value> = body["results"].as_array().unwrap().iter().map(|r| &r["status"]).collect();
+    assert_eq!(statuses, [202, 413, 202], "{body}");
+    let stored = stored_ns(&nats).await;
+    assert_eq!(stored, [1, 2, 3]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

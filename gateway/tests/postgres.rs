@@ -338,6 +338,41 @@ async fn a_silent_network_cut_is_noticed_and_capture_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
+    let capture = Capture::new("toolarge", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start_with_max_payload(8192);
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'small');
+             INSERT INTO {table} VALUES (2, repeat('x', 20000));
+             INSERT INTO {table} VALUES (3, 'small');"
+        ))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 3).await;
+    assert_eq!(messages.len(), 3, "{}", gateway.log());
+    // The table's subject carries the others in order; the refused one has a dead letter (stored
+    // once the batch is retried one by one, so after them).
+    let rows: Vec<&Value> = messages
+        .iter()
+        .filter(|(subject, _, _)| subject == &format!("weir.public.{table}.insert"))
+        .map(|(_, _, envelope)| &envelope["data"]["id"])
+        .collect();
+    assert_eq!(rows, [1, 3]);
+    let (_, letter_id, letter) =
+        messages.iter().find(|(subject, _, _)| subject == &format!("weir.dlq.public_{table}")).unwrap();
+    assert_eq!(letter["key"], "2");
+    assert!(letter["error"].as_str().unwrap().contains("max_payload"), "{letter}");
+    assert!(letter_id.starts_with("dlq:") && letter["position"].is_string(), "{letter}");
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_publication_on_a_busy_database_does_not_pin_wal() {
     let capture = Capture::new("quiet", &[("a", "id bigint PRIMARY KEY")]).await;
     // Written to, but not in the publication.

@@ -72,8 +72,9 @@ impl Drop for AckRouter {
 pub enum SendError {
     /// The connection is closed for good.
     Closed,
-    /// The client refused it: headers and payload over the server's `max_payload`, or a subject
-    /// it will not send.
+    /// Headers and payload over the server's `max_payload`.
+    TooLarge(String),
+    /// The client refused it: a subject it will not send.
     Refused(String),
 }
 
@@ -127,9 +128,8 @@ impl AckRouter {
         sent.map_err(|error| {
             self.shared.take(token);
             match error.kind() {
-                PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject => {
-                    SendError::Refused(error.to_string())
-                }
+                PublishErrorKind::MaxPayloadExceeded => SendError::TooLarge(error.to_string()),
+                PublishErrorKind::InvalidSubject => SendError::Refused(error.to_string()),
                 PublishErrorKind::Send => SendError::Closed,
             }
         })

@@ -37,6 +37,8 @@ pub struct Nats {
     extra: Vec<String>,
     /// How the test's own client connects, when the server needs more than token or user/password.
     client_options: Option<Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>>,
+    /// Holds a config file the server reads (on restarts too).
+    config_dir: Option<tempfile::TempDir>,
 }
 
 impl Nats {
@@ -54,6 +56,7 @@ impl Nats {
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
             client_options: None,
+            config_dir: None,
         };
         nats.spawn();
         nats
@@ -90,6 +93,16 @@ impl Nats {
         };
         self.port = listening;
         assert!(wait_for_port(self.port, Duration::from_secs(10)), "nats-server listens on {}", self.port);
+    }
+
+    /// A server that accepts messages of at most `bytes` (headers and payload).
+    pub fn start_with_max_payload(bytes: usize) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, format!("max_payload: {bytes}\n")).unwrap();
+        let mut nats = Nats::start_with(&["-c", file.to_str().unwrap()]);
+        nats.config_dir = Some(dir);
+        nats
     }
 
     pub fn url(&self) -> String {
