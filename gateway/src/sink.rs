@@ -90,6 +90,9 @@ async fn options(nats: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions
         // Reconnect forever (with the client's backoff); sources answer 503 meanwhile.
         .max_reconnects(None)
         .retry_on_initial_connect()
+        // A connection that stops answering (packets lost, nothing closed) is given up after
+        // three unanswered pings, ~15 s: sources then answer 503 at once instead of timing out.
+        .ping_interval(Duration::from_secs(5))
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),

@@ -939,6 +939,44 @@ async fn ack_holding_proxy(upstream: u16, hold: std::sync::Arc<std::sync::atomic
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_nats_connection_gone_silent_is_given_up_and_answers_turn_fast_503s() {
+    use std::sync::atomic::Ordering;
+    let nats = Nats::start();
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = ack_holding_proxy(nats.port, hold.clone()).await;
+    let gateway = Gateway::start(&config(&nats, "").replace(&nats.url(), &format!("nats://127.0.0.1:{port}")));
+    let (status, _, _) = post(&gateway, "/v1/events/people", r#"{"n":1}"#, &[]).await;
+    assert_eq!(status, 202);
+    // Nothing from the server reaches the gateway any more, and nothing is closed.
+    hold.store(true, Ordering::SeqCst);
+    let silent = Instant::now();
+    let deadline = silent + Duration::from_secs(60);
+    loop {
+        let ready: Value = client().get(gateway.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        if ready["nats"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still taken as connected after {:?}", silent.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let (status, body, _) = post(&gateway, "/v1/events/people", r#"{"n":2}"#, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("nats_unavailable")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
+    hold.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, _) = post(&gateway, "/v1/events/people", r#"{"n":3}"#, &[("idempotency-key", "back")]).await;
+        if status == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovered once the server is heard again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stored_ns(&nats).await, [1, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_lost_puback_is_never_answered_202_and_the_retry_is_stored_once() {
     use std::sync::atomic::Ordering;
     let nats = Nats::start();
