@@ -1170,7 +1170,12 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+    // Request heads over 64 KiB or with more than 100 headers (hyper's default) are answered 431.
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .max_header_size(64 * 1024);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -259,6 +259,21 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let body: Value = not_utf8.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_json", "{body}");
 
+    // 100 kB of headers, and ten thousand of them.
+    let huge = client()
+        .post(gateway.url("/v1/events/users"))
+        .header("content-type", "application/json")
+        .header("x-pad", "x".repeat(100 * 1024))
+        .body("{}")
+        .send()
+        .await;
+    assert_eq!(huge.unwrap().status().as_u16(), 431, "oversized headers refused");
+    let mut many = client().post(gateway.url("/v1/events/users")).header("content-type", "application/json");
+    for index in 0..10_000 {
+        many = many.header(format!("x-h{index}"), "1");
+    }
+    assert_eq!(many.body("{}").send().await.unwrap().status().as_u16(), 431, "too many headers refused");
+
     assert!(nats.messages("WEIR").await.is_empty(), "nothing stored");
     let health = client().get(gateway.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200, "still serving");

@@ -373,6 +373,37 @@ async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_open_across_a_kill_is_stored_once_at_its_commit() {
+    let capture = Capture::new("longtxn", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    // T1 writes first and stays open while later transactions commit and are confirmed.
+    let long = connect().await;
+    long.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1, 1)")).await.unwrap();
+    let client = connect().await;
+    for id in 2..=20 {
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({id}, {id})")).await.unwrap();
+    }
+    assert_eq!(stored(&nats, 19).await.len(), 19);
+    // Past a status update: the slot is confirmed beyond T1's first change.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(gateway); // SIGKILL
+    long.batch_execute(&format!("INSERT INTO {table} VALUES (21, 21); COMMIT")).await.unwrap();
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (22, 22)")).await.unwrap();
+    let gateway = Gateway::start(&config);
+    let messages = stored(&nats, 22).await;
+    let ids: Vec<i64> = messages.iter().map(|(_, _, e)| e["data"]["id"].as_i64().unwrap()).collect();
+    let mut expected: Vec<i64> = (2..=20).collect();
+    expected.extend([1, 21, 22]);
+    assert_eq!(ids, expected, "commit order, each once:\n{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_publication_on_a_busy_database_does_not_pin_wal() {
     let capture = Capture::new("quiet", &[("a", "id bigint PRIMARY KEY")]).await;
     // Written to, but not in the publication.
