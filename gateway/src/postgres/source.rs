@@ -642,8 +642,9 @@ impl PostgresSource {
                     return Ok(Ok(()));
                 }
                 Err(crate::sink::SinkError::Refused(reason)) => return Ok(Err(reason)),
-                Err(error @ crate::sink::SinkError::TooLarge(_)) => return Ok(Err(error.to_string())),
-                Err(error @ crate::sink::SinkError::NoStream(_)) => return Ok(Err(error.to_string())),
+                Err(error @ (crate::sink::SinkError::TooLarge(_) | crate::sink::SinkError::NoStream(_))) => {
+                    return Ok(Err(error.to_string()));
+                }
                 Err(error) => {
                     self.status.paused.store(true, Ordering::Relaxed);
                     tracing::warn!(%error, events = messages.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
