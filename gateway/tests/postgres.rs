@@ -404,6 +404,31 @@ async fn a_transaction_open_across_a_kill_is_stored_once_at_its_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_frozen_past_the_servers_timeout_reconnects_and_loses_nothing() {
+    let capture = Capture::new("frozen", &load_tables()).await;
+    full_identity(&capture).await;
+    let nats = Nats::start();
+    let mut gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 1_500, Duration::from_millis(200), 31).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Frozen longer than the server's wal_sender_timeout (1 min here): the server drops the
+    // replication connection meanwhile.
+    let pid = gateway.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let written = writer.await.unwrap();
+    let messages = stored(&nats, written.len()).await;
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
+    assert!(gateway.log().contains("reconnecting"), "the server dropped it meanwhile:\n{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_publication_on_a_busy_database_does_not_pin_wal() {
     let capture = Capture::new("quiet", &[("a", "id bigint PRIMARY KEY")]).await;
     // Written to, but not in the publication.
