@@ -274,14 +274,7 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let (status, body, _) = post(&gateway, "/v1/events/users", &deep, &[]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_json")), "{body}");
     let deep_lines = format!("{{\"entity\":\"users\",\"data\":{}{}}}\n", "{\"a\":".repeat(10_000), "}".repeat(10_000));
-    let response = client()
-        .post(gateway.url("/v1/batch"))
-        .header("content-type", "application/x-ndjson")
-        .body(deep_lines)
-        .send()
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
+    let (_, body) = post_batch(&gateway, deep_lines).await;
     assert_eq!(body["results"][0]["status"], 400, "{body}");
 
     let not_utf8 = client()
