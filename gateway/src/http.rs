@@ -150,6 +150,13 @@ fn sink_error(error: SinkError) -> ApiError {
                 "{error}; it is not known to be stored: retry with the same event id (Idempotency-Key, or a batch line's `id`) to have it stored once"
             ),
         ),
+        SinkError::NoLeader { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nats_unavailable",
+            format!(
+                "{error}; retry with the same event id (Idempotency-Key, or a batch line's `id`) to have it stored once"
+            ),
+        ),
         SinkError::NoStream(_) | SinkError::Refused(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
         }

@@ -39,6 +39,11 @@ pub enum SinkError {
     /// No stream captures the subject.
     #[error("no JetStream stream captures subject `{0}`; add it to [jetstream] subjects")]
     NoStream(String),
+    /// Nothing answered for a subject the stream captures: nothing was stored.
+    #[error(
+        "JetStream stream `{stream}` did not answer for subject `{subject}`: it has no leader right now (its cluster is electing one or has lost quorum) or it was deleted"
+    )]
+    NoLeader { stream: String, subject: String },
     /// The server refused the message (stream full, too large for the stream, …).
     #[error("NATS refused the message: {0}")]
     Refused(String),
@@ -60,6 +65,22 @@ pub struct Sink {
 struct JetStreamSink {
     context: jetstream::Context,
     acks: Arc<AckRouter>,
+    /// The stream's name and subjects (as on the server when the sink connected, else as
+    /// configured): a subject they capture that nothing answers for has a leaderless stream
+    /// behind it, not a missing one.
+    stream: Arc<(String, Vec<String>)>,
+}
+
+impl JetStreamSink {
+    /// Why nothing answered for `subject`.
+    fn nobody_answered(&self, subject: &str) -> SinkError {
+        let (stream, subjects) = &*self.stream;
+        if subjects.iter().any(|pattern| crate::subject::pattern_matches(pattern, subject)) {
+            SinkError::NoLeader { stream: stream.clone(), subject: subject.to_string() }
+        } else {
+            SinkError::NoStream(subject.to_string())
+        }
+    }
 }
 
 /// Connection options from `[nats]`.
@@ -203,7 +224,15 @@ impl Sink {
             Some(js) => {
                 let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
                 let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight).await?);
-                (Some(JetStreamSink { context, acks }), js.ack_timeout)
+                let subjects = match context.get_stream(&js.stream).await {
+                    Ok(mut stream) => match stream.info().await {
+                        Ok(info) => info.config.subjects.clone(),
+                        Err(_) => js.subjects.clone(),
+                    },
+                    Err(_) => js.subjects.clone(),
+                };
+                let stream = Arc::new((js.stream.clone(), subjects));
+                (Some(JetStreamSink { context, acks, stream }), js.ack_timeout)
             }
             None => (None, Duration::from_secs(5)),
         };
@@ -251,7 +280,7 @@ impl Sink {
             return messages.iter().map(|_| Err(SinkError::Disconnected)).collect();
         }
         match &self.jetstream {
-            Some(jetstream) => self.publish_jetstream(&jetstream.acks, messages, order).await,
+            Some(jetstream) => self.publish_jetstream(jetstream, messages, order).await,
             None => {
                 for message in messages {
                     if let Err(error) = self
@@ -299,7 +328,7 @@ impl Sink {
     /// message stored that is not.
     async fn publish_jetstream(
         &self,
-        acks: &AckRouter,
+        jetstream: &JetStreamSink,
         messages: &[Message],
         order: &mut dyn SendOrder,
     ) -> Vec<Result<Published, SinkError>> {
@@ -307,25 +336,33 @@ impl Sink {
         // Which messages have gone out at least once.
         let mut sent = vec![false; messages.len()];
         let mut attempt = 1;
+        // Why the last attempt stopped: the answer for what is still unanswered at the end.
+        let mut stopped = SinkError::Timeout;
         loop {
             let due: Vec<usize> = {
                 let mut progress = lock(&progress);
-                progress.failures.stop = None;
-                if attempt == 1 { (0..messages.len()).collect() } else { resendable(messages, &sent, &mut progress) }
+                if let Some(stop) = progress.failures.stop.take() {
+                    stopped = stop;
+                }
+                if attempt == 1 {
+                    (0..messages.len()).collect()
+                } else {
+                    resendable(messages, &sent, &mut progress, &stopped)
+                }
             };
             if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
                 break;
             }
-            self.attempt(acks, messages, &due, &progress, &mut sent, order).await;
+            self.attempt(jetstream, messages, &due, &progress, &mut sent, order).await;
             let unanswered = lock(&progress).failures.stop.is_some();
             if !unanswered || attempt >= 3 || !self.connected() {
                 break;
             }
             attempt += 1;
-            tracing::debug!(attempt, "PubAcks timed out; publishing the unanswered messages again with the same ids");
+            tracing::debug!(attempt, "PubAcks missing; publishing the unanswered messages again with the same ids");
         }
         let Progress { outcomes, failures } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
-        let stopped = failures.stop.unwrap_or(SinkError::Timeout);
+        let stopped = failures.stop.unwrap_or(stopped);
         outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
     }
 
@@ -333,13 +370,14 @@ impl Sink {
     /// each unanswered send holds room in the window.
     async fn attempt(
         &self,
-        acks: &AckRouter,
+        jetstream: &JetStreamSink,
         messages: &[Message],
         due: &[usize],
         progress: &Mutex<Progress>,
         sent: &mut [bool],
         order: &mut dyn SendOrder,
     ) {
+        let acks = &jetstream.acks;
         let call = acks.call_id();
         // Whatever of this call is still pending when it ends (or is dropped mid-way) is
         // abandoned, so its room in the window is never lost.
@@ -404,13 +442,20 @@ impl Sink {
                         last_answer = Instant::now();
                         let message = &messages[index];
                         let outcome = match answer {
+                            Answer::NoStream => match jetstream.nobody_answered(&message.subject) {
+                                // Not stored: left unanswered, to be sent again like a timed-out send.
+                                error @ SinkError::NoLeader { .. } => {
+                                    lock(progress).failures.stop.get_or_insert(error);
+                                    continue;
+                                }
+                                error => Err(error),
+                            },
                             Answer::Stored { stream, seq, duplicate } => Ok(Published {
                                 subject: message.subject.clone(),
                                 stream: Some(stream),
                                 seq: Some(seq),
                                 duplicate,
                             }),
-                            Answer::NoStream => Err(SinkError::NoStream(message.subject.clone())),
                             Answer::Refused(reason) => Err(SinkError::Refused(reason)),
                         };
                         let mut progress = lock(progress);
@@ -448,16 +493,16 @@ impl Sink {
 /// while what it had buffered is gone). Such a message fails instead (not known to be stored),
 /// and so does every later unanswered message of its key: resending those alone would put them
 /// ahead of it.
-fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress) -> Vec<usize> {
+fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress, reason: &SinkError) -> Vec<usize> {
     let mut later_sent = std::collections::HashSet::new();
     let mut due = Vec::new();
     for index in (0..messages.len()).rev() {
         let key = order_key(&messages[index]);
         if progress.outcomes[index].is_none() {
             if let Some(key) = key.as_ref().filter(|key| later_sent.contains(*key)) {
-                progress.outcomes[index] = Some(Err(SinkError::Timeout));
+                progress.outcomes[index] = Some(Err(reason.clone()));
                 // Later messages of its key already in `due` are held back when their turn comes.
-                progress.failures.keys.entry(key.clone()).or_insert(SinkError::Timeout);
+                progress.failures.keys.entry(key.clone()).or_insert_with(|| reason.clone());
                 continue;
             }
             due.push(index);
@@ -529,7 +574,7 @@ fn order_key(message: &Message) -> Option<(String, String)> {
 impl Failures {
     fn record(&mut self, message: &Message, error: &SinkError) {
         match error {
-            SinkError::Disconnected | SinkError::Timeout => {
+            SinkError::Disconnected | SinkError::Timeout | SinkError::NoLeader { .. } => {
                 self.stop.get_or_insert_with(|| error.clone());
             }
             SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::TooLarge(_) => {

@@ -45,6 +45,21 @@ pub fn validate(subject: &str) -> Result<(), SubjectError> {
     Ok(())
 }
 
+/// Whether NATS subject `pattern` (`*` one token, `>` one or more trailing tokens) matches the
+/// literal `subject`.
+pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    for wanted in pattern.split('.') {
+        match (wanted, subject_tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (wanted, Some(token)) if wanted == token => {}
+            _ => return false,
+        }
+    }
+    subject_tokens.next().is_none()
+}
+
 /// Turns arbitrary text into one safe subject token: characters other than ASCII letters,
 /// digits, `-` and `_` become `_`; empty text becomes `_`.
 pub fn token(text: &str) -> String {
@@ -75,6 +90,18 @@ mod tests {
         assert!(matches!(validate("a b"), Err(SubjectError::Whitespace(_))));
         assert!(matches!(validate("a\nb"), Err(SubjectError::Whitespace(_))));
         assert!(matches!(validate(&"a".repeat(2000)), Err(SubjectError::TooLong(2000))));
+    }
+
+    #[test]
+    fn patterns_match_as_nats_does() {
+        assert!(pattern_matches("weir.>", "weir.orders.insert"));
+        assert!(pattern_matches("weir.*.insert", "weir.orders.insert"));
+        assert!(pattern_matches("weir.orders.insert", "weir.orders.insert"));
+        assert!(!pattern_matches("weir.>", "weir"));
+        assert!(!pattern_matches("weir.*", "weir.orders.insert"));
+        assert!(!pattern_matches("weir.*.insert", "weir.orders.delete"));
+        assert!(!pattern_matches("weir.orders.insert.x", "weir.orders.insert"));
+        assert!(!pattern_matches("other.>", "weir.orders"));
     }
 
     #[test]

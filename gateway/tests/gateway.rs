@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::services::{Gateway, Nats};
+use common::services::{Gateway, Nats, NatsCluster};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -482,6 +482,64 @@ async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
     }
     let stored = stored_ns(&nats).await;
     assert_eq!(stored, vec![1, 2], "only what was answered 202 is stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_leader_killed_under_load_in_a_cluster_loses_nothing_and_recovers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut cluster = NatsCluster::start().await;
+    let leader = cluster.create_stream("WEIR", &["weir.>", "shop.>"], Duration::from_secs(120)).await;
+    // The gateway talks to a server that stays up: while a new leader is elected, nothing
+    // answers for the stream's subjects there (the connection itself is not lost).
+    let config = config(cluster.other_than(&leader), "")
+        .replace("duplicate_window = \"2m\"", "duplicate_window = \"2m\"\nreplicas = 3");
+    let gateway = std::sync::Arc::new(Gateway::start(&config));
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    // Clients that retry a 503 with the same Idempotency-Key until it is answered 202.
+    let clients: Vec<_> = (0..8)
+        .map(|client_index| {
+            let (gateway, answered) = (gateway.clone(), answered.clone());
+            tokio::spawn(async move {
+                let mut refusals = Vec::new();
+                for n in 0..150 {
+                    let key = format!("c{client_index}-{n}");
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let (status, body, _) =
+                            post(&gateway, "/v1/events/items", &format!("{{\"n\":{n}}}"), &[("idempotency-key", &key)])
+                                .await;
+                        if status == 202 {
+                            break;
+                        }
+                        assert_eq!(status, 503, "{body}");
+                        refusals.push(body["error"]["code"].as_str().unwrap_or_default().to_string());
+                        assert!(Instant::now() < deadline, "{key} never stored: {body}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                refusals
+            })
+        })
+        .collect();
+    while answered.load(Ordering::Relaxed) < 300 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.node(&leader).stop();
+    let mut refusals = Vec::new();
+    for client in clients {
+        refusals.extend(client.await.unwrap());
+    }
+    assert!(answered.load(Ordering::Relaxed) == 1200);
+    // While there was no leader the answer said so: unavailable for now, not "no such stream".
+    assert!(refusals.iter().all(|code| code == "nats_unavailable"), "{refusals:?}");
+    let messages = cluster.other_than(&leader).messages("WEIR").await;
+    let mut ids: Vec<&str> = messages.iter().filter_map(|m| header(m, "Nats-Msg-Id")).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((messages.len(), ids.len()), (1200, 1200), "every event stored once:\n{}", gateway.log());
+    eprintln!("503s during the election: {}", refusals.len());
 }
 
 #[tokio::test(flavor = "multi_thread")]

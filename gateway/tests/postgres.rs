@@ -10,7 +10,7 @@ use common::pg::{
     Capture, assert_exactly_once_in_order, connect, current_wal_lsn, mixed_load, readiness_until, slot_confirmed_past,
     stored, wait_ready,
 };
-use common::services::{Gateway, Nats};
+use common::services::{Gateway, Nats, NatsCluster};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -221,6 +221,40 @@ async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() 
     let written = writer.await.unwrap();
     let messages = stored(&nats, written.len()).await;
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_leader_killed_mid_load_in_a_cluster_loses_nothing_and_dead_letters_nothing() {
+    let capture = Capture::new("leaderkill", &load_tables()).await;
+    full_identity(&capture).await;
+    let mut cluster = NatsCluster::start().await;
+    let leader = cluster.create_stream("WEIR", &["weir.>"], Duration::from_secs(600)).await;
+    // The gateway talks to a server that stays up: while a new leader is elected, nothing
+    // answers for the stream's subjects there (the connection itself is not lost).
+    let config = capture
+        .config(cluster.other_than(&leader), "")
+        .replace("duplicate_window = \"10m\"", "duplicate_window = \"10m\"\nreplicas = 3");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 31).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.node(&leader).stop();
+    let new_leader = cluster.leader("WEIR").await;
+    assert_ne!(new_leader, leader);
+    let written = writer.await.unwrap();
+    let messages = stored(cluster.other_than(&leader), written.len()).await;
+    let dead_letters: Vec<&String> =
+        messages.iter().map(|(subject, _, _)| subject).filter(|subject| subject.starts_with("weir.dlq.")).collect();
+    assert!(
+        dead_letters.is_empty(),
+        "changes were dead-lettered during the election: {dead_letters:?}\n{}",
+        gateway.log()
+    );
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    assert!(gateway.log().contains("has no leader right now"), "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

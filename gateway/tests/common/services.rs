@@ -162,15 +162,28 @@ impl Nats {
         }
         // One consumer reading in batches: a request per message took seconds once a test's
         // stream held tens of thousands.
-        let consumer = stream
-            .create_consumer(pull::Config {
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let config = pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            // One server's reader: in a cluster that has lost a server, a replicated consumer
+            // can take longer to place than a request waits.
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        };
+        // Retried: a cluster that has just lost a server may not answer the first request.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let consumer = loop {
+            match stream.create_consumer(config.clone()).await {
+                Ok(consumer) => break consumer,
+                Err(error) => assert!(
+                    Instant::now() < deadline,
+                    "cannot read stream {}: {error}",
+                    stream.cached_info().config.name
+                ),
+            }
+        };
         let mut last = 0;
         while last < state.last_sequence {
             let mut batch =
@@ -206,6 +219,101 @@ impl Nats {
 impl Drop for Nats {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Three JetStream servers clustered over routes, each a [`Nats`] of its own.
+pub struct NatsCluster {
+    pub nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    /// Starts three servers `n1`–`n3`.
+    pub async fn start() -> NatsCluster {
+        // Route ports must be known to every node's config up front; client ports are the
+        // servers' own choice. A route port taken meanwhile shows as a cluster that never forms.
+        let route_ports: Vec<u16> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|listener| listener.local_addr().unwrap().port())
+            .collect();
+        let routes: Vec<String> = route_ports.iter().map(|port| format!("\"nats-route://127.0.0.1:{port}\"")).collect();
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(index, port)| {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("node.conf");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "server_name: n{}\ncluster {{ name: weir_test, listen: \"127.0.0.1:{port}\", routes: [{}] }}\n",
+                        index + 1,
+                        routes.join(", ")
+                    ),
+                )
+                .unwrap();
+                let mut node = Nats::start_with(&["-c", file.to_str().unwrap()]);
+                node.config_dir = Some(dir);
+                node
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Creates a stream kept on all three servers, as [`Capture::config`](super::pg) and the
+    /// gateway tests configure it; returns its leader's server name.
+    pub async fn create_stream(&self, name: &str, subjects: &[&str], duplicate_window: Duration) -> String {
+        let context = async_nats::jetstream::new(self.nodes[0].client().await);
+        let config = async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            duplicate_window,
+            num_replicas: 3,
+            ..Default::default()
+        };
+        // Refused until the servers have found each other and elected a metadata leader.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(error) = context.create_stream(config.clone()).await {
+            assert!(Instant::now() < deadline, "the NATS cluster did not create stream {name} in 30 s: {error}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.leader(name).await
+    }
+
+    /// The server name of `stream`'s leader, once it has one (at most 30 s).
+    pub async fn leader(&self, stream: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+                let context = async_nats::jetstream::new(node.client().await);
+                if let Ok(mut info) = context.get_stream(stream).await
+                    && let Ok(info) = info.info().await
+                    && let Some(leader) = info.cluster.as_ref().and_then(|cluster| cluster.leader.clone())
+                {
+                    return leader;
+                }
+            }
+            assert!(Instant::now() < deadline, "stream {stream} has no leader after 30 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The node named `name` (`n1`–`n3`).
+    pub fn node(&mut self, name: &str) -> &mut Nats {
+        let index: usize = name.trim_start_matches('n').parse().unwrap();
+        &mut self.nodes[index - 1]
+    }
+
+    /// A running node other than `name`.
+    pub fn other_than(&self, name: &str) -> &Nats {
+        self.nodes
+            .iter()
+            .enumerate()
+            .find(|(index, node)| format!("n{}", index + 1) != name && node.pid().is_some())
+            .map(|(_, node)| node)
+            .unwrap()
     }
 }
 
