@@ -1041,6 +1041,121 @@ async fn ack_holding_proxy(upstream: u16, hold: std::sync::Arc<std::sync::atomic
     port
 }
 
+/// A TCP proxy to NATS over a slow, narrow link: every byte arrives `latency` late, and each
+/// direction carries at most `bytes_per_second`.
+async fn slow_link_proxy(upstream: u16, latency: Duration, bytes_per_second: usize) -> u16 {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn carry(
+        mut from: impl AsyncRead + Unpin + Send + 'static,
+        mut to: impl AsyncWrite + Unpin + Send + 'static,
+        latency: Duration,
+        bytes_per_second: usize,
+    ) {
+        let (chunks, mut arriving) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            // Small reads, so pacing is smooth.
+            let mut buffer = vec![0u8; 1024];
+            while let Ok(read @ 1..) = from.read(&mut buffer).await {
+                if chunks.send((tokio::time::Instant::now() + latency, buffer[..read].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some((due, chunk)) = arriving.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / bytes_per_second as f64)).await;
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(carry(client_read, server_write, latency, bytes_per_second));
+            tokio::spawn(carry(server_read, client_write, latency, bytes_per_second));
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_narrow_link_to_nats_gets_bounded_answers_and_bounded_memory() {
+    let nats = Nats::start();
+    // 500 ms each way and 100 KB/s: a few hundred events a second at most.
+    let port = slow_link_proxy(nats.port, Duration::from_millis(500), 100_000).await;
+    let config = config(&nats, "")
+        .replace(&nats.url(), &format!("nats://127.0.0.1:{port}"))
+        .replace("ack_timeout = \"1s\"", "ack_timeout = \"5s\"")
+        .replace("max_body = \"64KiB\"", "max_body = \"64KiB\"\nmax_in_flight = 64");
+    let gateway = std::sync::Arc::new(Gateway::start(&config));
+    let (status, body, _) = post(&gateway, "/v1/events/items", r#"{"n":0}"#, &[("idempotency-key", "first")]).await;
+    assert_eq!(status, 202, "{body}");
+    let rss_before = common::peak_rss_kib(gateway.pid());
+    // 128 clients sending for 15 s, with bodies of 10 kB: far more than the link carries, and
+    // more than it carries within `ack_timeout` of being sent.
+    let padding = "x".repeat(10_000);
+    let clients: Vec<_> = (0..128)
+        .map(|client_index| {
+            let (gateway, padding) = (gateway.clone(), padding.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                let until = Instant::now() + Duration::from_secs(15);
+                let mut n = 0;
+                while Instant::now() < until {
+                    let key = format!("c{client_index}-{n}");
+                    let started = Instant::now();
+                    let (status, body, headers) = post(
+                        &gateway,
+                        "/v1/events/items",
+                        &format!("{{\"n\":{n},\"pad\":\"{padding}\"}}"),
+                        &[("idempotency-key", &key)],
+                    )
+                    .await;
+                    let retry_after = headers.get("retry-after").is_some();
+                    answers.push((key, status, body, retry_after, started.elapsed()));
+                    n += 1;
+                    if status != 202 {
+                        // Sooner than the `Retry-After: 1` asks, to keep the pressure on.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.extend(client.await.unwrap());
+    }
+    let count = |wanted: u16| answers.iter().filter(|(_, status, ..)| *status == wanted).count();
+    let slowest = answers.iter().map(|(.., took)| *took).max().unwrap();
+    eprintln!("answers: {} × 202, {} × 429, {} × 503; slowest {slowest:?}", count(202), count(429), count(503));
+    for (key, status, body, retry_after, _) in &answers {
+        assert!([202, 429, 503].contains(status), "{key}: {status} {body}");
+        assert!(*status == 202 || *retry_after, "{key}: {status} without Retry-After");
+    }
+    assert!(count(202) > 0 && count(429) > 0, "the in-flight bound was reached and events still got through");
+    // Three attempts of `ack_timeout` each, and the link's delay, bound every answer.
+    assert!(slowest < Duration::from_secs(25), "an answer took {slowest:?}");
+    let grown_mib = common::peak_rss_kib(gateway.pid()).saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 64, "the gateway grew by {grown_mib} MiB");
+    // Every 202 is stored; nothing answered 429 is.
+    let stored: std::collections::HashSet<String> =
+        nats.messages("WEIR").await.iter().filter_map(|m| header(m, "Nats-Msg-Id").map(str::to_string)).collect();
+    for (key, status, ..) in &answers {
+        match status {
+            202 => assert!(stored.contains(key), "{key} answered 202, not stored"),
+            429 => assert!(!stored.contains(key), "{key} answered 429, stored"),
+            _ => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nats_connection_gone_silent_is_given_up_and_answers_turn_fast_503s() {
     use std::sync::atomic::Ordering;

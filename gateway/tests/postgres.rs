@@ -762,13 +762,6 @@ async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
     capture.cleanup().await;
 }
 
-/// The largest resident set the process has had, in KiB (`VmHWM`).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 async fn stream_count(nats: &Nats) -> u64 {
     let context = async_nats::jetstream::new(nats.client().await);
     context.get_stream("WEIR").await.unwrap().info().await.unwrap().state.messages
@@ -785,7 +778,7 @@ async fn a_large_transaction_streams_through_in_bounded_memory() {
     let client = connect().await;
     client.batch_execute(&format!("INSERT INTO {table} VALUES (0, 'warm-up')")).await.unwrap();
     assert_eq!(stored(&nats, 1).await.len(), 1);
-    let before = peak_rss_kib(gateway.pid());
+    let before = common::peak_rss_kib(gateway.pid());
     // One transaction of ~512-byte rows: about 120 MiB of envelopes if it were held whole.
     client
         .batch_execute(&format!(
@@ -799,7 +792,7 @@ async fn a_large_transaction_streams_through_in_bounded_memory() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(stream_count(&nats).await, ROWS + 1, "each row stored once");
-    let grown_mib = peak_rss_kib(gateway.pid()).saturating_sub(before) / 1024;
+    let grown_mib = common::peak_rss_kib(gateway.pid()).saturating_sub(before) / 1024;
     assert!(grown_mib < 64, "peak memory grew {grown_mib} MiB over a {ROWS}-row transaction");
     drop(gateway);
     capture.cleanup().await;

@@ -70,6 +70,13 @@ pub fn rss_bytes() -> u64 {
     let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("number");
     kib * 1024
 }
+/// The largest resident set process `pid` has had, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// The median of `values` (sorted in place), for benchmarks measured in rounds.
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
