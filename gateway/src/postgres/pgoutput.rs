@@ -269,6 +269,54 @@ mod tests {
         );
     }
 
+    /// Random bytes, and valid messages with bytes flipped, cut short or grown: each decodes or
+    /// is an error, never a panic or a huge allocation (a length field can claim 4 GiB).
+    #[test]
+    fn arbitrary_and_mutated_input_never_panics() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut insert = vec![b'I'];
+        insert.extend(16385u32.to_be_bytes());
+        insert.push(b'N');
+        insert.extend(tuple(&[Some("42"), None, Some("<unchanged>")]));
+        let mut relation = vec![b'R'];
+        relation.extend(16385u32.to_be_bytes());
+        relation.extend(b"public\0orders\0d");
+        relation.extend(1u16.to_be_bytes());
+        relation.push(1);
+        relation.extend(b"id\0");
+        relation.extend(23u32.to_be_bytes());
+        relation.extend((-1i32).to_be_bytes());
+        let truncate = [b'T', 0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0, 1];
+        let seeds: [&[u8]; 3] = [&insert, &relation, &truncate];
+        for round in 0..200_000 {
+            let mut bytes = seeds[round % seeds.len()].to_vec();
+            match next() % 4 {
+                0 => {
+                    let length = (next() % 64) as usize;
+                    bytes = (0..length).map(|_| next() as u8).collect();
+                    if let Some(first) = bytes.first_mut() {
+                        *first = b"RYIUDTBCX"[(next() % 9) as usize];
+                    }
+                }
+                1 => {
+                    for _ in 0..=next() % 3 {
+                        let at = (next() as usize) % bytes.len();
+                        bytes[at] = next() as u8;
+                    }
+                }
+                2 => bytes.truncate((next() as usize) % bytes.len()),
+                _ => bytes.extend((0..next() % 8).map(|_| next() as u8)),
+            }
+            let _ = decode(Bytes::from(bytes));
+        }
+    }
+
     #[test]
     fn truncated_input_is_an_error_not_a_panic() {
         for bytes in [&b"R\0\0"[..], b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab", b"D\0\0\0\x01X", b"U\0\0\0\x01Q"] {
