@@ -229,20 +229,25 @@ mod tests {
         out
     }
 
-    #[test]
-    fn relation_and_changes() {
+    /// A Relation message for `public.orders` (oid 16385) with `(flags, name, type oid)` columns.
+    fn relation(columns: &[(u8, &str, u32)]) -> Vec<u8> {
         let mut relation = vec![b'R'];
         relation.extend(16385u32.to_be_bytes());
         relation.extend(b"public\0orders\0d");
-        relation.extend(2u16.to_be_bytes());
-        relation.push(1);
-        relation.extend(b"id\0");
-        relation.extend(23u32.to_be_bytes());
-        relation.extend((-1i32).to_be_bytes());
-        relation.push(0);
-        relation.extend(b"note\0");
-        relation.extend(25u32.to_be_bytes());
-        relation.extend((-1i32).to_be_bytes());
+        relation.extend((columns.len() as u16).to_be_bytes());
+        for (flags, name, type_oid) in columns {
+            relation.push(*flags);
+            relation.extend(name.as_bytes());
+            relation.push(0);
+            relation.extend(type_oid.to_be_bytes());
+            relation.extend((-1i32).to_be_bytes());
+        }
+        relation
+    }
+
+    #[test]
+    fn relation_and_changes() {
+        let relation = relation(&[(1, "id", 23), (0, "note", 25)]);
         let Message::Relation(decoded) = decode(Bytes::from(relation)).unwrap() else { panic!() };
         assert_eq!((decoded.schema.as_str(), decoded.table.as_str()), ("public", "orders"));
         assert!(decoded.columns[0].key && !decoded.columns[1].key);
@@ -284,14 +289,7 @@ mod tests {
         insert.extend(16385u32.to_be_bytes());
         insert.push(b'N');
         insert.extend(tuple(&[Some("42"), None, Some("<unchanged>")]));
-        let mut relation = vec![b'R'];
-        relation.extend(16385u32.to_be_bytes());
-        relation.extend(b"public\0orders\0d");
-        relation.extend(1u16.to_be_bytes());
-        relation.push(1);
-        relation.extend(b"id\0");
-        relation.extend(23u32.to_be_bytes());
-        relation.extend((-1i32).to_be_bytes());
+        let relation = relation(&[(1, "id", 23)]);
         let truncate = [b'T', 0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0, 1];
         let seeds: [&[u8]; 3] = [&insert, &relation, &truncate];
         for round in 0..200_000 {
