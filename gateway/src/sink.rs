@@ -39,9 +39,10 @@ pub enum SinkError {
     /// No stream captures the subject.
     #[error("no JetStream stream captures subject `{0}`; add it to [jetstream] subjects")]
     NoStream(String),
-    /// Nothing answered for a subject the stream captures: nothing was stored.
+    /// The stream cannot store right now (nothing answers for a subject it captures, or its
+    /// cluster says it is not available): not stored.
     #[error(
-        "JetStream stream `{stream}` did not answer for subject `{subject}`: it has no leader right now (its cluster is electing one or has lost quorum) or it was deleted"
+        "JetStream stream `{stream}` cannot store to `{subject}` right now: it has no leader (its cluster is electing one or has lost quorum) or it was deleted"
     )]
     NoLeader { stream: String, subject: String },
     /// The server refused the message (stream full, too large for the stream, …).
@@ -74,12 +75,16 @@ struct JetStreamSink {
 impl JetStreamSink {
     /// Why nothing answered for `subject`.
     fn nobody_answered(&self, subject: &str) -> SinkError {
-        let (stream, subjects) = &*self.stream;
+        let (_, subjects) = &*self.stream;
         if subjects.iter().any(|pattern| crate::subject::pattern_matches(pattern, subject)) {
-            SinkError::NoLeader { stream: stream.clone(), subject: subject.to_string() }
+            self.no_leader(subject)
         } else {
             SinkError::NoStream(subject.to_string())
         }
+    }
+
+    fn no_leader(&self, subject: &str) -> SinkError {
+        SinkError::NoLeader { stream: self.stream.0.clone(), subject: subject.to_string() }
     }
 }
 
@@ -224,11 +229,10 @@ impl Sink {
             Some(js) => {
                 let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
                 let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight).await?);
+                // Read once: a stream whose subjects change on the server while the gateway runs
+                // is classified by the old ones until a restart.
                 let subjects = match context.get_stream(&js.stream).await {
-                    Ok(mut stream) => match stream.info().await {
-                        Ok(info) => info.config.subjects.clone(),
-                        Err(_) => js.subjects.clone(),
-                    },
+                    Ok(stream) => stream.cached_info().config.subjects.clone(),
                     Err(_) => js.subjects.clone(),
                 };
                 let stream = Arc::new((js.stream.clone(), subjects));
@@ -332,23 +336,32 @@ impl Sink {
         messages: &[Message],
         order: &mut dyn SendOrder,
     ) -> Vec<Result<Published, SinkError>> {
-        let progress = Mutex::new(Progress { outcomes: vec![None; messages.len()], failures: Failures::default() });
+        let progress = Mutex::new(Progress {
+            outcomes: vec![None; messages.len()],
+            not_stored: vec![false; messages.len()],
+            failures: Failures::default(),
+        });
         // Which messages have gone out at least once.
         let mut sent = vec![false; messages.len()];
         let mut attempt = 1;
         // Why the last attempt stopped: the answer for what is still unanswered at the end.
-        let mut stopped = SinkError::Timeout;
+        let mut last_stop = SinkError::Timeout;
         loop {
             let due: Vec<usize> = {
                 let mut progress = lock(&progress);
                 if let Some(stop) = progress.failures.stop.take() {
-                    stopped = stop;
+                    last_stop = stop;
                 }
-                if attempt == 1 {
+                let due = if attempt == 1 {
                     (0..messages.len()).collect()
                 } else {
-                    resendable(messages, &sent, &mut progress, &stopped)
+                    resendable(messages, &sent, &mut progress, &last_stop)
+                };
+                // Sent again, each may be stored this time.
+                for &index in &due {
+                    progress.not_stored[index] = false;
                 }
+                due
             };
             if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
                 break;
@@ -359,10 +372,18 @@ impl Sink {
                 break;
             }
             attempt += 1;
+            // A leader election takes seconds, and "no leader" comes back at once: give it time.
+            let no_leader =
+                lock(&progress).failures.stop.clone().filter(|stop| matches!(stop, SinkError::NoLeader { .. }));
+            if let Some(error) = no_leader {
+                let pause = (Duration::from_millis(250) * 2u32.pow(attempt - 2)).min(self.ack_timeout);
+                tracing::info!(%error, retry_in = ?pause, "sending the messages it did not store again");
+                tokio::time::sleep(pause).await;
+            }
             tracing::debug!(attempt, "PubAcks missing; publishing the unanswered messages again with the same ids");
         }
-        let Progress { outcomes, failures } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
-        let stopped = failures.stop.unwrap_or(stopped);
+        let Progress { outcomes, failures, .. } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let stopped = failures.stop.unwrap_or(last_stop);
         outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
     }
 
@@ -442,14 +463,20 @@ impl Sink {
                         last_answer = Instant::now();
                         let message = &messages[index];
                         let outcome = match answer {
-                            Answer::NoStream => match jetstream.nobody_answered(&message.subject) {
-                                // Not stored: left unanswered, to be sent again like a timed-out send.
-                                error @ SinkError::NoLeader { .. } => {
-                                    lock(progress).failures.stop.get_or_insert(error);
+                            Answer::NoStream | Answer::Unavailable => {
+                                let error = match answer {
+                                    Answer::Unavailable => jetstream.no_leader(&message.subject),
+                                    _ => jetstream.nobody_answered(&message.subject),
+                                };
+                                if let SinkError::NoLeader { .. } = error {
+                                    // Not stored: left unanswered, to be sent again.
+                                    let mut progress = lock(progress);
+                                    progress.not_stored[index] = true;
+                                    progress.failures.stop.get_or_insert(error);
                                     continue;
                                 }
-                                error => Err(error),
-                            },
+                                Err(error)
+                            }
                             Answer::Stored { stream, seq, duplicate } => Ok(Published {
                                 subject: message.subject.clone(),
                                 stream: Some(stream),
@@ -472,7 +499,13 @@ impl Sink {
                         }
                         // NATS is gone or not acknowledging: stop sending; what is unanswered
                         // may or may not be stored, and is sent again (deduplicated by its id).
-                        lock(progress).failures.stop.get_or_insert(SinkError::Timeout);
+                        let mut progress = lock(progress);
+                        match progress.failures.stop {
+                            // Sends left unanswered are not known to be unstored, as "no leader" says.
+                            None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(SinkError::Timeout),
+                            Some(_) => {}
+                        }
+                        drop(progress);
                         acks.abandon(call);
                         stopped.notify_one();
                         break;
@@ -498,18 +531,19 @@ fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress, reas
     let mut due = Vec::new();
     for index in (0..messages.len()).rev() {
         let key = order_key(&messages[index]);
+        // Sent and not answered "not stored": it may be in the stream.
+        let maybe_stored = sent[index] && !progress.not_stored[index];
         if progress.outcomes[index].is_none() {
             if let Some(key) = key.as_ref().filter(|key| later_sent.contains(*key)) {
-                progress.outcomes[index] = Some(Err(reason.clone()));
-                // Later messages of its key already in `due` are held back when their turn comes.
-                progress.failures.keys.entry(key.clone()).or_insert_with(|| reason.clone());
+                progress.outcomes[index] = Some(Err(if maybe_stored { SinkError::Timeout } else { reason.clone() }));
+                // Later messages of its key already in `due` are held back when their turn comes
+                // (some may be stored: not known to be stored).
+                progress.failures.keys.entry(key.clone()).or_insert(SinkError::Timeout);
                 continue;
             }
             due.push(index);
         }
-        if sent[index]
-            && let Some(key) = key
-        {
+        if maybe_stored && let Some(key) = key {
             later_sent.insert(key);
         }
     }
@@ -542,6 +576,8 @@ impl SendOrder for InOrder {
 /// The outcomes so far of one [`Sink::publish_each`], and what has failed.
 struct Progress {
     outcomes: Vec<Option<Result<Published, SinkError>>>,
+    /// Answered "not stored, no leader" on its last send: resending it cannot overtake anything.
+    not_stored: Vec<bool>,
     failures: Failures,
 }
 
@@ -596,5 +632,39 @@ impl Failures {
             Some(error) => Blocked::Key(error.clone()),
             None => Blocked::No,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::HeaderName;
+
+    fn keyed(key: &str) -> Message {
+        let mut headers = crate::pipeline::Headers::with_capacity(0);
+        headers.append(HeaderName::from_static("Weir-Entity"), "orders".to_string());
+        headers.append(HeaderName::from_static("Weir-Key"), key.to_string());
+        Message { subject: "weir.orders.insert".to_string(), headers, payload: bytes::Bytes::new() }
+    }
+
+    fn progress(count: usize) -> Progress {
+        Progress { outcomes: vec![None; count], not_stored: vec![false; count], failures: Failures::default() }
+    }
+
+    #[test]
+    fn sends_answered_not_stored_are_resent_together_in_order() {
+        let messages = [keyed("k1"), keyed("k1"), keyed("k2")];
+        let mut answered_not_stored = progress(3);
+        answered_not_stored.not_stored = vec![true, true, true];
+        let no_leader = SinkError::NoLeader { stream: "S".into(), subject: "weir.orders.insert".into() };
+        assert_eq!(resendable(&messages, &[true; 3], &mut answered_not_stored, &no_leader), [0, 1, 2]);
+        // A later send of the key that may be stored holds the earlier one back: it fails (not
+        // stored), and the key's later one is held back when its turn comes (not known to be).
+        let mut maybe_stored = progress(3);
+        maybe_stored.not_stored = vec![true, false, true];
+        assert_eq!(resendable(&messages, &[true; 3], &mut maybe_stored, &no_leader), [1, 2]);
+        assert!(matches!(maybe_stored.outcomes[0], Some(Err(SinkError::NoLeader { .. }))));
+        let k1 = ("orders".to_string(), "k1".to_string());
+        assert!(matches!(maybe_stored.failures.keys.get(&k1), Some(SinkError::Timeout)));
     }
 }

@@ -102,6 +102,10 @@ mod tests {
         assert!(!pattern_matches("weir.*.insert", "weir.orders.delete"));
         assert!(!pattern_matches("weir.orders.insert.x", "weir.orders.insert"));
         assert!(!pattern_matches("other.>", "weir.orders"));
+        assert!(pattern_matches(">", "weir"));
+        assert!(pattern_matches("*.>", "weir.orders"));
+        assert!(!pattern_matches("*.>", "weir"));
+        assert!(!pattern_matches("weir", ""));
     }
 
     #[test]

@@ -17,8 +17,10 @@ use tokio::sync::{Semaphore, mpsc};
 pub enum Answer {
     /// Stored (or already stored under the same id: `duplicate`).
     Stored { stream: String, seq: u64, duplicate: bool },
-    /// No stream captures the subject.
+    /// Nothing answered for the subject: no stream captures it, or its stream has no leader.
     NoStream,
+    /// The stream's cluster cannot take it right now (not available, not the leader): not stored.
+    Unavailable,
     /// The stream refused it (full, too large, …), with the server's reason.
     Refused(String),
 }
@@ -207,6 +209,10 @@ struct AckError<'a> {
     description: Option<Cow<'a, str>>,
 }
 
+/// JetStream errors that say "the cluster cannot take this now", not "never": system
+/// temporarily unavailable (10008), cluster cannot handle request (not the leader, 10009).
+const CLUSTER_UNAVAILABLE: [u64; 2] = [10008, 10009];
+
 /// Reads one reply: a PubAck, a JetStream error, or a status (503: nothing listens there).
 fn answer(reply: &async_nats::Message) -> Answer {
     match reply.status {
@@ -218,6 +224,7 @@ fn answer(reply: &async_nats::Message) -> Answer {
         _ => {}
     }
     match serde_json::from_slice::<AckBody>(&reply.payload) {
+        Ok(AckBody { error: Some(error), .. }) if CLUSTER_UNAVAILABLE.contains(&error.err_code) => Answer::Unavailable,
         Ok(AckBody { error: Some(error), .. }) => Answer::Refused(format!(
             "{} (code {}, JetStream error {})",
             error.description.as_deref().unwrap_or("no description"),
@@ -263,6 +270,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let unavailable =
+            r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#;
+        assert!(matches!(answer(&reply(unavailable)), Answer::Unavailable));
         assert!(matches!(answer(&reply("not json")), Answer::Refused(text) if text.contains("not json")));
         let mut none = reply("");
         none.status = Some(StatusCode::NO_RESPONDERS);
