@@ -204,6 +204,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         body["postgres"] = json!(replicating);
         body["postgres_nats"] = json!(source_nats);
     }
+    if let Some(status) = &state.postgres {
+        // Informational: change capture waiting on JetStream (or a plugin) does not make the
+        // HTTP side unready.
+        body["postgres_paused"] = json!(status.paused.load(Ordering::Relaxed));
+    }
     let ready = connected && plugins_loaded && !draining && replicating != Some(false) && source_nats != Some(false);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()

@@ -371,13 +371,8 @@ async fn a_silent_network_cut_is_noticed_and_capture_resumes() {
     assert!(log.contains("taking the connection as cut"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
-    let capture = Capture::new("toolarge", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
-    let table = capture.table("a");
-    let nats = Nats::start_with_max_payload(8192);
-    let gateway = Gateway::start(&capture.config(&nats, ""));
-    wait_ready(&gateway).await;
+/// Rows 1 and 3 small, row 2 over a `max_payload` of 8192, in three transactions.
+async fn insert_one_too_large_for_nats(table: &str) -> tokio_postgres::Client {
     let client = connect().await;
     client
         .batch_execute(&format!(
@@ -387,6 +382,17 @@ async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
         ))
         .await
         .unwrap();
+    client
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
+    let capture = Capture::new("toolarge", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start_with_max_payload(8192);
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    insert_one_too_large_for_nats(&table).await;
     let messages = stored(&nats, 3).await;
     assert_eq!(messages.len(), 3, "{}", gateway.log());
     // The table's subject carries the others in order; the refused one has a dead letter (stored
@@ -402,6 +408,50 @@ async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
     assert_eq!(letter["key"], "2");
     assert!(letter["error"].as_str().unwrap().contains("max_payload"), "{letter}");
     assert!(letter_id.starts_with("dlq:") && letter["position"].is_string(), "{letter}");
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_whose_dead_letter_no_stream_takes_holds_capture_until_one_does() {
+    let capture = Capture::new("noletter", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start_with_max_payload(8192);
+    // The stream takes the tables' changes but not dead letters (`weir.dlq.…`).
+    let config = capture.config(&nats, "").replace(r#"subjects = ["weir.>"]"#, r#"subjects = ["weir.public.>"]"#);
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = insert_one_too_large_for_nats(&table).await;
+    // Neither the change nor its dead letter can be stored: capture waits there, skipping nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway.log().contains("change capture waits here") {
+        assert!(Instant::now() < deadline, "{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready: Value = reqwest::get(gateway.url("/readyz")).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["postgres_paused"], true, "{ready}");
+    // The rest of its batch went out with it; nothing read after that is stored meanwhile.
+    let held = stream_count(&nats).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (4, 'later')")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stream_count(&nats).await, held, "nothing after the refused change's batch is stored");
+    // Once the stream takes dead letters too, the letter and then the rest are stored.
+    let context = async_nats::jetstream::new(nats.client().await);
+    let mut stream_config = context.get_stream("WEIR").await.unwrap().cached_info().config.clone();
+    stream_config.subjects.push("weir.dlq.>".to_string());
+    context.update_stream(stream_config).await.unwrap();
+    let messages = stored(&nats, 4).await;
+    let stored_as: Vec<(String, Value)> =
+        messages.iter().map(|(subject, _, envelope)| (subject.clone(), envelope["data"]["id"].clone())).collect();
+    let change = format!("weir.public.{table}.insert");
+    let letter = (format!("weir.dlq.public_{table}"), Value::Null);
+    assert_eq!(
+        stored_as,
+        [(change.clone(), json!(1)), (change.clone(), json!(3)), letter, (change, json!(4))],
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(messages[2].2["key"], "2");
     drop(gateway);
     capture.cleanup().await;
 }

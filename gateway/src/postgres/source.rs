@@ -484,9 +484,7 @@ impl PostgresSource {
                     if let Err(refusal) = self.publish_until_stored(std::slice::from_ref(message), shutdown).await? {
                         let letter = refused_letter(message, &refusal);
                         self.metrics.dead_lettered("postgres", &route_name);
-                        if let Err(again) = self.publish_until_stored(std::slice::from_ref(&letter), shutdown).await? {
-                            tracing::error!(id = message.id(), error = %again, "NATS refused a change and its dead letter; skipped");
-                        }
+                        self.store_dead_letter(message, &letter, shutdown).await?;
                     }
                 }
             }
@@ -656,6 +654,34 @@ impl PostgresSource {
                 }
             }
         }
+    }
+
+    /// Stores the dead letter of a change NATS refused. One NATS refuses too (its subject is in
+    /// no stream) stops change capture here, retrying, rather than skip the change: nothing
+    /// read after its batch is stored until a stream takes the letter.
+    async fn store_dead_letter(
+        &self,
+        change: &crate::pipeline::Message,
+        letter: &crate::pipeline::Message,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Failure> {
+        let mut pause = Duration::from_secs(1);
+        while let Err(refusal) = self.publish_until_stored(std::slice::from_ref(letter), shutdown).await? {
+            self.status.paused.store(true, Ordering::Relaxed);
+            tracing::error!(
+                id = change.id(),
+                subject = %letter.subject,
+                error = %refusal,
+                retry_in = ?pause,
+                "NATS refused a change and its dead letter; change capture waits here (nothing after it is stored) until a stream captures the dead letter's subject"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while a dead letter could not be stored"))),
+            }
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+        Ok(())
     }
 
     fn confirm(&self, stream: &ReplicationClient, lsn: Lsn) {
