@@ -673,7 +673,7 @@ impl PostgresSource {
                 subject = %letter.subject,
                 error = %refusal,
                 retry_in = ?pause,
-                "NATS refused a change and its dead letter; change capture waits here (nothing after it is stored) until a stream captures the dead letter's subject"
+                "NATS refused a change and its dead letter; change capture waits here (nothing read after its batch is stored) until a stream captures the dead letter's subject"
             );
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
