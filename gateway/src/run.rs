@@ -217,23 +217,32 @@ async fn check_nats(config: &Config) -> Vec<String> {
     };
     let context = async_nats::jetstream::new(client);
     let want = crate::sink::stream_config(js);
-    match context.get_stream(&js.stream).await {
+    let (mut problems, subjects) = match context.get_stream(&js.stream).await {
         Ok(mut stream) => match stream.info().await {
             Ok(info) => {
                 let differences = crate::sink::stream_differences(&want, &info.config);
                 if differences.is_empty() {
                     println!("ok    stream {} matches the config", js.stream);
                 }
-                differences
+                let problems = differences
                     .into_iter()
                     .map(|d| format!("stream {} differs from [jetstream] ({d}); change the config or update the stream with `nats stream edit`", js.stream))
-                    .collect()
+                    .collect();
+                (problems, info.config.subjects.clone())
             }
-            Err(error) => vec![format!("cannot read stream {}: {error}", js.stream)],
+            Err(error) => (vec![format!("cannot read stream {}: {error}", js.stream)], js.subjects.clone()),
         },
         Err(_) => {
             println!("note  stream {} does not exist yet; `weir run` creates it", js.stream);
-            Vec::new()
+            (Vec::new(), js.subjects.clone())
+        }
+    };
+    for (certain, gap) in crate::sink::subjects_outside_stream(config, &subjects) {
+        if certain {
+            problems.push(gap);
+        } else {
+            println!("warn  {gap}");
         }
     }
+    problems
 }

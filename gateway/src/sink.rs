@@ -174,6 +174,45 @@ pub fn stream_differences(want: &stream::Config, have: &stream::Config) -> Vec<S
     differences
 }
 
+/// Subjects the config publishes to that the stream's `subjects` do not capture, as readable
+/// lines; `true` where publishing there is sure to fail (no plugin can pick another subject).
+pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> Vec<(bool, String)> {
+    let Some(js) = &config.jetstream else { return Vec::new() };
+    let mut gaps: Vec<(bool, String)> = Vec::new();
+    let mut check = |certain: bool, what: String, template: &str| {
+        if !crate::subject::template_captured(template, stream_subjects) {
+            let gap = format!(
+                "{what} `{template}`, which stream `{}` does not capture (its subjects: {}); add a matching subject to [jetstream] subjects",
+                js.stream,
+                stream_subjects.join(", ")
+            );
+            if !gaps.iter().any(|(_, known)| *known == gap) {
+                gaps.push((certain, gap));
+            }
+        }
+    };
+    for (index, route) in config.routes.iter().enumerate() {
+        let name = route.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
+        let template = route.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
+        let plugins_may_change_it = !route.plugins.is_empty();
+        let what = if plugins_may_change_it {
+            format!("route `{name}` publishes (unless its plugins set another subject) to")
+        } else {
+            format!("route `{name}` publishes to")
+        };
+        check(!plugins_may_change_it, what, template);
+        let dlq = route.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}");
+        check(true, format!("route `{name}` sends dead letters to"), dlq);
+    }
+    if config.routes.is_empty() {
+        check(true, "the default route publishes to".to_string(), "weir.{entity}.{op}");
+    }
+    if config.postgres.is_some() {
+        check(true, "change capture sends changes NATS refuses to".to_string(), "weir.dlq.{entity}");
+    }
+    gaps
+}
+
 /// Connects a NATS client with the `[nats]` settings and waits up to `connect_timeout` for the
 /// first connection. (The client itself then reconnects forever.)
 pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
@@ -214,6 +253,9 @@ impl Sink {
             let info = stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
             for difference in stream_differences(&want, &info.config) {
                 tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
+            }
+            for (_, gap) in subjects_outside_stream(config, &info.config.subjects) {
+                tracing::warn!("{gap}");
             }
         } else if config.jetstream.is_none() {
             tracing::warn!("no [jetstream] section: publishing to core NATS, which is at-most-once");

@@ -60,6 +60,32 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// Whether the subjects `template` makes fall under one of `patterns`: each `{…}` is tried as
+/// one token and as two (a change's entity is `schema.table`), in every combination.
+pub fn template_captured(template: &str, patterns: &[String]) -> bool {
+    // The literal text around the placeholders: n placeholders leave n + 1 pieces.
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while let Some((before, after)) =
+        rest.split_once('{').and_then(|(before, after)| after.split_once('}').map(|(_, after)| (before, after)))
+    {
+        pieces.push(before);
+        rest = after;
+    }
+    pieces.push(rest);
+    let placeholders = (pieces.len() - 1).min(8);
+    (0..1u32 << placeholders).any(|widths| {
+        let mut subject = String::with_capacity(template.len());
+        for (index, piece) in pieces.iter().enumerate() {
+            if index > 0 {
+                subject.push_str(if widths >> (index - 1) & 1 == 1 { "x.x" } else { "x" });
+            }
+            subject.push_str(piece);
+        }
+        patterns.iter().any(|pattern| pattern_matches(pattern, &subject))
+    })
+}
+
 /// Turns arbitrary text into one safe subject token: characters other than ASCII letters,
 /// digits, `-` and `_` become `_`; empty text becomes `_`.
 pub fn token(text: &str) -> String {
@@ -106,6 +132,15 @@ mod tests {
         assert!(pattern_matches("*.>", "weir.orders"));
         assert!(!pattern_matches("*.>", "weir"));
         assert!(!pattern_matches("weir", ""));
+    }
+
+    #[test]
+    fn templates_are_tried_with_one_and_two_token_values() {
+        let patterns = ["weir.*.*.*".to_string(), "shop.>".to_string()];
+        assert!(template_captured("weir.{entity}.{op}", &patterns));
+        assert!(template_captured("shop.{data.region}.{op}", &patterns));
+        assert!(!template_captured("weir.dlq.{entity}", &["weir.public.>".to_string()]));
+        assert!(!template_captured("audit.{entity}", &patterns));
     }
 
     #[test]

@@ -663,6 +663,23 @@ async fn check_lists_every_problem() {
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("ok    plugin redact") && stdout.contains("ok    NATS connected"), "{stdout}");
 
+    // A route publishing outside the stream, with no plugin that could pick another subject.
+    let outside = good.replace("[[routes]]\nmatch = { entity = \"users\" }", "[[routes]]\nname = \"audit\"\nmatch = { entity = \"audit\" }\nsubject = \"audit.{entity}\"\n\n[[routes]]\nmatch = { entity = \"users\" }");
+    assert!(outside.contains("audit.{entity}"));
+    std::fs::write(&path, &outside).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("error route `audit` publishes to `audit.{entity}`, which stream `WEIR` does not capture"),
+        "{stdout}"
+    );
+
     let bad = good
         .replace(&nats.url(), "nats://127.0.0.1:1")
         .replace("connect_timeout = \"10s\"", "connect_timeout = \"1s\"")
