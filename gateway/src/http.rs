@@ -157,7 +157,7 @@ fn sink_error(error: SinkError) -> ApiError {
                 "{error}; retry with the same event id (Idempotency-Key, or a batch line's `id`) to have it stored once"
             ),
         ),
-        SinkError::NoStream(_) | SinkError::Refused(_) => {
+        SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::Full(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
         }
         // Retrying cannot help: the event (after its plugins) is too large to store.

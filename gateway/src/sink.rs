@@ -45,9 +45,14 @@ pub enum SinkError {
         "JetStream stream `{stream}` cannot store to `{subject}` right now: it has no leader (its cluster is electing one or has lost quorum) or it was deleted"
     )]
     NoLeader { stream: String, subject: String },
-    /// The server refused the message (stream full, too large for the stream, …).
+    /// The server refused the message (too large for the stream, …).
     #[error("NATS refused the message: {0}")]
     Refused(String),
+    /// The stream is at one of its limits and takes nothing new (`discard: new`).
+    #[error(
+        "the JetStream stream is full ({0}); raise its limits (max_msgs, max_bytes), or let max_age or a purge make room"
+    )]
+    Full(String),
     /// Headers and payload are over the NATS server's `max_payload`: it can never be stored.
     #[error("the message is larger than the NATS server accepts ({0}); raise the server's max_payload")]
     TooLarge(String),
@@ -526,6 +531,7 @@ impl Sink {
                                 duplicate,
                             }),
                             Answer::Refused(reason) => Err(SinkError::Refused(reason)),
+                            Answer::Full(reason) => Err(SinkError::Full(reason)),
                         };
                         let mut progress = lock(progress);
                         if let Err(error) = &outcome {
@@ -655,7 +661,7 @@ impl Failures {
             SinkError::Disconnected | SinkError::Timeout | SinkError::NoLeader { .. } => {
                 self.stop.get_or_insert_with(|| error.clone());
             }
-            SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::TooLarge(_) => {
+            SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::TooLarge(_) | SinkError::Full(_) => {
                 if let Some(key) = order_key(message) {
                     self.keys.entry(key).or_insert_with(|| error.clone());
                 }

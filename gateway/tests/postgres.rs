@@ -371,6 +371,15 @@ async fn a_silent_network_cut_is_noticed_and_capture_resumes() {
     assert!(log.contains("taking the connection as cut"), "{log}");
 }
 
+/// Waits (at most 30 s) until the gateway's log holds `text`.
+async fn log_says(gateway: &Gateway, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway.log().contains(text) {
+        assert!(Instant::now() < deadline, "the log never said {text:?}:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Rows 1 and 3 small, row 2 over a `max_payload` of 8192, in three transactions.
 async fn insert_one_too_large_for_nats(table: &str) -> tokio_postgres::Client {
     let client = connect().await;
@@ -423,11 +432,7 @@ async fn a_change_whose_dead_letter_no_stream_takes_holds_capture_until_one_does
     wait_ready(&gateway).await;
     let client = insert_one_too_large_for_nats(&table).await;
     // Neither the change nor its dead letter can be stored: capture waits there, skipping nothing.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !gateway.log().contains("change capture waits here") {
-        assert!(Instant::now() < deadline, "{}", gateway.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    log_says(&gateway, "change capture waits here").await;
     let ready: Value = reqwest::get(gateway.url("/readyz")).await.unwrap().json().await.unwrap();
     assert_eq!(ready["postgres_paused"], true, "{ready}");
     // The rest of its batch went out with it; nothing read after that is stored meanwhile.
@@ -452,6 +457,47 @@ async fn a_change_whose_dead_letter_no_stream_takes_holds_capture_until_one_does
         gateway.log()
     );
     assert_eq!(messages[2].2["key"], "2");
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_stream_holds_capture_and_the_changes_follow_once_it_has_room() {
+    let capture = Capture::new("fullstream", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    // A stream that refuses new messages at its limit (`discard: new`), made before the gateway.
+    let context = async_nats::jetstream::new(nats.client().await);
+    let mut stream_config = async_nats::jetstream::stream::Config {
+        name: "WEIR".to_string(),
+        subjects: vec!["weir.>".to_string()],
+        duplicate_window: Duration::from_secs(600),
+        max_messages: 3,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    context.create_stream(stream_config.clone()).await.unwrap();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    for id in 1..=5 {
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({id}, {id})")).await.unwrap();
+    }
+    log_says(&gateway, "the JetStream stream is full").await;
+    let ready: Value = reqwest::get(gateway.url("/readyz")).await.unwrap().json().await.unwrap();
+    assert_eq!(ready["postgres_paused"], true, "{ready}");
+    assert_eq!(stream_count(&nats).await, 3);
+    // Room again: the waiting changes themselves are stored, in order, not dead letters.
+    stream_config.max_messages = -1;
+    context.update_stream(stream_config).await.unwrap();
+    let messages = stored(&nats, 5).await;
+    let ids: Vec<(&str, i64)> = messages
+        .iter()
+        .map(|(subject, _, envelope)| (subject.as_str(), envelope["data"]["id"].as_i64().unwrap_or(-1)))
+        .collect();
+    let change = format!("weir.public.{table}.insert");
+    let want: Vec<(&str, i64)> = (1..=5).map(|id| (change.as_str(), id)).collect();
+    assert_eq!(ids, want, "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

@@ -21,8 +21,10 @@ pub enum Answer {
     NoStream,
     /// The stream's cluster cannot take it right now (not available, not the leader): not stored.
     Unavailable,
-    /// The stream refused it (full, too large, …), with the server's reason.
+    /// The stream refused it (too large, …), with the server's reason.
     Refused(String),
+    /// The stream is at a limit (messages, bytes) and takes nothing new: not stored.
+    Full(String),
 }
 
 /// Where one send's answer goes: the call's id, the message's index in that call, the channel.
@@ -212,6 +214,8 @@ struct AckError<'a> {
 /// JetStream errors that say "the cluster cannot take this now", not "never": system
 /// temporarily unavailable (10008), cluster cannot handle request (not the leader, 10009).
 const CLUSTER_UNAVAILABLE: [u64; 2] = [10008, 10009];
+/// JetStream's "store failed", whose description says why.
+const STORE_FAILED: u64 = 10077;
 
 /// Reads one reply: a PubAck, a JetStream error, or a status (503: nothing listens there).
 fn answer(reply: &async_nats::Message) -> Answer {
@@ -225,6 +229,14 @@ fn answer(reply: &async_nats::Message) -> Answer {
     }
     match serde_json::from_slice::<AckBody>(&reply.payload) {
         Ok(AckBody { error: Some(error), .. }) if CLUSTER_UNAVAILABLE.contains(&error.err_code) => Answer::Unavailable,
+        // "maximum messages exceeded", "maximum bytes exceeded", "… per subject exceeded": a
+        // stream with `discard: new` at its limits (store failed, 10077).
+        Ok(AckBody { error: Some(error), .. })
+            if error.err_code == STORE_FAILED
+                && error.description.as_deref().is_some_and(|text| text.starts_with("maximum ")) =>
+        {
+            Answer::Full(error.description.as_deref().unwrap_or_default().to_string())
+        }
         Ok(AckBody { error: Some(error), .. }) => Answer::Refused(format!(
             "{} (code {}, JetStream error {})",
             error.description.as_deref().unwrap_or("no description"),
@@ -265,9 +277,13 @@ mod tests {
             Answer::Stored { seq: 7, duplicate: true, .. }
         ));
         match answer(&reply(r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#)) {
-            Answer::Refused(text) => {
-                assert!(text.contains("maximum messages exceeded") && text.contains("10077"), "{text}")
-            }
+            Answer::Full(text) => assert_eq!(text, "maximum messages exceeded"),
+            other => panic!("{other:?}"),
+        }
+        match answer(&reply(
+            r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#,
+        )) {
+            Answer::Refused(text) => assert!(text.contains("message size exceeds") && text.contains("10054"), "{text}"),
             other => panic!("{other:?}"),
         }
         let unavailable =
