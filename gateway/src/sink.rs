@@ -48,9 +48,9 @@ pub enum SinkError {
     /// The server refused the message (too large for the stream, …).
     #[error("NATS refused the message: {0}")]
     Refused(String),
-    /// The stream is at one of its limits and takes nothing new (`discard: new`).
+    /// The stream (`discard: new`) or the account is at a limit and takes nothing new.
     #[error(
-        "the JetStream stream is full ({0}); raise its limits (max_msgs, max_bytes), or let max_age or a purge make room"
+        "the JetStream stream is full ({0}); raise the stream's or the account's limits, or let max_age or a purge make room"
     )]
     Full(String),
     /// Headers and payload are over the NATS server's `max_payload`: it can never be stored.
@@ -179,41 +179,69 @@ pub fn stream_differences(want: &stream::Config, have: &stream::Config) -> Vec<S
     differences
 }
 
-/// Subjects the config publishes to that the stream's `subjects` do not capture, as readable
-/// lines; `true` where publishing there is sure to fail (no plugin can pick another subject).
-pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> Vec<(bool, String)> {
+/// A subject template the config publishes to that no subject of the stream can capture.
+pub struct SubjectGap {
+    /// A subject the template makes, to ask the server whether another stream takes it.
+    pub sample: String,
+    /// Route plugins may set another subject, so it may never be used.
+    pub plugins_may_change_it: bool,
+    /// What publishes there, the template and how to fix it.
+    pub message: String,
+}
+
+/// Subject templates the config publishes to (route subjects, the dead letters of routes with
+/// plugins, change capture's refused-change letters) that none of `stream_subjects` can capture.
+pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> Vec<SubjectGap> {
+    use crate::config::{OnError, SourceKind};
     let Some(js) = &config.jetstream else { return Vec::new() };
-    let mut gaps: Vec<(bool, String)> = Vec::new();
-    let mut check = |certain: bool, what: String, template: &str| {
-        if !crate::subject::template_captured(template, stream_subjects) {
-            let gap = format!(
-                "{what} `{template}`, which stream `{}` does not capture (its subjects: {}); add a matching subject to [jetstream] subjects",
-                js.stream,
-                stream_subjects.join(", ")
-            );
-            if !gaps.iter().any(|(_, known)| *known == gap) {
-                gaps.push((certain, gap));
-            }
+    let mut gaps: Vec<SubjectGap> = Vec::new();
+    let mut check = |plugins_may_change_it: bool, what: String, template: &str| {
+        if stream_subjects.iter().any(|pattern| crate::subject::template_overlaps(template, pattern)) {
+            return;
+        }
+        let message = format!(
+            "{what} `{template}`, which no subject of stream `{}` captures ({}); add one to [jetstream] subjects, or a stream for it",
+            js.stream,
+            stream_subjects.join(", ")
+        );
+        if !gaps.iter().any(|gap| gap.message == message) {
+            gaps.push(SubjectGap { sample: crate::subject::template_sample(template), plugins_may_change_it, message });
         }
     };
+    let postgres = config.postgres.is_some();
     for (index, route) in config.routes.iter().enumerate() {
         let name = route.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
-        let template = route.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
-        let plugins_may_change_it = !route.plugins.is_empty();
-        let what = if plugins_may_change_it {
+        let has_plugins = !route.plugins.is_empty();
+        let what = if has_plugins {
             format!("route `{name}` publishes (unless its plugins set another subject) to")
         } else {
             format!("route `{name}` publishes to")
         };
-        check(!plugins_may_change_it, what, template);
-        let dlq = route.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}");
-        check(true, format!("route `{name}` sends dead letters to"), dlq);
+        match &route.subject {
+            Some(template) => check(has_plugins, what, template.get_ref()),
+            None => {
+                if route.matcher.source != Some(SourceKind::Postgres) {
+                    check(has_plugins, what.clone(), "weir.{entity}.{op}");
+                }
+                if postgres && route.matcher.source != Some(SourceKind::Http) {
+                    check(has_plugins, what, "weir.{schema}.{table}.{op}");
+                }
+            }
+        }
+        // Only plugins make dead letters.
+        if has_plugins && route.on_error == OnError::Dlq {
+            let dlq = route.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}");
+            check(true, format!("route `{name}` sends dead letters to"), dlq);
+        }
     }
     if config.routes.is_empty() {
-        check(true, "the default route publishes to".to_string(), "weir.{entity}.{op}");
+        check(false, "the default route publishes to".to_string(), "weir.{entity}.{op}");
+        if postgres {
+            check(false, "the default route publishes changes to".to_string(), "weir.{schema}.{table}.{op}");
+        }
     }
-    if config.postgres.is_some() {
-        check(true, "change capture sends changes NATS refuses to".to_string(), "weir.dlq.{entity}");
+    if postgres {
+        check(false, "change capture sends the changes NATS refuses to".to_string(), "weir.dlq.{entity}");
     }
     gaps
 }
@@ -259,8 +287,8 @@ impl Sink {
             for difference in stream_differences(&want, &info.config) {
                 tracing::warn!(stream = %js.stream, "stream differs from config (not changed): {difference}");
             }
-            for (_, gap) in subjects_outside_stream(config, &info.config.subjects) {
-                tracing::warn!("{gap}");
+            for gap in subjects_outside_stream(config, &info.config.subjects) {
+                tracing::warn!("{} (unless another stream captures it)", gap.message);
             }
         } else if config.jetstream.is_none() {
             tracing::warn!("no [jetstream] section: publishing to core NATS, which is at-most-once");
@@ -399,16 +427,11 @@ impl Sink {
                 if let Some(stop) = progress.failures.stop.take() {
                     last_stop = stop;
                 }
-                let due = if attempt == 1 {
+                if attempt == 1 {
                     (0..messages.len()).collect()
                 } else {
                     resendable(messages, &sent, &mut progress, &last_stop)
-                };
-                // Sent again, each may be stored this time.
-                for &index in &due {
-                    progress.not_stored[index] = false;
                 }
-                due
             };
             if due.is_empty() || (attempt > 1 && !order.may_resend().await) {
                 break;
@@ -424,7 +447,14 @@ impl Sink {
                 lock(&progress).failures.stop.clone().filter(|stop| matches!(stop, SinkError::NoLeader { .. }));
             if let Some(error) = no_leader {
                 let pause = (Duration::from_millis(250) * 2u32.pow(attempt - 2)).min(self.ack_timeout);
-                tracing::info!(%error, retry_in = ?pause, "sending the messages it did not store again");
+                // Once a second at most: every publish call of an election would log it.
+                static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let second = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs());
+                if LAST_LOGGED.swap(second, std::sync::atomic::Ordering::Relaxed) != second {
+                    tracing::info!(%error, retry_in = ?pause, "sending the messages it did not store again");
+                }
                 tokio::time::sleep(pause).await;
             }
             tracing::debug!(attempt, "PubAcks missing; publishing the unanswered messages again with the same ids");
@@ -466,7 +496,8 @@ impl Sink {
                             progress.outcomes[index] = Some(Err(error));
                             continue;
                         }
-                        Blocked::No => {}
+                        // Sent again, it may be stored this time.
+                        Blocked::No => progress.not_stored[index] = false,
                     }
                 }
                 let outcome = tokio::select! {

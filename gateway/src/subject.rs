@@ -60,30 +60,25 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
-/// Whether the subjects `template` makes fall under one of `patterns`: each `{…}` is tried as
-/// one token and as two (a change's entity is `schema.table`), in every combination.
-pub fn template_captured(template: &str, patterns: &[String]) -> bool {
-    // The literal text around the placeholders: n placeholders leave n + 1 pieces.
-    let mut pieces = Vec::new();
-    let mut rest = template;
-    while let Some((before, after)) =
-        rest.split_once('{').and_then(|(before, after)| after.split_once('}').map(|(_, after)| (before, after)))
-    {
-        pieces.push(before);
-        rest = after;
-    }
-    pieces.push(rest);
-    let placeholders = (pieces.len() - 1).min(8);
-    (0..1u32 << placeholders).any(|widths| {
-        let mut subject = String::with_capacity(template.len());
-        for (index, piece) in pieces.iter().enumerate() {
-            if index > 0 {
-                subject.push_str(if widths >> (index - 1) & 1 == 1 { "x.x" } else { "x" });
-            }
-            subject.push_str(piece);
+/// Whether some subject `template` can make falls under NATS subject `pattern`. A token with a
+/// `{…}` placeholder can be any one token (values are made single tokens, see [`token`]).
+pub fn template_overlaps(template: &str, pattern: &str) -> bool {
+    let mut made = template.split('.');
+    for wanted in pattern.split('.') {
+        match (wanted, made.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (_, Some(token)) if token.contains('{') => {}
+            (wanted, Some(token)) if wanted == token => {}
+            _ => return false,
         }
-        patterns.iter().any(|pattern| pattern_matches(pattern, &subject))
-    })
+    }
+    made.next().is_none()
+}
+
+/// `template` with every placeholder token made `x`: a subject it can produce.
+pub fn template_sample(template: &str) -> String {
+    template.split('.').map(|token| if token.contains('{') { "x" } else { token }).collect::<Vec<_>>().join(".")
 }
 
 /// Turns arbitrary text into one safe subject token: characters other than ASCII letters,
@@ -135,12 +130,14 @@ mod tests {
     }
 
     #[test]
-    fn templates_are_tried_with_one_and_two_token_values() {
-        let patterns = ["weir.*.*.*".to_string(), "shop.>".to_string()];
-        assert!(template_captured("weir.{entity}.{op}", &patterns));
-        assert!(template_captured("shop.{data.region}.{op}", &patterns));
-        assert!(!template_captured("weir.dlq.{entity}", &["weir.public.>".to_string()]));
-        assert!(!template_captured("audit.{entity}", &patterns));
+    fn templates_overlap_patterns_token_by_token() {
+        assert!(template_overlaps("weir.{entity}.{op}", "weir.>"));
+        assert!(template_overlaps("shop.{entity}.{op}", "shop.orders.*"));
+        assert!(template_overlaps("weir.{schema}.{table}.{op}", "weir.public.>"));
+        assert!(!template_overlaps("weir.{entity}.{op}", "weir.*.*.*"));
+        assert!(!template_overlaps("weir.dlq.{entity}", "weir.public.>"));
+        assert!(!template_overlaps("audit.{entity}", "weir.>"));
+        assert_eq!(template_sample("weir.dlq.{entity}"), "weir.dlq.x");
     }
 
     #[test]

@@ -676,9 +676,28 @@ async fn check_lists_every_problem() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("error route `audit` publishes to `audit.{entity}`, which stream `WEIR` does not capture"),
+        stdout
+            .contains("error route `audit` publishes to `audit.{entity}`, which no subject of stream `WEIR` captures"),
         "{stdout}"
     );
+    // Another stream taking those subjects is as good.
+    let context = async_nats::jetstream::new(nats.client().await);
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "AUDIT".to_string(),
+            subjects: vec!["audit.>".to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains("audit.x is captured by stream AUDIT"), "{stdout}");
 
     let bad = good
         .replace(&nats.url(), "nats://127.0.0.1:1")

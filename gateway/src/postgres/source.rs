@@ -483,8 +483,8 @@ impl PostgresSource {
                 for message in &messages {
                     if let Err(refusal) = self.publish_until_stored(std::slice::from_ref(message), shutdown).await? {
                         let letter = refused_letter(message, &refusal);
-                        self.metrics.dead_lettered("postgres", &route_name);
                         self.store_dead_letter(message, &letter, shutdown).await?;
+                        self.metrics.dead_lettered("postgres", &route_name);
                     }
                 }
             }
@@ -625,40 +625,55 @@ impl PostgresSource {
         Ok(start)
     }
 
-    /// Publishes until JetStream stores `messages` (pausing and retrying while it is unreachable):
-    /// `Ok(Ok(()))`, or `Ok(Err(reason))` when the server refuses them for good.
+    /// Publishes until JetStream stores `messages` (pausing and retrying what is not stored yet
+    /// while it is unreachable or full): `Ok(Ok(()))`, or `Ok(Err(reason))` when the server
+    /// refuses one for good.
     async fn publish_until_stored(
         &self,
         messages: &[crate::pipeline::Message],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Result<(), String>, Failure> {
+        use crate::sink::SinkError;
         let mut pause = Duration::from_millis(100);
+        // What is still to store after a failed round; the stored ones are not sent again (a
+        // long wait would outlast `duplicate_window`, and a full stream needs the room).
+        let mut pending: Vec<crate::pipeline::Message> = Vec::new();
         loop {
-            match self.sink.publish_all(messages).await {
-                Ok(_) => {
-                    self.status.paused.store(false, Ordering::Relaxed);
-                    return Ok(Ok(()));
-                }
-                Err(crate::sink::SinkError::Refused(reason)) => return Ok(Err(reason)),
-                Err(error @ (crate::sink::SinkError::TooLarge(_) | crate::sink::SinkError::NoStream(_))) => {
-                    return Ok(Err(error.to_string()));
-                }
-                Err(error) => {
-                    self.status.paused.store(true, Ordering::Relaxed);
-                    tracing::warn!(%error, events = messages.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while JetStream was unavailable"))),
+            let sending = if pending.is_empty() { messages } else { &pending[..] };
+            let outcomes = self.sink.publish_each(sending).await;
+            let mut unstored = Vec::new();
+            let mut failure = None;
+            for (message, outcome) in sending.iter().zip(outcomes) {
+                match outcome {
+                    Ok(_) => {}
+                    Err(SinkError::Refused(reason)) => return Ok(Err(reason)),
+                    Err(error @ (SinkError::TooLarge(_) | SinkError::NoStream(_))) => {
+                        return Ok(Err(error.to_string()));
                     }
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    Err(error) => {
+                        failure.get_or_insert(error);
+                        unstored.push(message.clone());
+                    }
                 }
             }
+            let Some(error) = failure else {
+                self.status.paused.store(false, Ordering::Relaxed);
+                return Ok(Ok(()));
+            };
+            self.status.paused.store(true, Ordering::Relaxed);
+            tracing::warn!(%error, events = unstored.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while JetStream was unavailable"))),
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+            pending = unstored;
         }
     }
 
     /// Stores the dead letter of a change NATS refused. One NATS refuses too (its subject is in
-    /// no stream) stops change capture here, retrying, rather than skip the change: nothing
-    /// read after its batch is stored until a stream takes the letter.
+    /// no stream, the stream is sealed, …) stops change capture here, retrying, rather than skip
+    /// the change: nothing read after its batch is stored until NATS stores the letter.
     async fn store_dead_letter(
         &self,
         change: &crate::pipeline::Message,
@@ -673,7 +688,7 @@ impl PostgresSource {
                 subject = %letter.subject,
                 error = %refusal,
                 retry_in = ?pause,
-                "NATS refused a change and its dead letter; change capture waits here (nothing read after its batch is stored) until a stream captures the dead letter's subject"
+                "NATS refused a change and its dead letter; change capture waits here (nothing read after its batch is stored) until NATS stores the dead letter: see the error"
             );
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}

@@ -216,6 +216,9 @@ struct AckError<'a> {
 const CLUSTER_UNAVAILABLE: [u64; 2] = [10008, 10009];
 /// JetStream's "store failed", whose description says why.
 const STORE_FAILED: u64 = 10077;
+/// The account or server has no room: resource limits exceeded for the account (10002),
+/// insufficient resources (10023), insufficient storage (10047) or memory (10028).
+const ACCOUNT_FULL: [u64; 4] = [10002, 10023, 10047, 10028];
 
 /// Reads one reply: a PubAck, a JetStream error, or a status (503: nothing listens there).
 fn answer(reply: &async_nats::Message) -> Answer {
@@ -229,13 +232,17 @@ fn answer(reply: &async_nats::Message) -> Answer {
     }
     match serde_json::from_slice::<AckBody>(&reply.payload) {
         Ok(AckBody { error: Some(error), .. }) if CLUSTER_UNAVAILABLE.contains(&error.err_code) => Answer::Unavailable,
-        // "maximum messages exceeded", "maximum bytes exceeded", "… per subject exceeded": a
-        // stream with `discard: new` at its limits (store failed, 10077).
+        // "maximum messages exceeded", "maximum bytes exceeded": a stream with `discard: new`
+        // at its limits (store failed, 10077). Per subject it is a design (write once), a refusal.
         Ok(AckBody { error: Some(error), .. })
-            if error.err_code == STORE_FAILED
-                && error.description.as_deref().is_some_and(|text| text.starts_with("maximum ")) =>
+            if ACCOUNT_FULL.contains(&error.err_code)
+                || (error.err_code == STORE_FAILED
+                    && error
+                        .description
+                        .as_deref()
+                        .is_some_and(|text| text.starts_with("maximum ") && !text.contains("per subject"))) =>
         {
-            Answer::Full(error.description.as_deref().unwrap_or_default().to_string())
+            Answer::Full(error.description.as_deref().unwrap_or("no description").to_string())
         }
         Ok(AckBody { error: Some(error), .. }) => Answer::Refused(format!(
             "{} (code {}, JetStream error {})",
@@ -280,6 +287,12 @@ mod tests {
             Answer::Full(text) => assert_eq!(text, "maximum messages exceeded"),
             other => panic!("{other:?}"),
         }
+        let per_subject =
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"}}"#;
+        assert!(matches!(answer(&reply(per_subject)), Answer::Refused(_)));
+        let account =
+            r#"{"error":{"code":400,"err_code":10047,"description":"insufficient storage resources available"}}"#;
+        assert!(matches!(answer(&reply(account)), Answer::Full(_)));
         match answer(&reply(
             r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#,
         )) {
