@@ -646,6 +646,18 @@ async fn assert_metrics(gateway: &Gateway, needles: &[&str]) {
     }
 }
 
+/// Runs `weir check` on `path`: the exit and what it printed.
+fn weir_check(path: &std::path::Path) -> (std::process::Output, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "--config"])
+        .arg(path)
+        .env("WEIR_CACHE_DIR", common::cache_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output, stdout)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn check_lists_every_problem() {
     let nats = Nats::start();
@@ -653,13 +665,7 @@ async fn check_lists_every_problem() {
     let path = dir.path().join("weir.toml");
     let good = config(&nats, "").replace("{plugins}", &common::plugins_dir().display().to_string());
     std::fs::write(&path, &good).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("WEIR_CACHE_DIR", common::cache_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (output, stdout) = weir_check(&path);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("ok    plugin redact") && stdout.contains("ok    NATS connected"), "{stdout}");
 
@@ -667,13 +673,7 @@ async fn check_lists_every_problem() {
     let outside = good.replace("[[routes]]\nmatch = { entity = \"users\" }", "[[routes]]\nname = \"audit\"\nmatch = { entity = \"audit\" }\nsubject = \"audit.{entity}\"\n\n[[routes]]\nmatch = { entity = \"users\" }");
     assert!(outside.contains("audit.{entity}"));
     std::fs::write(&path, &outside).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("WEIR_CACHE_DIR", common::cache_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (output, stdout) = weir_check(&path);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
         stdout
@@ -690,13 +690,7 @@ async fn check_lists_every_problem() {
         })
         .await
         .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("WEIR_CACHE_DIR", common::cache_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (output, stdout) = weir_check(&path);
     assert!(output.status.success() && stdout.contains("audit.x is captured by stream AUDIT"), "{stdout}");
 
     let bad = good
@@ -704,13 +698,7 @@ async fn check_lists_every_problem() {
         .replace("connect_timeout = \"10s\"", "connect_timeout = \"1s\"")
         .replace("config = { fields = [\"email\"] }", "config = { fields = [] }");
     std::fs::write(&path, bad).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("WEIR_CACHE_DIR", common::cache_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (output, stdout) = weir_check(&path);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("error plugin `redact`") && stdout.contains("`fields` is empty"), "{stdout}");
     assert!(stdout.contains("error cannot reach NATS at nats://127.0.0.1:1"), "{stdout}");
@@ -956,13 +944,7 @@ async fn an_existing_stream_that_differs_is_reported_not_changed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.toml");
     std::fs::write(&path, changed.replace("{plugins}", &common::plugins_dir().display().to_string())).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("WEIR_CACHE_DIR", common::cache_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (output, stdout) = weir_check(&path);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains(
