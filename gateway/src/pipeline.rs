@@ -426,15 +426,27 @@ impl Pipeline {
     }
 }
 
+/// Subject of a route that sets none; change capture's events use [`DEFAULT_POSTGRES_SUBJECT`].
+pub const DEFAULT_SUBJECT: &str = "weir.{entity}.{op}";
+/// Subject of change capture's events on a route that sets none.
+pub const DEFAULT_POSTGRES_SUBJECT: &str = "weir.{schema}.{table}.{op}";
+/// Dead-letter subject of a route that sets none.
+pub const DEFAULT_DLQ_SUBJECT: &str = "weir.dlq.{entity}";
+
+/// A route's name in logs and metrics: its own, or `route-<n>` (counting from 1).
+pub fn route_name(index: usize, config: &RouteConfig) -> String {
+    config.name.clone().unwrap_or_else(|| format!("route-{}", index + 1))
+}
+
 fn build_route(index: usize, config: &RouteConfig, plugins: &PluginSet) -> anyhow::Result<Route> {
-    let name = config.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
-    let template = config.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
+    let name = route_name(index, config);
+    let template = config.subject.as_ref().map_or(DEFAULT_SUBJECT, |s| s.get_ref().as_str());
     let postgres_subject = match config.subject {
         Some(_) => None,
-        None => Some(SubjectTemplate::parse("weir.{schema}.{table}.{op}").map_err(anyhow::Error::msg)?),
+        None => Some(SubjectTemplate::parse(DEFAULT_POSTGRES_SUBJECT).map_err(anyhow::Error::msg)?),
     };
     let subject = SubjectTemplate::parse(template).map_err(|e| anyhow::anyhow!("route `{name}`: {e}"))?;
-    let dlq = SubjectTemplate::parse(config.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}"))
+    let dlq = SubjectTemplate::parse(config.dlq_subject.as_deref().unwrap_or(DEFAULT_DLQ_SUBJECT))
         .map_err(|e| anyhow::anyhow!("route `{name}` dlq_subject: {e}"))?;
     let chain = config
         .plugins

@@ -193,6 +193,7 @@ pub struct SubjectGap {
 /// plugins, change capture's refused-change letters) that none of `stream_subjects` can capture.
 pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> Vec<SubjectGap> {
     use crate::config::{OnError, SourceKind};
+    use crate::pipeline::{DEFAULT_DLQ_SUBJECT, DEFAULT_POSTGRES_SUBJECT, DEFAULT_SUBJECT};
     let Some(js) = &config.jetstream else { return Vec::new() };
     let mut gaps: Vec<SubjectGap> = Vec::new();
     let mut check = |plugins_may_change_it: bool, what: String, template: &str| {
@@ -210,7 +211,7 @@ pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> V
     };
     let postgres = config.postgres.is_some();
     for (index, route) in config.routes.iter().enumerate() {
-        let name = route.name.clone().unwrap_or_else(|| format!("route-{}", index + 1));
+        let name = crate::pipeline::route_name(index, route);
         let has_plugins = !route.plugins.is_empty();
         let what = if has_plugins {
             format!("route `{name}` publishes (unless its plugins set another subject) to")
@@ -221,27 +222,27 @@ pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> V
             Some(template) => check(has_plugins, what, template.get_ref()),
             None => {
                 if route.matcher.source != Some(SourceKind::Postgres) {
-                    check(has_plugins, what.clone(), "weir.{entity}.{op}");
+                    check(has_plugins, what.clone(), DEFAULT_SUBJECT);
                 }
                 if postgres && route.matcher.source != Some(SourceKind::Http) {
-                    check(has_plugins, what, "weir.{schema}.{table}.{op}");
+                    check(has_plugins, what, DEFAULT_POSTGRES_SUBJECT);
                 }
             }
         }
         // Only plugins make dead letters.
         if has_plugins && route.on_error == OnError::Dlq {
-            let dlq = route.dlq_subject.as_deref().unwrap_or("weir.dlq.{entity}");
+            let dlq = route.dlq_subject.as_deref().unwrap_or(DEFAULT_DLQ_SUBJECT);
             check(true, format!("route `{name}` sends dead letters to"), dlq);
         }
     }
     if config.routes.is_empty() {
-        check(false, "the default route publishes to".to_string(), "weir.{entity}.{op}");
+        check(false, "the default route publishes to".to_string(), DEFAULT_SUBJECT);
         if postgres {
-            check(false, "the default route publishes changes to".to_string(), "weir.{schema}.{table}.{op}");
+            check(false, "the default route publishes changes to".to_string(), DEFAULT_POSTGRES_SUBJECT);
         }
     }
     if postgres {
-        check(false, "change capture sends the changes NATS refuses to".to_string(), "weir.dlq.{entity}");
+        check(false, "change capture sends the changes NATS refuses to".to_string(), DEFAULT_DLQ_SUBJECT);
     }
     gaps
 }

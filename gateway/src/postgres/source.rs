@@ -412,10 +412,8 @@ impl PostgresSource {
                     }
                     self.status.paused.store(true, Ordering::Relaxed);
                     events = unavailable.events;
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while waiting for plugin `{}`", unavailable.plugin))),
-                    }
+                    let waiting = format!("waiting for plugin `{}`", unavailable.plugin);
+                    sleep_unless_shut_down(Duration::from_millis(250), shutdown, &waiting).await?;
                 }
             }
         }
@@ -662,10 +660,7 @@ impl PostgresSource {
             };
             self.status.paused.store(true, Ordering::Relaxed);
             tracing::warn!(%error, events = unstored.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while JetStream was unavailable"))),
-            }
+            sleep_unless_shut_down(pause, shutdown, "JetStream was unavailable").await?;
             pause = (pause * 2).min(Duration::from_secs(2));
             pending = unstored;
         }
@@ -690,10 +685,7 @@ impl PostgresSource {
                 retry_in = ?pause,
                 "NATS refused a change and its dead letter; change capture waits here (nothing read after its batch is stored) until NATS stores the dead letter: see the error"
             );
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => return Err(retry(anyhow::anyhow!("shut down while a dead letter could not be stored"))),
-            }
+            sleep_unless_shut_down(pause, shutdown, "a dead letter could not be stored").await?;
             pause = (pause * 2).min(Duration::from_secs(30));
         }
         Ok(())
@@ -704,6 +696,19 @@ impl PostgresSource {
             stream.update_applied_lsn(lsn);
             self.status.confirmed_lsn.store(lsn.as_u64(), Ordering::Relaxed);
         }
+    }
+}
+
+/// Waits `pause` before a retry; a shutdown meanwhile ends the session (to be resumed from the
+/// slot) instead.
+async fn sleep_unless_shut_down(
+    pause: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    while_: &str,
+) -> Result<(), Failure> {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => Ok(()),
+        _ = shutdown.changed() => Err(retry(anyhow::anyhow!("shut down while {while_}"))),
     }
 }
 
