@@ -5,6 +5,7 @@ use crate::config::{Config, JetStreamConfig, NatsConfig, Storage};
 use crate::pipeline::Message;
 use acks::{AckRouter, Answer, SendError};
 use async_nats::jetstream::{self, stream};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -71,25 +72,116 @@ pub struct Sink {
 struct JetStreamSink {
     context: jetstream::Context,
     acks: Arc<AckRouter>,
-    /// The stream's name and subjects (as on the server when the sink connected, else as
-    /// configured): a subject they capture that nothing answers for has a leaderless stream
-    /// behind it, not a missing one.
-    stream: Arc<(String, Vec<String>)>,
+    /// The stream's subjects: a subject they capture that nothing answers for has a leaderless
+    /// stream behind it, not a missing one.
+    stream: Arc<StreamSubjects>,
+}
+
+/// A stream's subjects as last read from the server (else as configured), read again when
+/// "no responders" comes back, so subjects added, removed or a stream deleted while the gateway
+/// runs are classified by what the server has now.
+struct StreamSubjects {
+    name: String,
+    subjects: std::sync::RwLock<Vec<String>>,
+    /// When the subjects were last read (`None`: never, they are the configured ones).
+    read_at: tokio::sync::Mutex<Option<Instant>>,
+    /// Which stream the server lately said captures a subject outside these (a route may
+    /// publish to a stream of its own), and when it said so.
+    others: tokio::sync::Mutex<HashMap<String, (Instant, Capturer)>>,
+}
+
+/// Which stream captures a subject, as the server says.
+#[derive(Clone)]
+enum Capturer {
+    Stream(String),
+    Nobody,
+    /// The server did not answer: "no stream" would be a guess that could misplace a message.
+    Unknown,
+}
+
+/// How many subjects outside the stream are remembered at most (bounded memory whatever the
+/// plugins make of subjects).
+const OTHERS_REMEMBERED: usize = 1024;
+
+/// Subjects read less than this long ago are not read again: during an election every publish
+/// is answered "no responders".
+const SUBJECTS_FRESH_FOR: Duration = Duration::from_secs(1);
+/// How long reading them may take; a leaderless stream may not answer at all.
+const SUBJECTS_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl StreamSubjects {
+    fn captures(&self, subject: &str) -> bool {
+        let subjects = self.subjects.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        subjects.iter().any(|pattern| crate::subject::pattern_matches(pattern, subject))
+    }
 }
 
 impl JetStreamSink {
-    /// Why nothing answered for `subject`.
-    fn nobody_answered(&self, subject: &str) -> SinkError {
-        let (_, subjects) = &*self.stream;
-        if subjects.iter().any(|pattern| crate::subject::pattern_matches(pattern, subject)) {
-            self.no_leader(subject)
-        } else {
-            SinkError::NoStream(subject.to_string())
+    /// Why nothing answered for `subject`: the subjects are read again first (unless fresh),
+    /// and for a subject outside them the server is asked which stream captures it.
+    async fn nobody_answered(&self, subject: &str) -> SinkError {
+        self.read_subjects().await;
+        if self.stream.captures(subject) {
+            return self.no_leader(subject);
+        }
+        let subject = subject.to_string();
+        match self.capturer(&subject).await {
+            Capturer::Stream(stream) => SinkError::NoLeader { stream, subject },
+            Capturer::Unknown => SinkError::NoLeader { stream: "(unknown: JetStream did not answer)".into(), subject },
+            Capturer::Nobody => SinkError::NoStream(subject),
         }
     }
 
+    /// Which stream captures `subject` (outside this sink's stream), as the server says; asked
+    /// at most once a second per subject.
+    async fn capturer(&self, subject: &str) -> Capturer {
+        let mut others = self.stream.others.lock().await;
+        if let Some((at, capturer)) = others.get(subject)
+            && at.elapsed() < SUBJECTS_FRESH_FOR
+        {
+            return capturer.clone();
+        }
+        let asked = tokio::time::timeout(SUBJECTS_READ_TIMEOUT, self.context.stream_by_subject(subject)).await;
+        let capturer = match asked {
+            Ok(Ok(stream)) => Capturer::Stream(stream),
+            Ok(Err(error)) if matches!(error.kind(), jetstream::context::GetStreamByNameErrorKind::NotFound) => {
+                Capturer::Nobody
+            }
+            Ok(Err(_)) | Err(_) => Capturer::Unknown,
+        };
+        if others.len() >= OTHERS_REMEMBERED {
+            others.clear();
+        }
+        others.insert(subject.to_string(), (Instant::now(), capturer.clone()));
+        capturer
+    }
+
+    /// Reads the stream's subjects from the server unless they are fresh. A stream the server
+    /// says is gone captures nothing; a read that fails otherwise (no leader to answer, a
+    /// timeout) keeps what was known, so a leaderless stream's subjects still mean "not stored,
+    /// send again".
+    async fn read_subjects(&self) {
+        let mut read_at = self.stream.read_at.lock().await;
+        if read_at.is_some_and(|at| at.elapsed() < SUBJECTS_FRESH_FOR) {
+            return;
+        }
+        *read_at = Some(Instant::now());
+        let subjects =
+            match tokio::time::timeout(SUBJECTS_READ_TIMEOUT, self.context.get_stream(&self.stream.name)).await {
+                Ok(Ok(stream)) => stream.cached_info().config.subjects.clone(),
+                Ok(Err(error))
+                    if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    Vec::new()
+                }
+                Ok(Err(_)) | Err(_) => return,
+            };
+        *self.stream.subjects.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = subjects;
+    }
+
     fn no_leader(&self, subject: &str) -> SinkError {
-        SinkError::NoLeader { stream: self.stream.0.clone(), subject: subject.to_string() }
+        SinkError::NoLeader { stream: self.stream.name.clone(), subject: subject.to_string() }
     }
 }
 
@@ -305,13 +397,16 @@ impl Sink {
             Some(js) => {
                 let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
                 let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight).await?);
-                // Read once: a stream whose subjects change on the server while the gateway runs
-                // is classified by the old ones until a restart.
-                let subjects = match context.get_stream(&js.stream).await {
-                    Ok(stream) => stream.cached_info().config.subjects.clone(),
-                    Err(_) => js.subjects.clone(),
+                let (subjects, read_at) = match context.get_stream(&js.stream).await {
+                    Ok(stream) => (stream.cached_info().config.subjects.clone(), Some(Instant::now())),
+                    Err(_) => (js.subjects.clone(), None),
                 };
-                let stream = Arc::new((js.stream.clone(), subjects));
+                let stream = Arc::new(StreamSubjects {
+                    name: js.stream.clone(),
+                    subjects: std::sync::RwLock::new(subjects),
+                    read_at: tokio::sync::Mutex::new(read_at),
+                    others: tokio::sync::Mutex::new(HashMap::new()),
+                });
                 (Some(JetStreamSink { context, acks, stream }), js.ack_timeout)
             }
             None => (None, Duration::from_secs(5)),
@@ -545,7 +640,7 @@ impl Sink {
                             Answer::NoStream | Answer::Unavailable => {
                                 let error = match answer {
                                     Answer::Unavailable => jetstream.no_leader(&message.subject),
-                                    _ => jetstream.nobody_answered(&message.subject),
+                                    _ => jetstream.nobody_answered(&message.subject).await,
                                 };
                                 if let SinkError::NoLeader { .. } = error {
                                     // Not stored: left unanswered, to be sent again.

@@ -488,25 +488,39 @@ async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
 async fn the_stream_leader_killed_under_load_in_a_cluster_loses_nothing_and_recovers() {
     // The gateway talks to a server that stays up: while a new leader is elected, nothing
     // answers for the stream's subjects there (the connection itself is not lost).
-    leader_killed_under_load(false).await;
+    leader_killed_under_load(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_the_gateway_talks_to_killed_as_stream_leader_loses_nothing() {
     // The gateway's own server dies: it reconnects to another server of the cluster (learnt
     // from the first) while they elect a new leader.
-    leader_killed_under_load(true).await;
+    leader_killed_under_load(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_streams_leader_killed_under_load_loses_nothing() {
+    // The route publishes to a stream of its own (AUDIT), not the gateway's: its leader goes.
+    leader_killed_under_load(false, true).await;
 }
 
 /// Eight clients send 150 events each to a gateway in front of a three-server cluster, retrying
 /// each `503` with its Idempotency-Key; the stream's leader is killed a quarter of the way in.
 /// Every event must be stored once, and every refusal meanwhile say "unavailable, retry".
-async fn leader_killed_under_load(gateway_on_leader: bool) {
+/// With `on_a_route_stream`, the events go to stream AUDIT (their route's subject), whose leader
+/// is the one killed.
+async fn leader_killed_under_load(gateway_on_leader: bool, on_a_route_stream: bool) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let mut cluster = NatsCluster::start().await;
-    let leader = cluster.create_stream("WEIR", &["weir.>", "shop.>"], Duration::from_secs(120)).await;
+    let mut leader = cluster.create_stream("WEIR", &["weir.>", "shop.>"], Duration::from_secs(120)).await;
+    let (stream, extra) = if on_a_route_stream {
+        leader = cluster.create_stream("AUDIT", &["audit.>"], Duration::from_secs(120)).await;
+        ("AUDIT", "subject = \"audit.{entity}.{op}\"")
+    } else {
+        ("WEIR", "")
+    };
     let server = if gateway_on_leader { cluster.node(&leader).url() } else { cluster.other_than(&leader).url() };
-    let config = config(cluster.other_than(&leader), "")
+    let config = config(cluster.other_than(&leader), extra)
         .replace(&cluster.other_than(&leader).url(), &server)
         .replace("duplicate_window = \"2m\"", "duplicate_window = \"2m\"\nreplicas = 3");
     let gateway = std::sync::Arc::new(Gateway::start(&config));
@@ -550,7 +564,7 @@ async fn leader_killed_under_load(gateway_on_leader: bool) {
     assert!(answered.load(Ordering::Relaxed) == 1200);
     // While there was no leader the answer said so: unavailable for now, not "no such stream".
     assert!(refusals.iter().all(|code| code == "nats_unavailable"), "{refusals:?}");
-    let messages = cluster.other_than(&leader).messages("WEIR").await;
+    let messages = cluster.other_than(&leader).messages(stream).await;
     let mut ids: Vec<&str> = messages.iter().filter_map(|m| header(m, "Nats-Msg-Id")).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -952,6 +966,37 @@ async fn an_existing_stream_that_differs_is_reported_not_changed() {
         ),
         "{stdout}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subjects_taken_out_of_the_stream_or_a_deleted_stream_are_seen_while_running() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let (status, body, _) = post(&gateway, "/v1/events/orders", r#"{"region":"eu"}"#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    // The operator takes `shop.>` out of the stream: nothing answers for `shop.eu.insert` now.
+    // That is a subject no stream captures, not a stream without a leader ("retry").
+    let context = async_nats::jetstream::new(nats.client().await);
+    let mut stream = context.get_stream("WEIR").await.unwrap();
+    let mut narrowed = stream.info().await.unwrap().config.clone();
+    narrowed.subjects = vec!["weir.>".to_string()];
+    context.update_stream(narrowed).await.unwrap();
+    let (status, body, _) = post(&gateway, "/v1/events/orders", r#"{"region":"eu"}"#, &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "not_stored", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no JetStream stream captures subject `shop.eu.insert`"), "{body}");
+    let (status, body, _) = post(&gateway, "/v1/events/misc", "{}", &[]).await;
+    assert_eq!(status, 202, "subjects still captured are stored as before: {body}");
+
+    // The stream deleted: once the subjects read above are a second old, they are read again.
+    context.delete_stream("WEIR").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body, _) = post(&gateway, "/v1/events/misc", "{}", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "not_stored", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no JetStream stream captures subject `weir.misc.insert`"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
