@@ -273,7 +273,7 @@ plugins = ["noop"]
             client.post(url).header("content-type", "application/json").body(BODY).send().await.unwrap();
         }
     }
-    // For profiling: `WEIR_BENCH_SOAK=single|batch|bare` loads only that path for 30 s, so
+    // For profiling: `WEIR_BENCH_SOAK=single|batch|bare|headers` loads only that path for 30 s, so
     // `perf record -p <pid>` (the pid is printed) sees one path only.
     if let Ok(path) = std::env::var("WEIR_BENCH_SOAK") {
         eprintln!(
@@ -305,6 +305,7 @@ plugins = ["noop"]
             let events = match path.as_str() {
                 "batch" => batch_rate(&client, &gateway.url("/v1/batch")).await,
                 "bare" => max_rate(&client, &bare_url).await,
+                "headers" => max_rate(&client, &headers_url).await,
                 _ => max_rate(&client, &weir_url).await,
             };
             eprintln!("{:.0} events/s", events / MEASURE.as_secs_f64());
