@@ -8,7 +8,7 @@ mod common;
 
 use common::pg::{
     Capture, assert_exactly_once_in_order, connect, current_wal_lsn, mixed_load, readiness_until, slot_confirmed_past,
-    stored, wait_ready,
+    stored, stored_in, wait_ready,
 };
 use common::services::{Gateway, Nats, NatsCluster};
 use serde_json::{Value, json};
@@ -255,6 +255,41 @@ async fn the_stream_leader_killed_mid_load_in_a_cluster_loses_nothing_and_dead_l
     );
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     assert!(gateway.log().contains("it has no leader"), "{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_streams_leader_killed_mid_load_loses_nothing_and_dead_letters_nothing() {
+    // The route publishes to a stream of its own, CDC; the gateway's stream (WEIR, for dead
+    // letters) is another. Nothing answering for `cdc.…` must not be taken for "no stream".
+    let capture = Capture::new("routekill", &load_tables()).await;
+    full_identity(&capture).await;
+    let mut cluster = NatsCluster::start().await;
+    cluster.create_stream("WEIR", &["weir.>"], Duration::from_secs(600)).await;
+    let leader = cluster.create_stream("CDC", &["cdc.>"], Duration::from_secs(600)).await;
+    let config = capture
+        .config(cluster.other_than(&leader), "")
+        .replace("duplicate_window = \"10m\"", "duplicate_window = \"10m\"\nreplicas = 3")
+        + "\n[[routes]]\nsubject = \"cdc.{schema}.{table}.{op}\"\n";
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let tables = capture.tables.clone();
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 37).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.node(&leader).stop();
+    assert_ne!(cluster.leader("CDC").await, leader);
+    let written = writer.await.unwrap();
+    let messages = stored_in(cluster.other_than(&leader), "CDC", written.len()).await;
+    let dead_letters = cluster.other_than(&leader).messages("WEIR").await;
+    assert!(
+        dead_letters.is_empty(),
+        "{} changes were dead-lettered during the election\n{}",
+        dead_letters.len(),
+        gateway.log()
+    );
+    assert_exactly_once_in_order(&written, &messages, &capture.tables);
+    assert!(gateway.log().contains("stream `CDC` cannot store"), "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

@@ -152,9 +152,14 @@ pub async fn slot_confirmed_past(client: &tokio_postgres::Client, slot: &str, ls
 
 /// Stream messages as (subject, Nats-Msg-Id, envelope), waiting until `count` are stored.
 pub async fn stored(nats: &Nats, count: usize) -> Vec<(String, String, Value)> {
+    stored_in(nats, "WEIR", count).await
+}
+
+/// [`stored`] from stream `stream`.
+pub async fn stored_in(nats: &Nats, stream: &str, count: usize) -> Vec<(String, String, Value)> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let messages = nats.messages("WEIR").await;
+        let messages = nats.messages(stream).await;
         if messages.len() >= count || Instant::now() > deadline {
             return messages
                 .iter()
