@@ -43,9 +43,13 @@ pub enum SinkError {
     /// The stream cannot store right now (nothing answers for a subject it captures, or its
     /// cluster says it is not available): not stored.
     #[error(
-        "JetStream stream `{stream}` cannot store to `{subject}` right now: it has no leader (its cluster is electing one or has lost quorum) or it was deleted"
+        "JetStream cannot store to `{subject}` right now: {stream} has no leader (its cluster is electing one or has lost quorum) or was deleted (create it again; weir creates its own [jetstream] stream when it starts)"
     )]
-    NoLeader { stream: String, subject: String },
+    NoLeader {
+        /// Which stream, in words: "stream `NAME`", or that it is not known yet.
+        stream: String,
+        subject: String,
+    },
     /// The server refused the message (too large for the stream, …).
     #[error("NATS refused the message: {0}")]
     Refused(String),
@@ -77,17 +81,20 @@ struct JetStreamSink {
     stream: Arc<StreamSubjects>,
 }
 
-/// A stream's subjects as last read from the server (else as configured), read again when
-/// "no responders" comes back, so subjects added, removed or a stream deleted while the gateway
-/// runs are classified by what the server has now.
+/// A stream's subjects as last read from the server (else as configured), and which streams
+/// capture subjects outside them, read again in the background when "no responders" comes back:
+/// subjects added to or taken out of the stream while the gateway runs, and routes publishing to
+/// streams of their own, are classified by what the server has now. Classifying never waits on
+/// the server: it runs in the loop that takes PubAcks, and the server may not answer at all.
 struct StreamSubjects {
     name: String,
     subjects: std::sync::RwLock<Vec<String>>,
-    /// When the subjects were last read (`None`: never, they are the configured ones).
-    read_at: tokio::sync::Mutex<Option<Instant>>,
-    /// Which stream the server lately said captures a subject outside these (a route may
-    /// publish to a stream of its own), and when it said so.
-    others: tokio::sync::Mutex<HashMap<String, (Instant, Capturer)>>,
+    /// When the subjects were last read or a read started (`None`: never; they are the
+    /// configured ones).
+    read_at: Mutex<Option<Instant>>,
+    /// Which stream the server said captures a subject outside these (`Unknown` while it is
+    /// being asked), and when it was asked.
+    others: Mutex<HashMap<String, (Instant, Capturer)>>,
 }
 
 /// Which stream captures a subject, as the server says.
@@ -95,7 +102,8 @@ struct StreamSubjects {
 enum Capturer {
     Stream(String),
     Nobody,
-    /// The server did not answer: "no stream" would be a guess that could misplace a message.
+    /// Not known (being asked, or the server did not answer): "no stream" would be a guess
+    /// that could misplace a message, so it counts as "not stored, send again".
     Unknown,
 }
 
@@ -103,10 +111,10 @@ enum Capturer {
 /// plugins make of subjects).
 const OTHERS_REMEMBERED: usize = 1024;
 
-/// Subjects read less than this long ago are not read again: during an election every publish
-/// is answered "no responders".
+/// What the server said is used for this long before it is asked again; during an election
+/// every publish is answered "no responders".
 const SUBJECTS_FRESH_FOR: Duration = Duration::from_secs(1);
-/// How long reading them may take; a leaderless stream may not answer at all.
+/// How long one question to the server may take; a leaderless cluster may not answer.
 const SUBJECTS_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl StreamSubjects {
@@ -117,71 +125,84 @@ impl StreamSubjects {
 }
 
 impl JetStreamSink {
-    /// Why nothing answered for `subject`: the subjects are read again first (unless fresh),
-    /// and for a subject outside them the server is asked which stream captures it.
-    async fn nobody_answered(&self, subject: &str) -> SinkError {
-        self.read_subjects().await;
+    /// Why nothing answered for `subject`, by what is known now; what is stale is asked again
+    /// in the background, for the next send (a message classified "no leader" is sent again
+    /// after 250 ms).
+    fn nobody_answered(&self, subject: &str) -> SinkError {
+        self.read_subjects_if_stale();
         if self.stream.captures(subject) {
             return self.no_leader(subject);
         }
-        let subject = subject.to_string();
-        match self.capturer(&subject).await {
-            Capturer::Stream(stream) => SinkError::NoLeader { stream, subject },
-            Capturer::Unknown => SinkError::NoLeader { stream: "(unknown: JetStream did not answer)".into(), subject },
-            Capturer::Nobody => SinkError::NoStream(subject),
+        match self.capturer(subject) {
+            Capturer::Stream(stream) => {
+                SinkError::NoLeader { stream: format!("stream `{stream}`"), subject: subject.to_string() }
+            }
+            Capturer::Unknown => SinkError::NoLeader {
+                stream: "the stream capturing it (JetStream has not said which yet)".into(),
+                subject: subject.to_string(),
+            },
+            Capturer::Nobody => SinkError::NoStream(subject.to_string()),
         }
     }
 
-    /// Which stream captures `subject` (outside this sink's stream), as the server says; asked
-    /// at most once a second per subject.
-    async fn capturer(&self, subject: &str) -> Capturer {
-        let mut others = self.stream.others.lock().await;
-        if let Some((at, capturer)) = others.get(subject)
+    /// Which stream captures `subject` (outside this sink's stream) as last said; the server is
+    /// asked in the background when nothing or only something stale is known.
+    fn capturer(&self, subject: &str) -> Capturer {
+        let mut others = lock(&self.stream.others);
+        let known = others.get(subject).cloned();
+        if let Some((at, capturer)) = &known
             && at.elapsed() < SUBJECTS_FRESH_FOR
         {
             return capturer.clone();
         }
-        let asked = tokio::time::timeout(SUBJECTS_READ_TIMEOUT, self.context.stream_by_subject(subject)).await;
-        let capturer = match asked {
-            Ok(Ok(stream)) => Capturer::Stream(stream),
-            Ok(Err(error)) if matches!(error.kind(), jetstream::context::GetStreamByNameErrorKind::NotFound) => {
-                Capturer::Nobody
-            }
-            Ok(Err(_)) | Err(_) => Capturer::Unknown,
-        };
         if others.len() >= OTHERS_REMEMBERED {
             others.clear();
         }
+        // Marked as asked now, so concurrent answers do not ask again meanwhile.
+        let capturer = known.map_or(Capturer::Unknown, |(_, capturer)| capturer);
         others.insert(subject.to_string(), (Instant::now(), capturer.clone()));
+        drop(others);
+        let (context, stream, subject) = (self.context.clone(), self.stream.clone(), subject.to_string());
+        tokio::spawn(async move {
+            let asked = tokio::time::timeout(SUBJECTS_READ_TIMEOUT, context.stream_by_subject(subject.as_str())).await;
+            let said = match asked {
+                Ok(Ok(name)) => Capturer::Stream(name),
+                Ok(Err(error)) if matches!(error.kind(), jetstream::context::GetStreamByNameErrorKind::NotFound) => {
+                    Capturer::Nobody
+                }
+                Ok(Err(_)) | Err(_) => Capturer::Unknown,
+            };
+            lock(&stream.others).insert(subject, (Instant::now(), said));
+        });
         capturer
     }
 
-    /// Reads the stream's subjects from the server unless they are fresh. A stream the server
-    /// says is gone captures nothing; a read that fails otherwise (no leader to answer, a
-    /// timeout) keeps what was known, so a leaderless stream's subjects still mean "not stored,
-    /// send again".
-    async fn read_subjects(&self) {
-        let mut read_at = self.stream.read_at.lock().await;
-        if read_at.is_some_and(|at| at.elapsed() < SUBJECTS_FRESH_FOR) {
-            return;
+    /// Starts reading the stream's subjects from the server unless they are fresh or being
+    /// read. A read that fails (no leader to answer, a timeout, the stream deleted) keeps what
+    /// was known: a stream deleted while the gateway runs keeps its subjects, so change capture
+    /// waits for it instead of dead-lettering what belongs in it.
+    fn read_subjects_if_stale(&self) {
+        {
+            let mut read_at = lock(&self.stream.read_at);
+            if read_at.is_some_and(|at| at.elapsed() < SUBJECTS_FRESH_FOR) {
+                return;
+            }
+            *read_at = Some(Instant::now());
         }
-        *read_at = Some(Instant::now());
-        let subjects =
-            match tokio::time::timeout(SUBJECTS_READ_TIMEOUT, self.context.get_stream(&self.stream.name)).await {
-                Ok(Ok(stream)) => stream.cached_info().config.subjects.clone(),
-                Ok(Err(error))
-                    if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(api)
-                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-                {
-                    Vec::new()
-                }
-                Ok(Err(_)) | Err(_) => return,
-            };
-        *self.stream.subjects.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = subjects;
+        let (context, stream) = (self.context.clone(), self.stream.clone());
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(SUBJECTS_READ_TIMEOUT, context.get_stream(&stream.name)).await;
+            if let Ok(Ok(info)) = read {
+                *stream.subjects.write().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    info.cached_info().config.subjects.clone();
+            }
+            // Fresh from when the answer came, not from when it was asked.
+            *lock(&stream.read_at) = Some(Instant::now());
+        });
     }
 
     fn no_leader(&self, subject: &str) -> SinkError {
-        SinkError::NoLeader { stream: self.stream.name.clone(), subject: subject.to_string() }
+        SinkError::NoLeader { stream: format!("stream `{}`", self.stream.name), subject: subject.to_string() }
     }
 }
 
@@ -404,8 +425,8 @@ impl Sink {
                 let stream = Arc::new(StreamSubjects {
                     name: js.stream.clone(),
                     subjects: std::sync::RwLock::new(subjects),
-                    read_at: tokio::sync::Mutex::new(read_at),
-                    others: tokio::sync::Mutex::new(HashMap::new()),
+                    read_at: Mutex::new(read_at),
+                    others: Mutex::new(HashMap::new()),
                 });
                 (Some(JetStreamSink { context, acks, stream }), js.ack_timeout)
             }
@@ -640,7 +661,7 @@ impl Sink {
                             Answer::NoStream | Answer::Unavailable => {
                                 let error = match answer {
                                     Answer::Unavailable => jetstream.no_leader(&message.subject),
-                                    _ => jetstream.nobody_answered(&message.subject).await,
+                                    _ => jetstream.nobody_answered(&message.subject),
                                 };
                                 if let SinkError::NoLeader { .. } = error {
                                     // Not stored: left unanswered, to be sent again.
