@@ -158,8 +158,13 @@ impl JetStreamSink {
         if others.len() >= OTHERS_REMEMBERED {
             others.clear();
         }
-        // Marked as asked now, so concurrent answers do not ask again meanwhile.
-        let capturer = known.map_or(Capturer::Unknown, |(_, capturer)| capturer);
+        // Marked as asked now, so concurrent answers do not ask again meanwhile. A stale "no
+        // stream" is not believed until asked again: acting on it dead-letters change capture's
+        // rows, while "not stored, send again" only costs a resend.
+        let capturer = match known {
+            Some((_, Capturer::Stream(name))) => Capturer::Stream(name),
+            _ => Capturer::Unknown,
+        };
         others.insert(subject.to_string(), (Instant::now(), capturer.clone()));
         drop(others);
         let (context, stream, subject) = (self.context.clone(), self.stream.clone(), subject.to_string());
