@@ -227,71 +227,63 @@ async fn nats_stopped_for_30_seconds_mid_load_pauses_and_resumes_without_loss() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stream_leader_killed_mid_load_in_a_cluster_loses_nothing_and_dead_letters_nothing() {
-    let capture = Capture::new("leaderkill", &load_tables()).await;
-    full_identity(&capture).await;
-    let mut cluster = NatsCluster::start().await;
-    let leader = cluster.create_stream("WEIR", &["weir.>"], Duration::from_secs(600)).await;
-    // The gateway talks to a server that stays up: while a new leader is elected, nothing
-    // answers for the stream's subjects there (the connection itself is not lost).
-    let config = capture
-        .config(cluster.other_than(&leader), "")
-        .replace("duplicate_window = \"10m\"", "duplicate_window = \"10m\"\nreplicas = 3");
-    let gateway = Gateway::start(&config);
-    wait_ready(&gateway).await;
-    let tables = capture.tables.clone();
-    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 31).await });
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    cluster.node(&leader).stop();
-    let new_leader = cluster.leader("WEIR").await;
-    assert_ne!(new_leader, leader);
-    let written = writer.await.unwrap();
-    let messages = stored(cluster.other_than(&leader), written.len()).await;
-    let dead_letters: Vec<&String> =
-        messages.iter().map(|(subject, _, _)| subject).filter(|subject| subject.starts_with("weir.dlq.")).collect();
-    assert!(
-        dead_letters.is_empty(),
-        "changes were dead-lettered during the election: {dead_letters:?}\n{}",
-        gateway.log()
-    );
-    assert_exactly_once_in_order(&written, &messages, &capture.tables);
-    assert!(gateway.log().contains("stream `WEIR` has no leader"), "{}", gateway.log());
-    drop(gateway);
-    capture.cleanup().await;
+    leader_killed_mid_load(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_route_streams_leader_killed_mid_load_loses_nothing_and_dead_letters_nothing() {
     // The route publishes to a stream of its own, CDC; the gateway's stream (WEIR, for dead
     // letters) is another. Nothing answering for `cdc.…` must not be taken for "no stream".
-    let capture = Capture::new("routekill", &load_tables()).await;
+    leader_killed_mid_load(true).await;
+}
+
+/// A mixed load through a gateway in front of a three-server cluster; the leader of the stream
+/// the changes go to (WEIR, or with `on_a_route_stream` a route's own stream CDC) is killed two
+/// seconds in. The gateway talks to a server that stays up: while a new leader is elected,
+/// nothing answers for the stream's subjects there (the connection itself is not lost). Every
+/// change must be stored once and in order, none dead-lettered.
+async fn leader_killed_mid_load(on_a_route_stream: bool) {
+    let capture = Capture::new(if on_a_route_stream { "routekill" } else { "leaderkill" }, &load_tables()).await;
     full_identity(&capture).await;
     let mut cluster = NatsCluster::start().await;
-    cluster.create_stream("WEIR", &["weir.>"], Duration::from_secs(600)).await;
-    let leader = cluster.create_stream("CDC", &["cdc.>"], Duration::from_secs(600)).await;
+    let mut leader = cluster.create_stream("WEIR", &["weir.>"], Duration::from_secs(600)).await;
+    let (stream, route) = if on_a_route_stream {
+        leader = cluster.create_stream("CDC", &["cdc.>"], Duration::from_secs(600)).await;
+        ("CDC", "\n[[routes]]\nsubject = \"cdc.{schema}.{table}.{op}\"\n")
+    } else {
+        ("WEIR", "")
+    };
     let config = capture
         .config(cluster.other_than(&leader), "")
         .replace("duplicate_window = \"10m\"", "duplicate_window = \"10m\"\nreplicas = 3")
-        + "\n[[routes]]\nsubject = \"cdc.{schema}.{table}.{op}\"\n";
+        + route;
     let gateway = Gateway::start(&config);
     wait_ready(&gateway).await;
     let tables = capture.tables.clone();
-    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 37).await });
+    let writer = tokio::spawn(async move { mixed_load(&tables, 2_000, Duration::from_millis(100), 31).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.node(&leader).stop();
-    assert_ne!(cluster.leader("CDC").await, leader);
+    assert_ne!(cluster.leader(stream).await, leader);
     let written = writer.await.unwrap();
-    let messages = stored_in(cluster.other_than(&leader), "CDC", written.len()).await;
-    let dead_letters = cluster.other_than(&leader).messages("WEIR").await;
+    let messages = stored_in(cluster.other_than(&leader), stream, written.len()).await;
+    let dead_letters: Vec<String> = cluster
+        .other_than(&leader)
+        .messages("WEIR")
+        .await
+        .iter()
+        .map(|message| message.subject.to_string())
+        .filter(|subject| subject.starts_with("weir.dlq."))
+        .collect();
     assert!(
         dead_letters.is_empty(),
-        "{} changes were dead-lettered during the election\n{}",
-        dead_letters.len(),
+        "changes were dead-lettered during the election: {dead_letters:?}\n{}",
         gateway.log()
     );
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
-    // "stream `CDC`", or "the stream capturing it" while the server had not said which (when
-    // the killed server also led the cluster's metadata).
-    assert!(gateway.log().contains("has no leader"), "{}", gateway.log());
+    // With a route's stream: "stream `CDC`", or "the stream capturing it" while the server had
+    // not said which (when the killed server also led the cluster's metadata).
+    let said = if on_a_route_stream { "has no leader" } else { "stream `WEIR` has no leader" };
+    assert!(gateway.log().contains(said), "{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }
