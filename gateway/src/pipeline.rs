@@ -68,21 +68,25 @@ impl SubjectTemplate {
 
     /// The subject for `event`; every value from the event becomes one sanitized token.
     pub fn render(&self, event: &Event) -> String {
+        use crate::subject::push_token;
         let (schema, table) = event.entity.split_once('.').unwrap_or(("public", event.entity.as_str()));
-        let parts: Vec<String> = self
-            .tokens
-            .iter()
-            .map(|token| match token {
-                Token::Literal(literal) => literal.clone(),
-                Token::Entity => crate::subject::token(&event.entity),
-                Token::Op => crate::subject::token(&event.op),
-                Token::Key => crate::subject::token(event.key.as_deref().unwrap_or("_")),
-                Token::Source => crate::subject::token(&event.source),
-                Token::Schema => crate::subject::token(schema),
-                Token::Table => crate::subject::token(table),
-            })
-            .collect();
-        parts.join(".")
+        // Written into one string: this runs for every message.
+        let mut subject = String::with_capacity(64);
+        for (index, token) in self.tokens.iter().enumerate() {
+            if index > 0 {
+                subject.push('.');
+            }
+            match token {
+                Token::Literal(literal) => subject.push_str(literal),
+                Token::Entity => push_token(&mut subject, &event.entity),
+                Token::Op => push_token(&mut subject, &event.op),
+                Token::Key => push_token(&mut subject, event.key.as_deref().unwrap_or("_")),
+                Token::Source => push_token(&mut subject, &event.source),
+                Token::Schema => push_token(&mut subject, schema),
+                Token::Table => push_token(&mut subject, table),
+            }
+        }
+        subject
     }
 }
 
@@ -531,8 +535,24 @@ pub fn weir_envelope_bytes(event: &Event) -> Vec<u8> {
         old_base64,
         position: event.position.as_deref(),
     };
-    // Serializing borrowed strings and raw JSON cannot fail.
-    serde_json::to_vec(&envelope).unwrap_or_default()
+    serialize_sized(&envelope, event)
+}
+
+/// `value` (an envelope of `event`) as JSON, in a buffer sized once from the event's parts
+/// instead of grown by doubling. Serializing borrowed strings and raw JSON cannot fail.
+fn serialize_sized(value: &impl serde::Serialize, event: &Event) -> Vec<u8> {
+    let parts =
+        [&event.id, &event.source, &event.entity, &event.op, &event.time].iter().map(|part| part.len()).sum::<usize>()
+            + event.key.as_ref().map_or(0, String::len)
+            + event.position.as_ref().map_or(0, String::len);
+    // Field names and punctuation fit in 160 bytes. Data that is not JSON (base64, a third
+    // longer) grows it once; room for that on every event would hold memory for nothing.
+    let data = event.data.len() + event.old.as_ref().map_or(0, Vec::len);
+    let mut bytes = Vec::with_capacity(160 + parts + data);
+    match serde_json::to_writer(&mut bytes, value) {
+        Ok(()) => bytes,
+        Err(_) => Vec::new(),
+    }
 }
 
 fn cloudevent(event: &Event) -> Vec<u8> {
@@ -567,7 +587,7 @@ fn cloudevent(event: &Event) -> Vec<u8> {
         data,
         data_base64,
     };
-    serde_json::to_vec(&envelope).unwrap_or_default()
+    serialize_sized(&envelope, event)
 }
 
 /// Host headers (which win over plugin headers of the same name), then the event's own.
@@ -654,6 +674,11 @@ mod tests {
         assert_eq!(template.literal_prefix(), "shop");
         let pg = SubjectTemplate::parse("weir.{schema}.{table}.{op}").unwrap();
         assert_eq!(pg.render(&event("public.orders", "update")), "weir.public.orders.update");
+        assert_eq!(pg.render(&event("orders", "")), "weir.public.orders._");
+        let mut keyless = event("a.b c", "x*");
+        keyless.key = None;
+        let all = SubjectTemplate::parse("{source}.{entity}.{key}.{op}").unwrap();
+        assert_eq!(all.render(&keyless), "http.a_b_c._.x_");
         assert!(SubjectTemplate::parse("a..b").unwrap_err().contains("empty token"));
         assert!(SubjectTemplate::parse("a.x{op}").unwrap_err().contains("not a placeholder"));
         assert!(SubjectTemplate::parse("a.*").unwrap_err().contains("wildcard"));

@@ -84,9 +84,17 @@ pub fn template_sample(template: &str) -> String {
 /// Turns arbitrary text into one safe subject token: characters other than ASCII letters,
 /// digits, `-` and `_` become `_`; empty text becomes `_`.
 pub fn token(text: &str) -> String {
-    let token: String =
-        text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    if token.is_empty() { "_".to_string() } else { token }
+    let mut token = String::with_capacity(text.len().max(1));
+    push_token(&mut token, text);
+    token
+}
+
+/// [`token`], appended to `subject` (no string of its own per token).
+pub fn push_token(subject: &mut String, text: &str) {
+    if text.is_empty() {
+        subject.push('_');
+    }
+    subject.extend(text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }));
 }
 
 #[cfg(test)]
@@ -145,5 +153,11 @@ mod tests {
         assert_eq!(token("eu-west.1 *>"), "eu-west_1___");
         assert_eq!(token(""), "_");
         assert_eq!(token("ok_Token-9"), "ok_Token-9");
+        // One `_` per character, not per byte.
+        assert_eq!(token("é.x"), "__x");
+        let mut subject = String::from("weir.");
+        push_token(&mut subject, "");
+        push_token(&mut subject, "a b");
+        assert_eq!(subject, "weir._a_b");
     }
 }

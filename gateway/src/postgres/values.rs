@@ -200,7 +200,12 @@ impl Types {
         fill: Option<&[Value]>,
         include: impl Fn(&Column) -> bool,
     ) -> (Vec<u8>, Vec<String>) {
-        let mut out = Vec::with_capacity(64 + values.len() * 16);
+        // Sized once from the names and values (quotes, separators, a timestamp's `T`), not
+        // grown by doubling as it is written; escapes may still grow it.
+        let names: usize = columns.iter().map(|column| column.name.len() + 4).sum();
+        let texts: usize =
+            values.iter().map(|value| if let Value::Text(bytes) = value { bytes.len() + 4 } else { 4 }).sum();
+        let mut out = Vec::with_capacity(2 + names + texts);
         let mut unchanged = Vec::new();
         out.push(b'{');
         let mut first = true;

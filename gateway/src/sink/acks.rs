@@ -119,7 +119,9 @@ impl AckRouter {
         permit.forget();
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.shared.pending().insert(token, Waiter { call, index, answers: answers.clone() });
-        let reply = format!("{}{token}", self.shared.reply_prefix);
+        let mut reply = String::with_capacity(self.shared.reply_prefix.len() + 20);
+        reply.push_str(&self.shared.reply_prefix);
+        reply.push_str(itoa::Buffer::new().format(token));
         let sent = self
             .client
             .publish_with_reply_and_headers(
