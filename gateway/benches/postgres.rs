@@ -7,7 +7,8 @@
 //!   measured), read from the slot and stored in JetStream, for single-row and 100-row
 //!   transactions; beside `pg_recvlogical` reading the same backlog to /dev/null (the server's
 //!   decoding limit) and a bare pipelined async-nats publish of as many messages of the same
-//!   size (the sink's limit), in the same run;
+//!   size (the sink's limit), in the same run; and the two limits run at once on the same cores
+//!   (how much of the machine they leave, not a limit of the goal);
 //! - per catch-up, the CPU each of `weir`, `nats-server` and the walsender spent per row (on two
 //!   shared cores their sum, not any one limit, is what bounds the rate);
 //! - a 1M-row transaction: rate and the gateway's peak memory (VmHWM);
@@ -131,11 +132,17 @@ fn peak_rss_mib(pid: u32) -> f64 {
 /// current WAL end; rows per second over `rows`.
 async fn recvlogical(slot: &str, publication: &str, end_lsn: &str, rows: i64) -> f64 {
     let started = Instant::now();
-    let status = Command::new("pg_recvlogical")
-        .args(["-h", "/var/run/postgresql", "-d", "test", "--slot", slot, "--start", "--endpos", end_lsn])
-        .args(["-o", "proto_version=1", "-o", &format!("publication_names={publication}"), "-f", "/dev/null"])
-        .status()
-        .expect("pg_recvlogical runs");
+    let mut command = Command::new("pg_recvlogical");
+    command.args(["-h", "/var/run/postgresql", "-d", "test", "--slot", slot, "--start", "--endpos", end_lsn]).args([
+        "-o",
+        "proto_version=1",
+        "-o",
+        &format!("publication_names={publication}"),
+        "-f",
+        "/dev/null",
+    ]);
+    // On a blocking thread: it may run beside a publish on this runtime.
+    let status = tokio::task::spawn_blocking(move || command.status().expect("pg_recvlogical runs")).await.unwrap();
     assert!(status.success());
     rows as f64 / started.elapsed().as_secs_f64()
 }
@@ -147,7 +154,7 @@ const ACK_WINDOW: usize = 4096;
 /// With `weir_headers`, each message also carries the six other headers `weir` sets on a row
 /// change (`Weir-Source`, `-Entity`, `-Op`, `-Position`, `-Key`, `Content-Type`). Returns
 /// messages/s and nats-server's CPU µs per message.
-async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool) -> (f64, f64) {
+async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool, id_prefix: &str) -> (f64, f64) {
     let nats_cpu = cpu_seconds(nats.pid().unwrap_or(0));
     let context = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(ACK_WINDOW)
@@ -158,7 +165,7 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool) 
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..count {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("bare-{weir_headers}-{i}").as_str());
+        headers.insert("Nats-Msg-Id", format!("{id_prefix}-{i}").as_str());
         if weir_headers {
             headers.insert("Weir-Source", "postgres");
             headers.insert("Weir-Entity", "public.weir_t_bench1_a");
@@ -264,7 +271,7 @@ async fn main() {
         let slot = |kind: &str, round: usize| format!("{}_{kind}{round}", capture.name);
         let drop_leftover = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
         for round in 0..ROUNDS {
-            for kind in ["w", "r"] {
+            for kind in ["w", "r", "c"] {
                 client.execute(drop_leftover, &[&slot(kind, round)]).await.unwrap();
                 client
                     .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot(kind, round)])
@@ -277,6 +284,7 @@ async fn main() {
         let (mut decode, mut weir, mut with_start_up, mut bare) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut cpus: Vec<CpuPerRow> = Vec::new();
         let (mut bare_nats_cpu, mut bare_headers, mut bare_headers_nats_cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let mut together = Vec::new();
         let mut size = 300;
         for round in 0..ROUNDS {
             decode.push(recvlogical(&slot("r", round), &capture.name, &end, BACKLOG).await);
@@ -289,15 +297,24 @@ async fn main() {
             weir.push((BACKLOG - 1) as f64 / stored_span(&nats).await);
             size = first_message_size(&nats).await;
             drop(gateway);
-            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, false).await;
+            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, false, "bare").await;
             bare.push(rate);
             bare_nats_cpu.push(nats_cpu);
-            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, true).await;
+            let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, true, "headers").await;
             bare_headers.push(rate);
             bare_headers_nats_cpu.push(nats_cpu);
+            // Both limits at once on the same two cores: a client that only read the slot and
+            // published, doing no work per row, could go no faster here. Not a limit of the goal
+            // (which takes each alone); it shows how much of the machine the two leave.
+            let together_slot = slot("c", round);
+            let (decoded, (published, _)) = tokio::join!(
+                recvlogical(&together_slot, &capture.name, &end, BACKLOG),
+                bare_publish(&nats, BACKLOG, size, false, "together")
+            );
+            together.push(decoded.min(published));
         }
         for round in 0..ROUNDS {
-            for kind in ["w", "r"] {
+            for kind in ["w", "r", "c"] {
                 let _ = client.execute(drop_leftover, &[&slot(kind, round)]).await;
             }
         }
@@ -332,6 +349,16 @@ async fn main() {
             note: format!(
                 "not a limit of the goal; nats-server {:.1} µs per message",
                 median(&mut bare_headers_nats_cpu)
+            ),
+        });
+        let together_range = range(&together);
+        let together = median(&mut together);
+        table.push(Row {
+            path: format!("`pg_recvlogical` and the bare publish at once, {per_txn}-row txns"),
+            rows_per_second: together,
+            note: format!(
+                "the slower of the two, each doing the whole backlog at the same time; {:.2}× the lower limit; rounds {together_range}",
+                together / limit
             ),
         });
         table.push(Row {
