@@ -303,9 +303,10 @@ async fn main() {
             let (rate, nats_cpu) = bare_publish(&nats, BACKLOG, size, true, "headers").await;
             bare_headers.push(rate);
             bare_headers_nats_cpu.push(nats_cpu);
-            // Both limits at once on the same two cores: a client that only read the slot and
-            // published, doing no work per row, could go no faster here. Not a limit of the goal
-            // (which takes each alone); it shows how much of the machine the two leave.
+            // Both limits at once on the same two cores: about what a client costing no more CPU
+            // than these two tools, and doing no work per row, could reach here (generous: the
+            // slower one runs alone once the other is done). Not a limit of the goal, which takes
+            // each alone; it shows how much of the machine the two leave.
             let together_slot = slot("c", round);
             let (decoded, (published, _)) = tokio::join!(
                 recvlogical(&together_slot, &capture.name, &end, BACKLOG),
