@@ -190,7 +190,11 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool, 
 
 fn bench_config(capture: &Capture, nats: &Nats) -> String {
     let extra = std::env::var("WEIR_BENCH_PG_EXTRA").unwrap_or_default().replace("\\n", "\n");
-    capture.config(nats, &extra).replace("subjects = [\"weir.>\"]", "subjects = [\"weir.>\", \"bare.>\"]")
+    // `WEIR_BENCH_JS_EXTRA`: lines for `[jetstream]` (`max_in_flight`, …).
+    let jetstream = std::env::var("WEIR_BENCH_JS_EXTRA").unwrap_or_default().replace("\\n", "\n");
+    capture
+        .config(nats, &extra)
+        .replace("subjects = [\"weir.>\"]", &format!("subjects = [\"weir.>\", \"bare.>\"]\n{jetstream}"))
 }
 
 /// Writes `rows` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's

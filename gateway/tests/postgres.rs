@@ -314,6 +314,45 @@ async fn a_gateway_killed_while_nats_is_down_resumes_from_its_last_stored_change
     capture.cleanup().await;
 }
 
+/// A batch waits for NATS while reading goes on: a transaction read meanwhile with nothing to
+/// store (a skipped truncate) must not confirm the slot past the waiting batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_skipped_while_a_batch_waits_for_nats_confirms_nothing_past_the_batch() {
+    let capture = Capture::new("skipwait", &load_tables()).await;
+    let mut nats = Nats::start();
+    let config = capture.config(&nats, "truncate = \"skip\"\nstatus_interval = \"1s\"");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    let (a, b) = (capture.table("a"), capture.table("b"));
+    client.batch_execute(&format!("INSERT INTO {a} VALUES (0, 0)")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1);
+    nats.stop();
+    readiness_until(&gateway, |ready| ready["postgres_nats"] == false).await;
+    for id in 1..=5 {
+        client.batch_execute(&format!("INSERT INTO {a} VALUES ({id}, {id})")).await.unwrap();
+    }
+    // Longer than `linger`: the five rows are a batch of their own, waiting for NATS.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_rows = current_wal_lsn(&client).await;
+    client.batch_execute(&format!("TRUNCATE {b}")).await.unwrap();
+    // Several status intervals: a confirmation past the rows would have reached the server.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !slot_confirmed_past(&client, &capture.name, &after_rows).await,
+        "the slot was confirmed past rows not stored yet:\n{}",
+        gateway.log()
+    );
+    drop(gateway); // SIGKILL
+    nats.restart();
+    let gateway = Gateway::start(&config);
+    let messages = stored(&nats, 6).await;
+    let ids: Vec<i64> = messages.iter().map(|(_, _, envelope)| envelope["data"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (0..=5).collect::<Vec<_>>(), "{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
 /// How [`cutting_proxy`] cuts its connections.
 #[derive(Clone, Copy)]
 enum Cut {

@@ -100,6 +100,17 @@ struct Table {
     changes: [prometheus_client::metrics::counter::Counter; 4],
 }
 
+/// Messages ready to store, by consecutive runs of one route (its name, its messages).
+type Prepared = Vec<(String, Vec<crate::pipeline::Message>)>;
+
+/// A batch being stored while the next one is read and prepared: JetStream gets the next
+/// batch's sends as soon as this one's last PubAck is in, instead of idling while it is built.
+struct Storing<'a> {
+    publishing: futures::future::BoxFuture<'a, Result<(), Failure>>,
+    /// The newest commit this batch completes, confirmed once it is stored.
+    commit: Option<Lsn>,
+}
+
 /// Events read but not yet stored, and the newest commit they complete.
 #[derive(Default)]
 struct Batch {
@@ -186,30 +197,38 @@ impl PostgresSource {
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
         let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
+        let mut storing: Option<Storing<'_>> = None;
         loop {
-            let next = match batch.started {
-                Some(started) => {
-                    let deadline = tokio::time::Instant::from_std(started + self.config.linger);
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.changed() => None,
-                        event = stream.recv() => Some(event),
-                        error = &mut server_gone => return Err(retry(error)),
-                        _ = tokio::time::sleep_until(deadline) => {
-                            self.flush(&mut batch, &stream, shutdown).await?;
-                            continue;
-                        }
+            let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.changed() => None,
+                stored = async {
+                    match storing.as_mut() {
+                        Some(storing) => storing.publishing.as_mut().await,
+                        None => std::future::pending().await,
                     }
+                }, if storing.is_some() => {
+                    stored?;
+                    let commit = storing.take().and_then(|s| s.commit);
+                    self.stored(&stream, commit, &mut batch);
+                    continue;
                 }
-                None => tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => None,
-                    event = stream.recv() => Some(event),
-                    error = &mut server_gone => return Err(retry(error)),
-                },
+                event = stream.recv() => Some(event),
+                error = &mut server_gone => return Err(retry(error)),
+                _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {
+                    self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
+                    continue;
+                }
             };
             let Some(event) = next else {
-                // Shutting down: nothing half-read is confirmed; the slot replays it next time.
+                // Shutting down: the batch being stored is finished (its sleeps end at shutdown);
+                // nothing half-read is confirmed, the slot replays it next time.
+                if let Some(Storing { publishing, commit }) = storing.take()
+                    && publishing.await.is_ok()
+                {
+                    self.stored(&stream, commit, &mut batch);
+                }
                 let _ = stream.shutdown().await;
                 return Ok(());
             };
@@ -231,7 +250,7 @@ impl PostgresSource {
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     transaction = None;
                     batch.commit = Some(end_lsn);
-                    if batch.events.is_empty() {
+                    if batch.events.is_empty() && storing.is_none() {
                         // Nothing to store (all filtered by the publication): confirm now.
                         self.confirm(&stream, end_lsn);
                         batch.commit = None;
@@ -241,7 +260,7 @@ impl PostgresSource {
                     let message = pgoutput::decode(data).map_err(|e| Failure::Fatal(e.into()))?;
                     self.apply(message, &control, &mut types, &mut relations, transaction.as_mut(), &mut batch).await?;
                     if batch.events.len() >= self.config.max_batch {
-                        self.flush(&mut batch, &stream, shutdown).await?;
+                        self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
@@ -252,7 +271,7 @@ impl PostgresSource {
                     self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
                     // Caught up with nothing in flight: confirm the server's position, so a quiet
                     // publication on a busy database does not pin WAL.
-                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() {
+                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() && storing.is_none() {
                         self.confirm(&stream, wal_end);
                     }
                 }
@@ -373,21 +392,50 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Publishes the batch through the routes, retrying until JetStream has stored it (reading
-    /// pauses meanwhile), then confirms the newest commit it completes.
-    async fn flush(
-        &self,
+    /// Prepares the batch (plugin chains, envelopes) while the batch before it is still being
+    /// stored, then, once that one is stored and confirmed, starts storing this one. Sends stay
+    /// one batch after the other, so order and retries are as for a single batch; the reading
+    /// loop polls the storing and confirms the newest commit the batch completes.
+    async fn flush<'a>(
+        &'a self,
         batch: &mut Batch,
         stream: &ReplicationClient,
         shutdown: &mut watch::Receiver<bool>,
+        storing: &mut Option<Storing<'a>>,
     ) -> Result<(), Failure> {
         let events = std::mem::take(&mut batch.events);
         batch.started = None;
-        self.store(events, shutdown).await?;
-        if let Some(commit) = batch.commit.take() {
+        let previous = storing.take();
+        let (prepared, previous) = futures::join!(self.prepare(events, shutdown), async move {
+            match previous {
+                Some(Storing { publishing, commit }) => publishing.await.map(|()| commit),
+                None => Ok(None),
+            }
+        });
+        let previous_commit = previous?;
+        let prepared = prepared?;
+        if let Some(commit) = previous_commit {
             self.confirm(stream, commit);
         }
+        let mut shutdown = shutdown.clone();
+        *storing = Some(Storing {
+            publishing: Box::pin(async move { self.publish_prepared(prepared, &mut shutdown).await }),
+            commit: batch.commit.take(),
+        });
         Ok(())
+    }
+
+    /// A batch is stored: confirms the newest commit it completes and, when nothing has been
+    /// read since, the commit of transactions read meanwhile that had nothing to store.
+    fn stored(&self, stream: &ReplicationClient, commit: Option<Lsn>, batch: &mut Batch) {
+        if let Some(commit) = commit {
+            self.confirm(stream, commit);
+        }
+        if batch.events.is_empty()
+            && let Some(commit) = batch.commit.take()
+        {
+            self.confirm(stream, commit);
+        }
     }
 
     /// Runs a route's chain; while one of its plugins is unloaded (file removed), waits for it to
@@ -402,7 +450,10 @@ impl PostgresSource {
         loop {
             match self.pipeline.process(route, events).await {
                 Ok(dispositions) => {
-                    self.status.paused.store(false, Ordering::Relaxed);
+                    // Only its own pause: the batch before may still be waiting for NATS.
+                    if warned {
+                        self.status.paused.store(false, Ordering::Relaxed);
+                    }
                     return Ok(dispositions);
                 }
                 Err(unavailable) => {
@@ -419,9 +470,15 @@ impl PostgresSource {
         }
     }
 
-    /// Routes and stores `events` in order. Consecutive events of one route are published
-    /// together; a publish that fails is retried with the same ids until it succeeds.
+    /// Routes and stores `events` in order; see [`Self::prepare`] and [`Self::publish_prepared`].
     async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        let prepared = self.prepare(events, shutdown).await?;
+        self.publish_prepared(prepared, shutdown).await
+    }
+
+    /// Runs `events` through their routes' plugin chains, in order: the messages to store, by
+    /// consecutive runs of one route.
+    async fn prepare(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<Prepared, Failure> {
         let mut runs: Vec<(usize, Vec<Event>)> = Vec::new();
         self.metrics.received_many("postgres", events.len());
         for event in events {
@@ -434,6 +491,7 @@ impl PostgresSource {
                 _ => runs.push((route, vec![event])),
             }
         }
+        let mut prepared = Vec::with_capacity(runs.len());
         for (route, run) in runs {
             let route_name = self.pipeline.route(route).name.clone();
             let started = Instant::now();
@@ -470,9 +528,17 @@ impl PostgresSource {
                     Disposition::Dropped => self.metrics.dropped("postgres", &route_name),
                 }
             }
-            if messages.is_empty() {
-                continue;
+            if !messages.is_empty() {
+                prepared.push((route_name, messages));
             }
+        }
+        Ok(prepared)
+    }
+
+    /// Stores prepared messages in order. A publish that fails is retried with the same ids
+    /// until it succeeds; a change NATS refuses for good is replaced by its dead letter.
+    async fn publish_prepared(&self, prepared: Prepared, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        for (route_name, messages) in prepared {
             let published_started = Instant::now();
             if let Err(refusal) = self.publish_until_stored(&messages, shutdown).await? {
                 // One of them can never be stored (too large, …): store the others one by one and
