@@ -590,27 +590,71 @@ fn cloudevent(event: &Event) -> Vec<u8> {
     serialize_sized(&envelope, event)
 }
 
+/// The event fields its headers carry, owned: taken from an event that becomes a message (no
+/// copies on the hot path), or copied from one that is kept (a dead letter's original).
+struct HeaderFields {
+    id: String,
+    source: String,
+    entity: String,
+    op: String,
+    position: Option<String>,
+    key: Option<String>,
+    own: Vec<(String, String)>,
+}
+
+impl HeaderFields {
+    fn copied(event: &Event) -> HeaderFields {
+        HeaderFields {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            entity: event.entity.clone(),
+            op: event.op.clone(),
+            position: event.position.clone(),
+            key: event.key.clone(),
+            own: event.headers.clone(),
+        }
+    }
+
+    fn taken(event: &mut Event) -> HeaderFields {
+        use std::mem::take;
+        HeaderFields {
+            id: take(&mut event.id),
+            source: take(&mut event.source),
+            entity: take(&mut event.entity),
+            op: take(&mut event.op),
+            position: event.position.take(),
+            key: event.key.take(),
+            own: take(&mut event.headers),
+        }
+    }
+}
+
+/// [`header_value`] of an owned text: no copy unless it has line breaks.
+fn owned_header_value(text: String) -> String {
+    if text.contains(['\r', '\n']) { header_value(&text) } else { text }
+}
+
 /// Host headers (which win over plugin headers of the same name), then the event's own.
-fn headers_for(event: &Event, content_type: &'static str) -> Headers {
-    let mut headers = Headers::with_capacity(event.headers.len());
-    headers.append(HeaderName::from_static(MSG_ID), header_value(&event.id));
-    headers.append(HeaderName::from_static("Weir-Source"), header_value(&event.source));
-    headers.append(HeaderName::from_static("Weir-Entity"), header_value(&event.entity));
-    headers.append(HeaderName::from_static("Weir-Op"), header_value(&event.op));
+fn headers_for(fields: HeaderFields, content_type: &'static str) -> Headers {
+    let mut headers = Headers::with_capacity(fields.own.len());
+    headers.append(HeaderName::from_static(MSG_ID), owned_header_value(fields.id));
+    headers.append(HeaderName::from_static("Weir-Source"), owned_header_value(fields.source));
+    headers.append(HeaderName::from_static("Weir-Entity"), owned_header_value(fields.entity));
+    headers.append(HeaderName::from_static("Weir-Op"), owned_header_value(fields.op));
     headers.append(HeaderName::from_static("Content-Type"), content_type.to_string());
-    if let Some(position) = &event.position {
-        headers.append(HeaderName::from_static("Weir-Position"), header_value(position));
+    if let Some(position) = fields.position {
+        headers.append(HeaderName::from_static("Weir-Position"), owned_header_value(position));
     }
-    if let Some(key) = &event.key {
-        headers.append(HeaderName::from_static("Weir-Key"), header_value(key));
+    if let Some(key) = fields.key {
+        headers.append(HeaderName::from_static("Weir-Key"), owned_header_value(key));
     }
-    for (name, value) in &event.headers {
+    for (name, value) in fields.own {
         // Plugins' headers are checked when they return; this also covers sources' own.
-        if valid_header_name(name)
-            && !HOST_HEADERS.iter().any(|host| host.eq_ignore_ascii_case(name))
+        if valid_header_name(&name)
+            && !HOST_HEADERS.iter().any(|host| host.eq_ignore_ascii_case(&name))
             && let Ok(name) = HeaderName::try_from(name.as_str())
         {
-            headers.append(name, header_value(value));
+            headers.append(name, owned_header_value(value));
         }
     }
     headers
@@ -619,17 +663,18 @@ fn headers_for(event: &Event, content_type: &'static str) -> Headers {
 fn to_message(route: &Route, mut event: Event) -> Message {
     let content_type =
         if route.envelope == Envelope::Cloudevents { "application/cloudevents+json" } else { "application/json" };
-    let headers = headers_for(&event, content_type);
+    // The payload first: it reads the fields the headers then take.
     let payload = match route.envelope {
         Envelope::Weir => weir_envelope_bytes(&event),
         Envelope::Data => std::mem::take(&mut event.data),
         Envelope::Cloudevents => cloudevent(&event),
     };
+    let headers = headers_for(HeaderFields::taken(&mut event), content_type);
     Message { subject: event.subject, headers, payload: payload.into() }
 }
 
 fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, message: &str) -> Message {
-    let mut headers = headers_for(original, "application/json");
+    let mut headers = headers_for(HeaderFields::copied(original), "application/json");
     // A distinct id: a later successful retry of the same event must not be deduplicated
     // against its dead letter.
     headers.set(HeaderName::from_static(MSG_ID), header_value(&format!("dlq:{}", original.id)));
@@ -705,13 +750,14 @@ mod tests {
         e.subject = "weir.orders.insert".into();
         e.headers.push(("bad name".into(), "dropped".into()));
         e.entity = "orders\r\nInjected: 1".into();
-        let headers = headers_for(&e, "application/json");
+        let headers = headers_for(HeaderFields::copied(&e), "application/json");
         assert_eq!(headers.get("Nats-Msg-Id"), Some("e1"));
         assert_eq!(headers.get("x-a"), Some("1"));
         assert_eq!(headers.get("Weir-Entity"), Some("orders  Injected: 1"));
         let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
         assert!(!names.contains(&"bad name") && !names.contains(&"Injected"), "{names:?}");
         assert_eq!(headers.len(), 7, "spoofed id and bad name left out: {headers:?}");
+        assert_eq!(headers_for(HeaderFields::taken(&mut e.clone()), "application/json"), headers);
         let envelope = weir_envelope(&e);
         assert_eq!(envelope["data"], json!({"a": 1}));
         assert_eq!(envelope["key"], "k.1");
