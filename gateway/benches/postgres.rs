@@ -75,6 +75,19 @@ struct CpuPerRow {
     weir: f64,
     nats: f64,
     walsender: f64,
+    /// Percent of the machine's CPU time left idle meanwhile: pauses between the three
+    /// processes' work (a pipeline bubble) show here, not in their CPU per row.
+    idle_percent: f64,
+}
+
+/// The machine's (busy, idle) CPU ticks since boot, from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal …
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (ticks.iter().take(8).sum::<u64>() - idle, idle)
 }
 
 /// Seconds from the gateway's start until the stream holds `target` messages, and the CPU each
@@ -83,7 +96,7 @@ async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, G
     let started = Instant::now();
     let gateway = Gateway::start(config);
     let nats_pid = nats.pid().unwrap_or(0);
-    let mut first: Option<(u64, f64, f64, f64, Option<u32>)> = None;
+    let mut first: Option<(u64, f64, f64, f64, Option<u32>, (u64, u64))> = None;
     loop {
         let count = stream_count(nats).await;
         if first.is_none() && count > 0 {
@@ -94,6 +107,7 @@ async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, G
                 cpu_seconds(nats_pid),
                 walsender.map_or(0.0, cpu_seconds),
                 walsender,
+                machine_ticks(),
             ));
         }
         if count >= target {
@@ -104,9 +118,12 @@ async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, G
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = match first {
-        Some((count, weir, nats_cpu, walsender, walsender_pid)) if count < target => {
+        Some((count, weir, nats_cpu, walsender, walsender_pid, (busy, idle))) if count < target => {
             let rows = (target - count) as f64 / 1e6;
+            let (busy_now, idle_now) = machine_ticks();
+            let (busy, idle) = (busy_now.saturating_sub(busy) as f64, idle_now.saturating_sub(idle) as f64);
             CpuPerRow {
+                idle_percent: if busy + idle > 0.0 { 100.0 * idle / (busy + idle) } else { 0.0 },
                 weir: (cpu_seconds(gateway.pid()) - weir) / rows,
                 nats: (cpu_seconds(nats_pid) - nats_cpu) / rows,
                 walsender: walsender_pid.map_or(0.0, |pid| (cpu_seconds(pid) - walsender) / rows),
@@ -247,12 +264,13 @@ async fn soak(rows: i64, per_txn: i64) {
     let (seconds, gateway, cpu) = catch_up(&nats, &config, &capture.name, rows as u64).await;
     drop(gateway);
     eprintln!(
-        "{rows} rows in {seconds:.1} s ({:.0} rows/s since start; first-to-last {:.0}); CPU µs per row: weir {:.1}, nats-server {:.1}, walsender {:.1}",
+        "{rows} rows in {seconds:.1} s ({:.0} rows/s since start; first-to-last {:.0}); CPU µs per row: weir {:.1}, nats-server {:.1}, walsender {:.1}; machine idle {:.0} %",
         rows as f64 / started.elapsed().as_secs_f64(),
         (rows - 1) as f64 / stored_span(&nats).await,
         cpu.weir,
         cpu.nats,
-        cpu.walsender
+        cpu.walsender,
+        cpu.idle_percent
     );
     capture.cleanup().await;
 }
@@ -326,10 +344,11 @@ async fn main() {
         let ranges = (range(&decode), range(&bare), range(&weir));
         let per_row = |pick: fn(&CpuPerRow) -> f64| median(&mut cpus.iter().map(pick).collect::<Vec<_>>());
         let cpu_note = format!(
-            "CPU per row (median): weir {:.1} µs, nats-server {:.1} µs, walsender {:.1} µs",
+            "CPU per row (median): weir {:.1} µs, nats-server {:.1} µs, walsender {:.1} µs; machine idle {:.0} %",
             per_row(|c| c.weir),
             per_row(|c| c.nats),
-            per_row(|c| c.walsender)
+            per_row(|c| c.walsender),
+            per_row(|c| c.idle_percent)
         );
         let (decode, bare, weir, with_start_up) =
             (median(&mut decode), median(&mut bare), median(&mut weir), median(&mut with_start_up));
