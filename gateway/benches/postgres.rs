@@ -96,19 +96,29 @@ async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, G
     let started = Instant::now();
     let gateway = Gateway::start(config);
     let nats_pid = nats.pid().unwrap_or(0);
-    let mut first: Option<(u64, f64, f64, f64, Option<u32>, (u64, u64))> = None;
+    // At the first row stored: rows, CPU seconds of weir, nats-server and the walsender, the
+    // walsender's pid, the machine's ticks.
+    struct Mark {
+        count: u64,
+        weir: f64,
+        nats: f64,
+        walsender: f64,
+        walsender_pid: Option<u32>,
+        ticks: (u64, u64),
+    }
+    let mut first: Option<Mark> = None;
     loop {
         let count = stream_count(nats).await;
         if first.is_none() && count > 0 {
-            let walsender = walsender_pid(slot).await;
-            first = Some((
+            let walsender_pid = walsender_pid(slot).await;
+            first = Some(Mark {
                 count,
-                cpu_seconds(gateway.pid()),
-                cpu_seconds(nats_pid),
-                walsender.map_or(0.0, cpu_seconds),
-                walsender,
-                machine_ticks(),
-            ));
+                weir: cpu_seconds(gateway.pid()),
+                nats: cpu_seconds(nats_pid),
+                walsender: walsender_pid.map_or(0.0, cpu_seconds),
+                walsender_pid,
+                ticks: machine_ticks(),
+            });
         }
         if count >= target {
             break;
@@ -118,15 +128,16 @@ async fn catch_up(nats: &Nats, config: &str, slot: &str, target: u64) -> (f64, G
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = match first {
-        Some((count, weir, nats_cpu, walsender, walsender_pid, (busy, idle))) if count < target => {
-            let rows = (target - count) as f64 / 1e6;
+        Some(mark) if mark.count < target => {
+            let rows = (target - mark.count) as f64 / 1e6;
             let (busy_now, idle_now) = machine_ticks();
-            let (busy, idle) = (busy_now.saturating_sub(busy) as f64, idle_now.saturating_sub(idle) as f64);
+            let busy = busy_now.saturating_sub(mark.ticks.0) as f64;
+            let idle = idle_now.saturating_sub(mark.ticks.1) as f64;
             CpuPerRow {
                 idle_percent: if busy + idle > 0.0 { 100.0 * idle / (busy + idle) } else { 0.0 },
-                weir: (cpu_seconds(gateway.pid()) - weir) / rows,
-                nats: (cpu_seconds(nats_pid) - nats_cpu) / rows,
-                walsender: walsender_pid.map_or(0.0, |pid| (cpu_seconds(pid) - walsender) / rows),
+                weir: (cpu_seconds(gateway.pid()) - mark.weir) / rows,
+                nats: (cpu_seconds(nats_pid) - mark.nats) / rows,
+                walsender: mark.walsender_pid.map_or(0.0, |pid| (cpu_seconds(pid) - mark.walsender) / rows),
             }
         }
         _ => CpuPerRow::default(),
