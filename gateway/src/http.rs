@@ -693,8 +693,7 @@ impl<'a> StripeOrder<'a> {
 }
 
 impl SendOrder for StripeOrder<'_> {
-    // Unsent ones fail (503) rather than go out later, so the locks may go either way.
-    fn sent(&mut self, _every_one: bool) {
+    fn sent(&mut self) {
         self.guards.clear();
     }
 

@@ -608,18 +608,13 @@ impl Sink {
         // at once instead of holding the caller (and its key locks) for another `ack_timeout`.
         let stopped = &tokio::sync::Notify::new();
         let send_all = async move {
-            let mut every_one = true;
             for &index in due {
                 let message = &messages[index];
                 {
                     let mut progress = lock(progress);
                     match progress.failures.blocking(message) {
-                        Blocked::Stop => {
-                            every_one = false;
-                            break;
-                        }
+                        Blocked::Stop => break,
                         Blocked::Key(error) => {
-                            every_one = false;
                             progress.outcomes[index] = Some(Err(error));
                             continue;
                         }
@@ -629,16 +624,12 @@ impl Sink {
                 }
                 let outcome = tokio::select! {
                     biased;
-                    () = stopped.notified() => {
-                        every_one = false;
-                        break;
-                    }
+                    () = stopped.notified() => break,
                     outcome = acks.send(call, index, message, &answers_to) => outcome,
                 };
                 match outcome {
                     Ok(()) => sent[index] = true,
                     Err(error) => {
-                        every_one = false;
                         let error = match error {
                             SendError::Closed => SinkError::Disconnected,
                             SendError::Refused(text) => SinkError::Refused(text),
@@ -652,7 +643,7 @@ impl Sink {
                     }
                 }
             }
-            order.sent(every_one);
+            order.sent();
             // Dropping `answers_to` here lets `answers` end once every send is answered.
         };
         let await_all = async {
@@ -764,10 +755,9 @@ fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress, reas
 /// How a caller keeps order across concurrent publishes (HTTP's per-key locks). One
 /// connection stores what it sends in the order sent, so only a resend could overtake.
 pub trait SendOrder: Send {
-    /// This attempt's sends are all queued on the connection, in order: later publishers may
-    /// send now. `every_one` is false when some were not sent (a refusal, a key blocked behind
-    /// one, NATS gone): those may yet go out after a later publisher's.
-    fn sent(&mut self, every_one: bool);
+    /// This attempt's messages are all queued on the connection, in order: later publishers
+    /// may send now.
+    fn sent(&mut self);
     /// Before unanswered messages are sent again: whether that still keeps their order (no
     /// later message of theirs was sent meanwhile). `false` fails them instead.
     fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
@@ -777,7 +767,7 @@ pub trait SendOrder: Send {
 pub struct InOrder;
 
 impl SendOrder for InOrder {
-    fn sent(&mut self, _every_one: bool) {}
+    fn sent(&mut self) {}
 
     fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(std::future::ready(true))

@@ -10,7 +10,6 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::sink::Sink;
-use futures::StreamExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,66 +103,12 @@ struct Table {
 /// Messages ready to store, by consecutive runs of one route (its name, its messages).
 type Prepared = Vec<(String, Vec<crate::pipeline::Message>)>;
 
-/// Batches being stored, oldest first, while the next one is read and prepared. A batch starts
-/// sending once the one before has sent everything (not once it is stored), so JetStream is
-/// never idle between batches; each yields the newest commit it completes, confirmed in order.
-#[derive(Default)]
+/// A batch being stored while the next one is read and prepared: JetStream gets the next
+/// batch's sends as soon as this one's last PubAck is in, instead of idling while it is built.
 struct Storing<'a> {
-    batches: futures::stream::FuturesOrdered<futures::future::BoxFuture<'a, Result<Option<Lsn>, Failure>>>,
-    /// Resolves once the newest batch's sends are all out (or it is over).
-    newest_sent: Option<tokio::sync::oneshot::Receiver<()>>,
-    /// Turns true once the newest batch is stored.
-    newest_stored: Option<watch::Receiver<bool>>,
-}
-
-/// Keeps batches' sends in batch order: a batch lets the next one start sending once all of its
-/// first sends are out, and sends nothing again (a resend after a lost PubAck) before the batch
-/// ahead of it is stored. Messages in flight when a connection drops may still be stored out of
-/// order, as within one batch; nothing else is.
-struct BatchOrder {
-    /// Fired once this batch's sends are all out; dropped (also a go-ahead) when it is over.
-    sent: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Whether the run now publishing is the batch's last (earlier runs' sends do not count).
-    last_run: bool,
-    /// A send was held back (refused, blocked behind a refusal, NATS gone): it may go out late,
-    /// so the next batch waits until this one is stored.
-    held_back: bool,
-    /// The batch ahead, until it is stored.
-    ahead: Option<watch::Receiver<bool>>,
-}
-
-impl BatchOrder {
-    /// A batch with no other batch to keep order with (the snapshot's).
-    fn alone() -> BatchOrder {
-        BatchOrder { sent: None, last_run: false, held_back: false, ahead: None }
-    }
-
-    async fn ahead_stored(&mut self) {
-        if let Some(ahead) = self.ahead.as_mut() {
-            // An error means the batch ahead failed: the session is ending anyway.
-            let _ = ahead.wait_for(|stored| *stored).await;
-        }
-        self.ahead = None;
-    }
-}
-
-impl crate::sink::SendOrder for BatchOrder {
-    fn sent(&mut self, every_one: bool) {
-        self.held_back |= !every_one;
-        if self.last_run
-            && !self.held_back
-            && let Some(sent) = self.sent.take()
-        {
-            let _ = sent.send(());
-        }
-    }
-
-    fn may_resend(&mut self) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
-        Box::pin(async move {
-            self.ahead_stored().await;
-            true
-        })
-    }
+    publishing: futures::future::BoxFuture<'a, Result<(), Failure>>,
+    /// The newest commit this batch completes, confirmed once it is stored.
+    commit: Option<Lsn>,
 }
 
 /// Events read but not yet stored, and the newest commit they complete.
@@ -252,15 +197,21 @@ impl PostgresSource {
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
         let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
-        let mut storing = Storing::default();
+        let mut storing: Option<Storing<'_>> = None;
         loop {
             let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
             let next = tokio::select! {
                 biased;
                 _ = shutdown.changed() => None,
-                Some(stored) = storing.batches.next(), if !storing.batches.is_empty() => {
-                    let commit = stored?;
-                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
+                stored = async {
+                    match storing.as_mut() {
+                        Some(storing) => storing.publishing.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if storing.is_some() => {
+                    stored?;
+                    let commit = storing.take().and_then(|s| s.commit);
+                    self.stored(&stream, commit, &mut batch);
                     continue;
                 }
                 event = stream.recv() => Some(event),
@@ -271,10 +222,12 @@ impl PostgresSource {
                 }
             };
             let Some(event) = next else {
-                // Shutting down: the batches being stored are finished (their sleeps end at
-                // shutdown); nothing half-read is confirmed, the slot replays it next time.
-                while let Some(Ok(commit)) = storing.batches.next().await {
-                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
+                // Shutting down: the batch being stored is finished (its sleeps end at shutdown);
+                // nothing half-read is confirmed, the slot replays it next time.
+                if let Some(Storing { publishing, commit }) = storing.take()
+                    && publishing.await.is_ok()
+                {
+                    self.stored(&stream, commit, &mut batch);
                 }
                 let _ = stream.shutdown().await;
                 return Ok(());
@@ -297,7 +250,7 @@ impl PostgresSource {
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     transaction = None;
                     batch.commit = Some(end_lsn);
-                    if batch.events.is_empty() && storing.batches.is_empty() {
+                    if batch.events.is_empty() && storing.is_none() {
                         // Nothing to store (all filtered by the publication): confirm now.
                         self.confirm(&stream, end_lsn);
                         batch.commit = None;
@@ -318,11 +271,7 @@ impl PostgresSource {
                     self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
                     // Caught up with nothing in flight: confirm the server's position, so a quiet
                     // publication on a busy database does not pin WAL.
-                    if transaction.is_none()
-                        && batch.events.is_empty()
-                        && batch.commit.is_none()
-                        && storing.batches.is_empty()
-                    {
+                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() && storing.is_none() {
                         self.confirm(&stream, wal_end);
                     }
                 }
@@ -443,63 +392,46 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Prepares the batch (plugin chains, envelopes) while the batches before it are stored,
-    /// then, once the newest of them has sent everything, starts storing this one behind it (see
-    /// [`BatchOrder`]). The reading loop polls the batches being stored and confirms, in order,
-    /// the newest commit each completes.
+    /// Prepares the batch (plugin chains, envelopes) while the batch before it is still being
+    /// stored, then, once that one is stored and confirmed, starts storing this one. Sends stay
+    /// one batch after the other, so order and retries are as for a single batch; the reading
+    /// loop polls the storing and confirms the newest commit the batch completes.
     async fn flush<'a>(
         &'a self,
         batch: &mut Batch,
         stream: &ReplicationClient,
         shutdown: &mut watch::Receiver<bool>,
-        storing: &mut Storing<'a>,
+        storing: &mut Option<Storing<'a>>,
     ) -> Result<(), Failure> {
         let events = std::mem::take(&mut batch.events);
         batch.started = None;
-        let commit = batch.commit.take();
-        let newest_sent = storing.newest_sent.take();
-        let batches = &mut storing.batches;
-        let (prepared, ahead) = futures::join!(self.prepare(events, shutdown), async {
-            // Keep the batches ahead moving (confirming those stored) until the newest one's
-            // sends are out.
-            let Some(mut newest_sent) = newest_sent else { return Ok(()) };
-            loop {
-                tokio::select! {
-                    biased;
-                    Some(stored) = batches.next(), if !batches.is_empty() => {
-                        if let Some(commit) = stored? {
-                            self.confirm(stream, commit);
-                        }
-                    }
-                    _ = &mut newest_sent => return Ok(()),
-                }
+        let previous = storing.take();
+        let (prepared, previous) = futures::join!(self.prepare(events, shutdown), async move {
+            match previous {
+                Some(Storing { publishing, commit }) => publishing.await.map(|()| commit),
+                None => Ok(None),
             }
         });
-        ahead?;
+        let previous_commit = previous?;
         let prepared = prepared?;
-        let (sent, newest_sent) = tokio::sync::oneshot::channel();
-        let (stored, newest_stored) = watch::channel(false);
-        let ahead = storing.newest_stored.replace(newest_stored);
-        storing.newest_sent = Some(newest_sent);
+        if let Some(commit) = previous_commit {
+            self.confirm(stream, commit);
+        }
         let mut shutdown = shutdown.clone();
-        storing.batches.push_back(Box::pin(async move {
-            let mut order = BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead };
-            self.publish_prepared(prepared, &mut order, &mut shutdown).await?;
-            let _ = stored.send(true);
-            Ok(commit)
-        }));
+        *storing = Some(Storing {
+            publishing: Box::pin(async move { self.publish_prepared(prepared, &mut shutdown).await }),
+            commit: batch.commit.take(),
+        });
         Ok(())
     }
 
-    /// A batch is stored: confirms the newest commit it completes and, once every batch is
-    /// stored and nothing has been read since, the commit of transactions read meanwhile that
-    /// had nothing to store.
-    fn stored(&self, stream: &ReplicationClient, commit: Option<Lsn>, batch: &mut Batch, all_stored: bool) {
+    /// A batch is stored: confirms the newest commit it completes and, when nothing has been
+    /// read since, the commit of transactions read meanwhile that had nothing to store.
+    fn stored(&self, stream: &ReplicationClient, commit: Option<Lsn>, batch: &mut Batch) {
         if let Some(commit) = commit {
             self.confirm(stream, commit);
         }
-        if all_stored
-            && batch.events.is_empty()
+        if batch.events.is_empty()
             && let Some(commit) = batch.commit.take()
         {
             self.confirm(stream, commit);
@@ -541,7 +473,7 @@ impl PostgresSource {
     /// Routes and stores `events` in order; see [`Self::prepare`] and [`Self::publish_prepared`].
     async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let prepared = self.prepare(events, shutdown).await?;
-        self.publish_prepared(prepared, &mut BatchOrder::alone(), shutdown).await
+        self.publish_prepared(prepared, shutdown).await
     }
 
     /// Runs `events` through their routes' plugin chains, in order: the messages to store, by
@@ -603,29 +535,19 @@ impl PostgresSource {
         Ok(prepared)
     }
 
-    /// Stores prepared messages in order, behind the batch ahead (`order`). A publish that fails
-    /// is retried with the same ids until it succeeds; a change NATS refuses for good is
-    /// replaced by its dead letter.
-    async fn publish_prepared(
-        &self,
-        prepared: Prepared,
-        order: &mut BatchOrder,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), Failure> {
-        let runs = prepared.len();
-        for (run, (route_name, messages)) in prepared.into_iter().enumerate() {
+    /// Stores prepared messages in order. A publish that fails is retried with the same ids
+    /// until it succeeds; a change NATS refuses for good is replaced by its dead letter.
+    async fn publish_prepared(&self, prepared: Prepared, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        for (route_name, messages) in prepared {
             let published_started = Instant::now();
-            order.last_run = run + 1 == runs;
-            if let Err(refusal) = self.publish_until_stored(&messages, order, shutdown).await? {
+            if let Err(refusal) = self.publish_until_stored(&messages, shutdown).await? {
                 // One of them can never be stored (too large, …): store the others one by one and
                 // a dead letter for each refused change, so the stream does not stall on it.
                 tracing::warn!(%refusal, "NATS refused a change; storing the batch one by one");
                 for message in &messages {
-                    if let Err(refusal) =
-                        self.publish_until_stored(std::slice::from_ref(message), order, shutdown).await?
-                    {
+                    if let Err(refusal) = self.publish_until_stored(std::slice::from_ref(message), shutdown).await? {
                         let letter = refused_letter(message, &refusal);
-                        self.store_dead_letter(message, &letter, order, shutdown).await?;
+                        self.store_dead_letter(message, &letter, shutdown).await?;
                         self.metrics.dead_lettered("postgres", &route_name);
                     }
                 }
@@ -773,7 +695,6 @@ impl PostgresSource {
     async fn publish_until_stored(
         &self,
         messages: &[crate::pipeline::Message],
-        order: &mut BatchOrder,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Result<(), String>, Failure> {
         use crate::sink::SinkError;
@@ -782,14 +703,8 @@ impl PostgresSource {
         // long wait would outlast `duplicate_window`, and a full stream needs the room).
         let mut pending: Vec<crate::pipeline::Message> = Vec::new();
         loop {
-            let sending = if pending.is_empty() {
-                messages
-            } else {
-                // Sent again: only behind the batch ahead, so it cannot overtake that one's resends.
-                order.ahead_stored().await;
-                &pending[..]
-            };
-            let outcomes = self.sink.publish_ordered(sending, order).await;
+            let sending = if pending.is_empty() { messages } else { &pending[..] };
+            let outcomes = self.sink.publish_each(sending).await;
             let mut unstored = Vec::new();
             let mut failure = None;
             for (message, outcome) in sending.iter().zip(outcomes) {
@@ -824,11 +739,10 @@ impl PostgresSource {
         &self,
         change: &crate::pipeline::Message,
         letter: &crate::pipeline::Message,
-        order: &mut BatchOrder,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Failure> {
         let mut pause = Duration::from_secs(1);
-        while let Err(refusal) = self.publish_until_stored(std::slice::from_ref(letter), order, shutdown).await? {
+        while let Err(refusal) = self.publish_until_stored(std::slice::from_ref(letter), shutdown).await? {
             self.status.paused.store(true, Ordering::Relaxed);
             tracing::error!(
                 id = change.id(),
@@ -929,48 +843,5 @@ fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pi
         subject: format!("weir.dlq.{}", crate::subject::token(&entity)),
         headers,
         payload: body.to_string().into_bytes().into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sink::SendOrder;
-    use futures::FutureExt;
-    use tokio::sync::oneshot::{self, error::TryRecvError};
-
-    fn order(ahead: Option<watch::Receiver<bool>>) -> (BatchOrder, oneshot::Receiver<()>) {
-        let (sent, next_may_send) = oneshot::channel();
-        (BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead }, next_may_send)
-    }
-
-    #[test]
-    fn the_next_batch_may_send_once_the_last_runs_sends_are_all_out() {
-        let (mut order, mut next_may_send) = order(None);
-        order.sent(true);
-        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Empty), "an earlier run's sends do not count");
-        order.last_run = true;
-        order.sent(true);
-        assert_eq!(next_may_send.try_recv(), Ok(()));
-    }
-
-    #[test]
-    fn a_send_held_back_keeps_the_next_batch_waiting_until_the_batch_is_over() {
-        let (mut order, mut next_may_send) = order(None);
-        order.sent(false);
-        order.last_run = true;
-        order.sent(true);
-        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Empty), "a held-back send may still go out late");
-        drop(order);
-        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Closed));
-    }
-
-    #[tokio::test]
-    async fn a_resend_waits_until_the_batch_ahead_is_stored() {
-        let (stored, ahead) = watch::channel(false);
-        let (mut order, _) = order(Some(ahead));
-        assert_eq!(order.may_resend().now_or_never(), None, "the batch ahead is not stored yet");
-        stored.send(true).unwrap();
-        assert!(order.may_resend().await);
     }
 }
