@@ -693,7 +693,8 @@ impl<'a> StripeOrder<'a> {
 }
 
 impl SendOrder for StripeOrder<'_> {
-    fn sent(&mut self) {
+    // Unsent ones fail (503) rather than go out later, so the locks may go either way.
+    fn sent(&mut self, _every_one: bool) {
         self.guards.clear();
     }
 

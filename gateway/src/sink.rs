@@ -478,6 +478,9 @@ impl Sink {
         order: &mut dyn SendOrder,
     ) -> Vec<Result<Published, SinkError>> {
         if !self.connected() {
+            if let Some(trouble) = order.trouble() {
+                trouble.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             return messages.iter().map(|_| Err(SinkError::Disconnected)).collect();
         }
         match &self.jetstream {
@@ -536,7 +539,7 @@ impl Sink {
         let progress = Mutex::new(Progress {
             outcomes: vec![None; messages.len()],
             not_stored: vec![false; messages.len()],
-            failures: Failures::default(),
+            failures: Failures { trouble: order.trouble(), ..Failures::default() },
         });
         // Which messages have gone out at least once.
         let mut sent = vec![false; messages.len()];
@@ -608,13 +611,23 @@ impl Sink {
         // at once instead of holding the caller (and its key locks) for another `ack_timeout`.
         let stopped = &tokio::sync::Notify::new();
         let send_all = async move {
+            let mut every_one = true;
             for &index in due {
                 let message = &messages[index];
+                if order.hold_sends() {
+                    // Left unanswered: sent again later, behind the publisher in trouble.
+                    every_one = false;
+                    break;
+                }
                 {
                     let mut progress = lock(progress);
                     match progress.failures.blocking(message) {
-                        Blocked::Stop => break,
+                        Blocked::Stop => {
+                            every_one = false;
+                            break;
+                        }
                         Blocked::Key(error) => {
+                            every_one = false;
                             progress.outcomes[index] = Some(Err(error));
                             continue;
                         }
@@ -624,12 +637,16 @@ impl Sink {
                 }
                 let outcome = tokio::select! {
                     biased;
-                    () = stopped.notified() => break,
+                    () = stopped.notified() => {
+                        every_one = false;
+                        break;
+                    }
                     outcome = acks.send(call, index, message, &answers_to) => outcome,
                 };
                 match outcome {
                     Ok(()) => sent[index] = true,
                     Err(error) => {
+                        every_one = false;
                         let error = match error {
                             SendError::Closed => SinkError::Disconnected,
                             SendError::Refused(text) => SinkError::Refused(text),
@@ -643,7 +660,7 @@ impl Sink {
                     }
                 }
             }
-            order.sent();
+            order.sent(every_one);
             // Dropping `answers_to` here lets `answers` end once every send is answered.
         };
         let await_all = async {
@@ -672,7 +689,7 @@ impl Sink {
                                     // Not stored: left unanswered, to be sent again.
                                     let mut progress = lock(progress);
                                     progress.not_stored[index] = true;
-                                    progress.failures.stop.get_or_insert(error);
+                                    progress.failures.stop_with(error);
                                     continue;
                                 }
                                 Err(error)
@@ -706,6 +723,7 @@ impl Sink {
                             None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(SinkError::Timeout),
                             Some(_) => {}
                         }
+                        progress.failures.raise();
                         drop(progress);
                         acks.abandon(call);
                         stopped.notify_one();
@@ -755,19 +773,30 @@ fn resendable(messages: &[Message], sent: &[bool], progress: &mut Progress, reas
 /// How a caller keeps order across concurrent publishes (HTTP's per-key locks). One
 /// connection stores what it sends in the order sent, so only a resend could overtake.
 pub trait SendOrder: Send {
-    /// This attempt's messages are all queued on the connection, in order: later publishers
-    /// may send now.
-    fn sent(&mut self);
+    /// This attempt's sends are all queued on the connection, in order: later publishers may
+    /// send now. `every_one` is false when some were not sent (a refusal, a key blocked behind
+    /// one, NATS gone): those may yet go out after a later publisher's.
+    fn sent(&mut self, every_one: bool);
     /// Before unanswered messages are sent again: whether that still keeps their order (no
     /// later message of theirs was sent meanwhile). `false` fails them instead.
     fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    /// A flag the call raises as soon as one of its messages is not stored (no answer, no
+    /// leader, refused, full, connection lost), for publishers behind it (see `hold_sends`).
+    fn trouble(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
+    /// Asked before each send: stop sending, because a publisher ahead is in trouble. What is
+    /// not sent is left unanswered, to be sent again behind it.
+    fn hold_sends(&self) -> bool {
+        false
+    }
 }
 
 /// No order to keep beyond the call's own.
 pub struct InOrder;
 
 impl SendOrder for InOrder {
-    fn sent(&mut self) {}
+    fn sent(&mut self, _every_one: bool) {}
 
     fn may_resend(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(std::future::ready(true))
@@ -793,6 +822,8 @@ struct Failures {
     stop: Option<SinkError>,
     /// Entity and key of refused messages: later messages of theirs are held back.
     keys: std::collections::HashMap<(String, String), SinkError>,
+    /// The caller's trouble flag ([`SendOrder::trouble`]), raised at the first failure.
+    trouble: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 enum Blocked {
@@ -809,7 +840,19 @@ fn order_key(message: &Message) -> Option<(String, String)> {
 }
 
 impl Failures {
+    fn raise(&self) {
+        if let Some(trouble) = &self.trouble {
+            trouble.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn stop_with(&mut self, error: SinkError) {
+        self.raise();
+        self.stop.get_or_insert(error);
+    }
+
     fn record(&mut self, message: &Message, error: &SinkError) {
+        self.raise();
         match error {
             SinkError::Disconnected | SinkError::Timeout | SinkError::NoLeader { .. } => {
                 self.stop.get_or_insert_with(|| error.clone());
@@ -850,6 +893,16 @@ mod tests {
 
     fn progress(count: usize) -> Progress {
         Progress { outcomes: vec![None; count], not_stored: vec![false; count], failures: Failures::default() }
+    }
+
+    #[test]
+    fn any_failure_raises_the_callers_trouble_flag() {
+        for error in [SinkError::Timeout, SinkError::Full("full".into()), SinkError::Refused("no".into())] {
+            let trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut failures = Failures { trouble: Some(trouble.clone()), ..Failures::default() };
+            failures.record(&keyed("1"), &error);
+            assert!(trouble.load(std::sync::atomic::Ordering::Relaxed), "{error}");
+        }
     }
 
     #[test]

@@ -490,6 +490,41 @@ async fn a_change_too_large_for_nats_is_dead_lettered_and_the_stream_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn changes_held_back_behind_a_refused_one_are_stored_before_the_next_batch() {
+    let capture = Capture::new("heldback", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start_with_max_payload(8192);
+    // Batches of three: the first holds row 2's refused insert and the update held back behind
+    // it (stored one by one afterwards); the next batch, ready by then, updates row 2 again.
+    let gateway = Gateway::start(&capture.config(&nats, "max_batch = 3"));
+    wait_ready(&gateway).await;
+    connect()
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {table} VALUES (2, repeat('x', 20000));
+             UPDATE {table} SET pad = 'first' WHERE id = 2;
+             INSERT INTO {table} VALUES (3, 'small');
+             UPDATE {table} SET pad = 'second' WHERE id = 2;
+             INSERT INTO {table} VALUES (4, 'small'), (5, 'small');
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 6).await;
+    assert_eq!(messages.len(), 6, "{}", gateway.log());
+    let updates: Vec<&Value> = messages
+        .iter()
+        .filter(|(subject, _, _)| subject == &format!("weir.public.{table}.update"))
+        .map(|(_, _, envelope)| &envelope["data"]["pad"])
+        .collect();
+    assert_eq!(updates, ["first", "second"], "row 2's updates in commit order");
+    assert!(messages.iter().any(|(subject, _, _)| subject == &format!("weir.dlq.public_{table}")));
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_change_whose_dead_letter_no_stream_takes_holds_capture_until_one_does() {
     let capture = Capture::new("noletter", &[("a", "id bigint PRIMARY KEY, pad text")]).await;
     let table = capture.table("a");

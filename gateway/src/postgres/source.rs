@@ -10,6 +10,7 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::sink::Sink;
+use futures::StreamExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,12 +104,80 @@ struct Table {
 /// Messages ready to store, by consecutive runs of one route (its name, its messages).
 type Prepared = Vec<(String, Vec<crate::pipeline::Message>)>;
 
-/// A batch being stored while the next one is read and prepared: JetStream gets the next
-/// batch's sends as soon as this one's last PubAck is in, instead of idling while it is built.
+/// Batches being stored, oldest first, while the next one is read and prepared. A batch starts
+/// sending once the one before has sent everything (not once it is stored), so JetStream is
+/// never idle between batches; each yields the newest commit it completes, confirmed in order.
+#[derive(Default)]
 struct Storing<'a> {
-    publishing: futures::future::BoxFuture<'a, Result<(), Failure>>,
-    /// The newest commit this batch completes, confirmed once it is stored.
-    commit: Option<Lsn>,
+    batches: futures::stream::FuturesOrdered<futures::future::BoxFuture<'a, Result<Option<Lsn>, Failure>>>,
+    /// Resolves once the newest batch's sends are all out (or it is over).
+    newest_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Turns true once the newest batch is stored.
+    newest_stored: Option<watch::Receiver<bool>>,
+    /// Raised by a batch as soon as one of its changes is not stored: batches behind it stop
+    /// sending, and no new batch starts before every batch is stored.
+    trouble: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Keeps batches' sends in batch order, as if they were one batch: a batch lets the next one
+/// start sending once all of its first sends are out; once a change is not stored (no answer, no
+/// leader, refused, full, NATS gone), the batches behind stop sending and none sends again (a
+/// resend) before the batches ahead of it are stored. Messages in flight at the moment a change
+/// fails may still be stored out of order, as within one batch; nothing else is.
+struct BatchOrder {
+    /// Fired once this batch's sends are all out; dropped (also a go-ahead) when it is over.
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Whether the run now publishing is the batch's last (earlier runs' sends do not count).
+    last_run: bool,
+    /// A send was held back (refused, blocked behind a refusal, NATS gone): it may go out late,
+    /// so the next batch waits until this one is stored.
+    held_back: bool,
+    /// The batch ahead, until it is stored.
+    ahead: Option<watch::Receiver<bool>>,
+    /// The batches' shared trouble flag ([`Storing::trouble`]).
+    trouble: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BatchOrder {
+    /// A batch with no other batch to keep order with (the snapshot's).
+    fn alone() -> BatchOrder {
+        BatchOrder { sent: None, last_run: false, held_back: false, ahead: None, trouble: Arc::default() }
+    }
+
+    async fn ahead_stored(&mut self) {
+        if let Some(ahead) = self.ahead.as_mut() {
+            // An error means the batch ahead failed: the session is ending anyway.
+            let _ = ahead.wait_for(|stored| *stored).await;
+        }
+        self.ahead = None;
+    }
+}
+
+impl crate::sink::SendOrder for BatchOrder {
+    fn sent(&mut self, every_one: bool) {
+        self.held_back |= !every_one;
+        if self.last_run
+            && !self.held_back
+            && let Some(sent) = self.sent.take()
+        {
+            let _ = sent.send(());
+        }
+    }
+
+    fn may_resend(&mut self) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            self.ahead_stored().await;
+            true
+        })
+    }
+
+    fn trouble(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        Some(self.trouble.clone())
+    }
+
+    fn hold_sends(&self) -> bool {
+        self.trouble.load(Ordering::Relaxed) && self.ahead.as_ref().is_some_and(|ahead| !*ahead.borrow())
+    }
 }
 
 /// Events read but not yet stored, and the newest commit they complete.
@@ -197,21 +266,15 @@ impl PostgresSource {
         let mut transaction: Option<Transaction> = None;
         let mut batch = Batch::default();
         let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
-        let mut storing: Option<Storing<'_>> = None;
+        let mut storing = Storing::default();
         loop {
             let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
             let next = tokio::select! {
                 biased;
                 _ = shutdown.changed() => None,
-                stored = async {
-                    match storing.as_mut() {
-                        Some(storing) => storing.publishing.as_mut().await,
-                        None => std::future::pending().await,
-                    }
-                }, if storing.is_some() => {
-                    stored?;
-                    let commit = storing.take().and_then(|s| s.commit);
-                    self.stored(&stream, commit, &mut batch);
+                Some(stored) = storing.batches.next(), if !storing.batches.is_empty() => {
+                    let commit = stored?;
+                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
                     continue;
                 }
                 event = stream.recv() => Some(event),
@@ -222,12 +285,10 @@ impl PostgresSource {
                 }
             };
             let Some(event) = next else {
-                // Shutting down: the batch being stored is finished (its sleeps end at shutdown);
-                // nothing half-read is confirmed, the slot replays it next time.
-                if let Some(Storing { publishing, commit }) = storing.take()
-                    && publishing.await.is_ok()
-                {
-                    self.stored(&stream, commit, &mut batch);
+                // Shutting down: the batches being stored are finished (their sleeps end at
+                // shutdown); nothing half-read is confirmed, the slot replays it next time.
+                while let Some(Ok(commit)) = storing.batches.next().await {
+                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
                 }
                 let _ = stream.shutdown().await;
                 return Ok(());
@@ -250,7 +311,7 @@ impl PostgresSource {
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     transaction = None;
                     batch.commit = Some(end_lsn);
-                    if batch.events.is_empty() && storing.is_none() {
+                    if batch.events.is_empty() && storing.batches.is_empty() {
                         // Nothing to store (all filtered by the publication): confirm now.
                         self.confirm(&stream, end_lsn);
                         batch.commit = None;
@@ -271,7 +332,11 @@ impl PostgresSource {
                     self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
                     // Caught up with nothing in flight: confirm the server's position, so a quiet
                     // publication on a busy database does not pin WAL.
-                    if transaction.is_none() && batch.events.is_empty() && batch.commit.is_none() && storing.is_none() {
+                    if transaction.is_none()
+                        && batch.events.is_empty()
+                        && batch.commit.is_none()
+                        && storing.batches.is_empty()
+                    {
                         self.confirm(&stream, wal_end);
                     }
                 }
@@ -392,46 +457,74 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Prepares the batch (plugin chains, envelopes) while the batch before it is still being
-    /// stored, then, once that one is stored and confirmed, starts storing this one. Sends stay
-    /// one batch after the other, so order and retries are as for a single batch; the reading
-    /// loop polls the storing and confirms the newest commit the batch completes.
+    /// Prepares the batch (plugin chains, envelopes) while the batches before it are stored,
+    /// then, once the newest of them has sent everything, starts storing this one behind it (see
+    /// [`BatchOrder`]). The reading loop polls the batches being stored and confirms, in order,
+    /// the newest commit each completes.
     async fn flush<'a>(
         &'a self,
         batch: &mut Batch,
         stream: &ReplicationClient,
         shutdown: &mut watch::Receiver<bool>,
-        storing: &mut Option<Storing<'a>>,
+        storing: &mut Storing<'a>,
     ) -> Result<(), Failure> {
         let events = std::mem::take(&mut batch.events);
         batch.started = None;
-        let previous = storing.take();
-        let (prepared, previous) = futures::join!(self.prepare(events, shutdown), async move {
-            match previous {
-                Some(Storing { publishing, commit }) => publishing.await.map(|()| commit),
-                None => Ok(None),
+        let commit = batch.commit.take();
+        let newest_sent = storing.newest_sent.take();
+        let (batches, trouble) = (&mut storing.batches, &storing.trouble);
+        let (prepared, ahead) = futures::join!(self.prepare(events, shutdown), async {
+            // Keep the batches ahead moving (confirming those stored) until the newest one's
+            // sends are out, and, if one of them is in trouble, until all of them are stored.
+            if let Some(mut newest_sent) = newest_sent {
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(stored) = batches.next(), if !batches.is_empty() => {
+                            if let Some(commit) = stored? {
+                                self.confirm(stream, commit);
+                            }
+                        }
+                        _ = &mut newest_sent => break,
+                    }
+                }
             }
+            if trouble.load(Ordering::Relaxed) {
+                while let Some(stored) = batches.next().await {
+                    if let Some(commit) = stored? {
+                        self.confirm(stream, commit);
+                    }
+                }
+                trouble.store(false, Ordering::Relaxed);
+            }
+            Ok::<(), Failure>(())
         });
-        let previous_commit = previous?;
+        ahead?;
         let prepared = prepared?;
-        if let Some(commit) = previous_commit {
-            self.confirm(stream, commit);
-        }
+        let (sent, newest_sent) = tokio::sync::oneshot::channel();
+        let (stored, newest_stored) = watch::channel(false);
+        let ahead = storing.newest_stored.replace(newest_stored);
+        storing.newest_sent = Some(newest_sent);
         let mut shutdown = shutdown.clone();
-        *storing = Some(Storing {
-            publishing: Box::pin(async move { self.publish_prepared(prepared, &mut shutdown).await }),
-            commit: batch.commit.take(),
-        });
+        let trouble = storing.trouble.clone();
+        storing.batches.push_back(Box::pin(async move {
+            let mut order = BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble };
+            self.publish_prepared(prepared, &mut order, &mut shutdown).await?;
+            let _ = stored.send(true);
+            Ok(commit)
+        }));
         Ok(())
     }
 
-    /// A batch is stored: confirms the newest commit it completes and, when nothing has been
-    /// read since, the commit of transactions read meanwhile that had nothing to store.
-    fn stored(&self, stream: &ReplicationClient, commit: Option<Lsn>, batch: &mut Batch) {
+    /// A batch is stored: confirms the newest commit it completes and, once every batch is
+    /// stored and nothing has been read since, the commit of transactions read meanwhile that
+    /// had nothing to store.
+    fn stored(&self, stream: &ReplicationClient, commit: Option<Lsn>, batch: &mut Batch, all_stored: bool) {
         if let Some(commit) = commit {
             self.confirm(stream, commit);
         }
-        if batch.events.is_empty()
+        if all_stored
+            && batch.events.is_empty()
             && let Some(commit) = batch.commit.take()
         {
             self.confirm(stream, commit);
@@ -473,7 +566,7 @@ impl PostgresSource {
     /// Routes and stores `events` in order; see [`Self::prepare`] and [`Self::publish_prepared`].
     async fn store(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let prepared = self.prepare(events, shutdown).await?;
-        self.publish_prepared(prepared, shutdown).await
+        self.publish_prepared(prepared, &mut BatchOrder::alone(), shutdown).await
     }
 
     /// Runs `events` through their routes' plugin chains, in order: the messages to store, by
@@ -535,19 +628,29 @@ impl PostgresSource {
         Ok(prepared)
     }
 
-    /// Stores prepared messages in order. A publish that fails is retried with the same ids
-    /// until it succeeds; a change NATS refuses for good is replaced by its dead letter.
-    async fn publish_prepared(&self, prepared: Prepared, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
-        for (route_name, messages) in prepared {
+    /// Stores prepared messages in order, behind the batch ahead (`order`). A publish that fails
+    /// is retried with the same ids until it succeeds; a change NATS refuses for good is
+    /// replaced by its dead letter.
+    async fn publish_prepared(
+        &self,
+        prepared: Prepared,
+        order: &mut BatchOrder,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Failure> {
+        let runs = prepared.len();
+        for (run, (route_name, messages)) in prepared.into_iter().enumerate() {
             let published_started = Instant::now();
-            if let Err(refusal) = self.publish_until_stored(&messages, shutdown).await? {
+            order.last_run = run + 1 == runs;
+            if let Err(refusal) = self.publish_until_stored(&messages, order, shutdown).await? {
                 // One of them can never be stored (too large, …): store the others one by one and
                 // a dead letter for each refused change, so the stream does not stall on it.
                 tracing::warn!(%refusal, "NATS refused a change; storing the batch one by one");
                 for message in &messages {
-                    if let Err(refusal) = self.publish_until_stored(std::slice::from_ref(message), shutdown).await? {
+                    if let Err(refusal) =
+                        self.publish_until_stored(std::slice::from_ref(message), order, shutdown).await?
+                    {
                         let letter = refused_letter(message, &refusal);
-                        self.store_dead_letter(message, &letter, shutdown).await?;
+                        self.store_dead_letter(message, &letter, order, shutdown).await?;
                         self.metrics.dead_lettered("postgres", &route_name);
                     }
                 }
@@ -695,6 +798,7 @@ impl PostgresSource {
     async fn publish_until_stored(
         &self,
         messages: &[crate::pipeline::Message],
+        order: &mut BatchOrder,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Result<(), String>, Failure> {
         use crate::sink::SinkError;
@@ -703,8 +807,14 @@ impl PostgresSource {
         // long wait would outlast `duplicate_window`, and a full stream needs the room).
         let mut pending: Vec<crate::pipeline::Message> = Vec::new();
         loop {
-            let sending = if pending.is_empty() { messages } else { &pending[..] };
-            let outcomes = self.sink.publish_each(sending).await;
+            let sending = if pending.is_empty() {
+                messages
+            } else {
+                // Sent again: only behind the batch ahead, so it cannot overtake that one's resends.
+                order.ahead_stored().await;
+                &pending[..]
+            };
+            let outcomes = self.sink.publish_ordered(sending, order).await;
             let mut unstored = Vec::new();
             let mut failure = None;
             for (message, outcome) in sending.iter().zip(outcomes) {
@@ -739,10 +849,11 @@ impl PostgresSource {
         &self,
         change: &crate::pipeline::Message,
         letter: &crate::pipeline::Message,
+        order: &mut BatchOrder,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Failure> {
         let mut pause = Duration::from_secs(1);
-        while let Err(refusal) = self.publish_until_stored(std::slice::from_ref(letter), shutdown).await? {
+        while let Err(refusal) = self.publish_until_stored(std::slice::from_ref(letter), order, shutdown).await? {
             self.status.paused.store(true, Ordering::Relaxed);
             tracing::error!(
                 id = change.id(),
@@ -843,5 +954,62 @@ fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pi
         subject: format!("weir.dlq.{}", crate::subject::token(&entity)),
         headers,
         payload: body.to_string().into_bytes().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SendOrder;
+    use futures::FutureExt;
+    use tokio::sync::oneshot::{self, error::TryRecvError};
+
+    fn order(ahead: Option<watch::Receiver<bool>>) -> (BatchOrder, oneshot::Receiver<()>) {
+        let (sent, next_may_send) = oneshot::channel();
+        (
+            BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble: Arc::default() },
+            next_may_send,
+        )
+    }
+
+    #[test]
+    fn the_next_batch_may_send_once_the_last_runs_sends_are_all_out() {
+        let (mut order, mut next_may_send) = order(None);
+        order.sent(true);
+        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Empty), "an earlier run's sends do not count");
+        order.last_run = true;
+        order.sent(true);
+        assert_eq!(next_may_send.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn a_send_held_back_keeps_the_next_batch_waiting_until_the_batch_is_over() {
+        let (mut order, mut next_may_send) = order(None);
+        order.sent(false);
+        order.last_run = true;
+        order.sent(true);
+        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Empty), "a held-back send may still go out late");
+        drop(order);
+        assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Closed));
+    }
+
+    #[test]
+    fn batches_behind_one_in_trouble_stop_sending_until_it_is_stored() {
+        let (stored, ahead) = watch::channel(false);
+        let (order, _) = order(Some(ahead));
+        assert!(!order.hold_sends(), "no trouble: send");
+        order.trouble.store(true, Ordering::Relaxed);
+        assert!(order.hold_sends(), "the batch ahead is in trouble and not stored");
+        stored.send(true).unwrap();
+        assert!(!order.hold_sends(), "the batches ahead are stored: its own resends go out");
+    }
+
+    #[tokio::test]
+    async fn a_resend_waits_until_the_batch_ahead_is_stored() {
+        let (stored, ahead) = watch::channel(false);
+        let (mut order, _) = order(Some(ahead));
+        assert_eq!(order.may_resend().now_or_never(), None, "the batch ahead is not stored yet");
+        stored.send(true).unwrap();
+        assert!(order.may_resend().await);
     }
 }
