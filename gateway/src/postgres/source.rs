@@ -144,12 +144,16 @@ impl BatchOrder {
         BatchOrder { sent: None, last_run: false, held_back: false, ahead: None, trouble: Arc::default() }
     }
 
-    async fn ahead_stored(&mut self) {
-        if let Some(ahead) = self.ahead.as_mut() {
-            // An error means the batch ahead failed: the session is ending anyway.
-            let _ = ahead.wait_for(|stored| *stored).await;
+    /// Waits until every batch ahead is stored (a batch's flag turns true only once the ones
+    /// ahead of it are stored too). `false`: one of them failed, and the session is ending.
+    async fn ahead_stored(&mut self) -> bool {
+        if let Some(ahead) = self.ahead.as_mut()
+            && ahead.wait_for(|stored| *stored).await.is_err()
+        {
+            return false;
         }
         self.ahead = None;
+        true
     }
 }
 
@@ -165,10 +169,7 @@ impl crate::sink::SendOrder for BatchOrder {
     }
 
     fn may_resend(&mut self) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
-        Box::pin(async move {
-            self.ahead_stored().await;
-            true
-        })
+        Box::pin(self.ahead_stored())
     }
 
     fn trouble(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
@@ -471,36 +472,41 @@ impl PostgresSource {
         let events = std::mem::take(&mut batch.events);
         batch.started = None;
         let commit = batch.commit.take();
-        let newest_sent = storing.newest_sent.take();
+        let mut newest_sent = storing.newest_sent.take();
         let (batches, trouble) = (&mut storing.batches, &storing.trouble);
-        let (prepared, ahead) = futures::join!(self.prepare(events, shutdown), async {
-            // Keep the batches ahead moving (confirming those stored) until the newest one's
-            // sends are out, and, if one of them is in trouble, until all of them are stored.
-            if let Some(mut newest_sent) = newest_sent {
-                loop {
-                    tokio::select! {
-                        biased;
-                        Some(stored) = batches.next(), if !batches.is_empty() => {
-                            if let Some(commit) = stored? {
-                                self.confirm(stream, commit);
-                            }
+        let prepared = {
+            let mut preparing = std::pin::pin!(self.prepare(events, shutdown));
+            let mut ready = None;
+            // The batches ahead keep moving (and those stored are confirmed) until this one is
+            // prepared and the newest one has sent everything; and, if one of them is in
+            // trouble, until all of them are stored.
+            loop {
+                let in_trouble = trouble.load(Ordering::Relaxed) && !batches.is_empty();
+                if newest_sent.is_none()
+                    && !in_trouble
+                    && let Some(prepared) = ready.take()
+                {
+                    if batches.is_empty() {
+                        trouble.store(false, Ordering::Relaxed);
+                    }
+                    break prepared;
+                }
+                tokio::select! {
+                    biased;
+                    Some(stored) = batches.next(), if !batches.is_empty() => {
+                        if let Some(commit) = stored? {
+                            self.confirm(stream, commit);
                         }
-                        _ = &mut newest_sent => break,
                     }
+                    _ = async {
+                        if let Some(sent) = newest_sent.as_mut() {
+                            let _ = sent.await;
+                        }
+                    }, if newest_sent.is_some() => newest_sent = None,
+                    done = &mut preparing, if ready.is_none() => ready = Some(done?),
                 }
             }
-            if trouble.load(Ordering::Relaxed) {
-                while let Some(stored) = batches.next().await {
-                    if let Some(commit) = stored? {
-                        self.confirm(stream, commit);
-                    }
-                }
-                trouble.store(false, Ordering::Relaxed);
-            }
-            Ok::<(), Failure>(())
-        });
-        ahead?;
-        let prepared = prepared?;
+        };
         let (sent, newest_sent) = tokio::sync::oneshot::channel();
         let (stored, newest_stored) = watch::channel(false);
         let ahead = storing.newest_stored.replace(newest_stored);
@@ -510,6 +516,11 @@ impl PostgresSource {
         storing.batches.push_back(Box::pin(async move {
             let mut order = BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble };
             self.publish_prepared(prepared, &mut order, &mut shutdown).await?;
+            // Stored means this batch and every one ahead of it, so a batch behind that waits
+            // for it waits for all of them.
+            if !order.ahead_stored().await {
+                return Err(retry(anyhow::anyhow!("a batch ahead of this one was not stored")));
+            }
             let _ = stored.send(true);
             Ok(commit)
         }));
@@ -810,8 +821,10 @@ impl PostgresSource {
             let sending = if pending.is_empty() {
                 messages
             } else {
-                // Sent again: only behind the batch ahead, so it cannot overtake that one's resends.
-                order.ahead_stored().await;
+                // Sent again: only behind the batches ahead, so it cannot overtake their resends.
+                if !order.ahead_stored().await {
+                    return Err(retry(anyhow::anyhow!("a batch ahead of this one was not stored")));
+                }
                 &pending[..]
             };
             let outcomes = self.sink.publish_ordered(sending, order).await;
@@ -1011,5 +1024,13 @@ mod tests {
         assert_eq!(order.may_resend().now_or_never(), None, "the batch ahead is not stored yet");
         stored.send(true).unwrap();
         assert!(order.may_resend().await);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_again_behind_a_batch_that_failed() {
+        let (stored, ahead) = watch::channel(false);
+        let (mut order, _) = order(Some(ahead));
+        drop(stored);
+        assert!(!order.may_resend().await, "the batch ahead failed: its changes were not stored");
     }
 }
