@@ -615,7 +615,9 @@ impl Sink {
             for &index in due {
                 let message = &messages[index];
                 if order.hold_sends() {
-                    // Left unanswered: sent again later, behind the publisher in trouble.
+                    // Left unanswered: sent again later, behind the publisher in trouble. This
+                    // call is in trouble too, for those behind it.
+                    lock(progress).failures.raise();
                     every_one = false;
                     break;
                 }

@@ -114,9 +114,24 @@ struct Storing<'a> {
     newest_sent: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Turns true once the newest batch is stored.
     newest_stored: Option<watch::Receiver<bool>>,
-    /// Raised by a batch as soon as one of its changes is not stored: batches behind it stop
-    /// sending, and no new batch starts before every batch is stored.
+    /// Each batch not yet stored: batches behind one in trouble stop sending, and no new batch
+    /// starts while one is in trouble.
+    live: Vec<BatchFlags>,
+}
+
+/// What batches behind a batch see of it.
+#[derive(Clone)]
+struct BatchFlags {
+    /// Raised by the sink as soon as one of the batch's changes is not stored.
     trouble: Arc<std::sync::atomic::AtomicBool>,
+    /// Turns true once the batch and every batch ahead of it are stored.
+    stored: watch::Receiver<bool>,
+}
+
+impl BatchFlags {
+    fn in_trouble(&self) -> bool {
+        self.trouble.load(Ordering::Relaxed) && !*self.stored.borrow()
+    }
 }
 
 /// Keeps batches' sends in batch order, as if they were one batch: a batch lets the next one
@@ -134,14 +149,23 @@ struct BatchOrder {
     held_back: bool,
     /// The batch ahead, until it is stored.
     ahead: Option<watch::Receiver<bool>>,
-    /// The batches' shared trouble flag ([`Storing::trouble`]).
+    /// This batch's trouble flag, for the batches behind it.
     trouble: Arc<std::sync::atomic::AtomicBool>,
+    /// The batches ahead that were not stored when this one started.
+    ahead_flags: Vec<BatchFlags>,
 }
 
 impl BatchOrder {
     /// A batch with no other batch to keep order with (the snapshot's).
     fn alone() -> BatchOrder {
-        BatchOrder { sent: None, last_run: false, held_back: false, ahead: None, trouble: Arc::default() }
+        BatchOrder {
+            sent: None,
+            last_run: false,
+            held_back: false,
+            ahead: None,
+            trouble: Arc::default(),
+            ahead_flags: Vec::new(),
+        }
     }
 
     /// Waits until every batch ahead is stored (a batch's flag turns true only once the ones
@@ -177,7 +201,7 @@ impl crate::sink::SendOrder for BatchOrder {
     }
 
     fn hold_sends(&self) -> bool {
-        self.trouble.load(Ordering::Relaxed) && self.ahead.as_ref().is_some_and(|ahead| !*ahead.borrow())
+        self.ahead_flags.iter().any(BatchFlags::in_trouble)
     }
 }
 
@@ -473,7 +497,7 @@ impl PostgresSource {
         batch.started = None;
         let commit = batch.commit.take();
         let mut newest_sent = storing.newest_sent.take();
-        let (batches, trouble) = (&mut storing.batches, &storing.trouble);
+        let (batches, live) = (&mut storing.batches, &mut storing.live);
         let prepared = {
             let mut preparing = std::pin::pin!(self.prepare(events, shutdown));
             let mut ready = None;
@@ -481,14 +505,12 @@ impl PostgresSource {
             // prepared and the newest one has sent everything; and, if one of them is in
             // trouble, until all of them are stored.
             loop {
-                let in_trouble = trouble.load(Ordering::Relaxed) && !batches.is_empty();
+                live.retain(|flags| !*flags.stored.borrow());
+                let in_trouble = live.iter().any(BatchFlags::in_trouble);
                 if newest_sent.is_none()
                     && !in_trouble
                     && let Some(prepared) = ready.take()
                 {
-                    if batches.is_empty() {
-                        trouble.store(false, Ordering::Relaxed);
-                    }
                     break prepared;
                 }
                 tokio::select! {
@@ -503,18 +525,34 @@ impl PostgresSource {
                             let _ = sent.await;
                         }
                     }, if newest_sent.is_some() => newest_sent = None,
-                    done = &mut preparing, if ready.is_none() => ready = Some(done?),
+                    done = &mut preparing, if ready.is_none() => match done {
+                        Ok(prepared) => ready = Some(prepared),
+                        Err(failure) => {
+                            // Shutting down: the batches being stored finish first, as at any
+                            // shutdown, so what they stored is confirmed.
+                            while let Some(Ok(commit)) = batches.next().await {
+                                if let Some(commit) = commit {
+                                    self.confirm(stream, commit);
+                                }
+                            }
+                            return Err(failure);
+                        }
+                    },
                 }
             }
         };
         let (sent, newest_sent) = tokio::sync::oneshot::channel();
         let (stored, newest_stored) = watch::channel(false);
+        let newest_stored_for_flags = newest_stored.clone();
         let ahead = storing.newest_stored.replace(newest_stored);
         storing.newest_sent = Some(newest_sent);
         let mut shutdown = shutdown.clone();
-        let trouble = storing.trouble.clone();
+        let trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ahead_flags = storing.live.clone();
+        storing.live.push(BatchFlags { trouble: trouble.clone(), stored: newest_stored_for_flags });
         storing.batches.push_back(Box::pin(async move {
-            let mut order = BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble };
+            let mut order =
+                BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble, ahead_flags };
             self.publish_prepared(prepared, &mut order, &mut shutdown).await?;
             // Stored means this batch and every one ahead of it, so a batch behind that waits
             // for it waits for all of them.
@@ -980,7 +1018,14 @@ mod tests {
     fn order(ahead: Option<watch::Receiver<bool>>) -> (BatchOrder, oneshot::Receiver<()>) {
         let (sent, next_may_send) = oneshot::channel();
         (
-            BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble: Arc::default() },
+            BatchOrder {
+                sent: Some(sent),
+                last_run: false,
+                held_back: false,
+                ahead,
+                trouble: Arc::default(),
+                ahead_flags: Vec::new(),
+            },
             next_may_send,
         )
     }
@@ -1009,9 +1054,12 @@ mod tests {
     #[test]
     fn batches_behind_one_in_trouble_stop_sending_until_it_is_stored() {
         let (stored, ahead) = watch::channel(false);
-        let (order, _) = order(Some(ahead));
-        assert!(!order.hold_sends(), "no trouble: send");
+        let ahead_trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut order, _) = order(Some(ahead.clone()));
+        order.ahead_flags = vec![BatchFlags { trouble: ahead_trouble.clone(), stored: ahead }];
         order.trouble.store(true, Ordering::Relaxed);
+        assert!(!order.hold_sends(), "its own trouble does not hold its own sends");
+        ahead_trouble.store(true, Ordering::Relaxed);
         assert!(order.hold_sends(), "the batch ahead is in trouble and not stored");
         stored.send(true).unwrap();
         assert!(!order.hold_sends(), "the batches ahead are stored: its own resends go out");
