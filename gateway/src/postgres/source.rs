@@ -112,10 +112,8 @@ struct Storing<'a> {
     batches: futures::stream::FuturesOrdered<futures::future::BoxFuture<'a, Result<Option<Lsn>, Failure>>>,
     /// Resolves once the newest batch's sends are all out (or it is over).
     newest_sent: Option<tokio::sync::oneshot::Receiver<()>>,
-    /// Turns true once the newest batch is stored.
-    newest_stored: Option<watch::Receiver<bool>>,
-    /// Each batch not yet stored: batches behind one in trouble stop sending, and no new batch
-    /// starts while one is in trouble.
+    /// Each batch not yet stored, oldest first: batches behind one in trouble stop sending, and
+    /// no new batch starts while one is in trouble.
     live: Vec<BatchFlags>,
 }
 
@@ -542,14 +540,14 @@ impl PostgresSource {
             }
         };
         let (sent, newest_sent) = tokio::sync::oneshot::channel();
-        let (stored, newest_stored) = watch::channel(false);
-        let newest_stored_for_flags = newest_stored.clone();
-        let ahead = storing.newest_stored.replace(newest_stored);
+        let (stored, stored_flag) = watch::channel(false);
+        // The newest batch not stored yet, if any (one stored means all ahead of it are).
+        let ahead = storing.live.last().map(|flags| flags.stored.clone());
         storing.newest_sent = Some(newest_sent);
         let mut shutdown = shutdown.clone();
         let trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ahead_flags = storing.live.clone();
-        storing.live.push(BatchFlags { trouble: trouble.clone(), stored: newest_stored_for_flags });
+        storing.live.push(BatchFlags { trouble: trouble.clone(), stored: stored_flag });
         storing.batches.push_back(Box::pin(async move {
             let mut order =
                 BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble, ahead_flags };
