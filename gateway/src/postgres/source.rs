@@ -36,6 +36,11 @@ fn retry(error: impl Into<anyhow::Error>) -> Failure {
     Failure::Retry(error.into())
 }
 
+/// A batch ahead failed: its session is ending, and nothing behind it may count as stored.
+fn ahead_failed() -> Failure {
+    retry(anyhow::anyhow!("a batch ahead of this one was not stored"))
+}
+
 /// Seconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_OFFSET: u64 = 946_684_800;
 
@@ -145,36 +150,28 @@ struct BatchOrder {
     /// A send was held back (refused, blocked behind a refusal, NATS gone): it may go out late,
     /// so the next batch waits until this one is stored.
     held_back: bool,
-    /// The batch ahead, until it is stored.
-    ahead: Option<watch::Receiver<bool>>,
     /// This batch's trouble flag, for the batches behind it.
     trouble: Arc<std::sync::atomic::AtomicBool>,
-    /// The batches ahead that were not stored when this one started.
-    ahead_flags: Vec<BatchFlags>,
+    /// The batches ahead that were not stored when this one started, oldest first; emptied once
+    /// they are stored.
+    ahead: Vec<BatchFlags>,
 }
 
 impl BatchOrder {
     /// A batch with no other batch to keep order with (the snapshot's).
     fn alone() -> BatchOrder {
-        BatchOrder {
-            sent: None,
-            last_run: false,
-            held_back: false,
-            ahead: None,
-            trouble: Arc::default(),
-            ahead_flags: Vec::new(),
-        }
+        BatchOrder { sent: None, last_run: false, held_back: false, trouble: Arc::default(), ahead: Vec::new() }
     }
 
     /// Waits until every batch ahead is stored (a batch's flag turns true only once the ones
     /// ahead of it are stored too). `false`: one of them failed, and the session is ending.
     async fn ahead_stored(&mut self) -> bool {
-        if let Some(ahead) = self.ahead.as_mut()
-            && ahead.wait_for(|stored| *stored).await.is_err()
+        if let Some(newest) = self.ahead.last_mut()
+            && newest.stored.wait_for(|stored| *stored).await.is_err()
         {
             return false;
         }
-        self.ahead = None;
+        self.ahead.clear();
         true
     }
 }
@@ -199,7 +196,7 @@ impl crate::sink::SendOrder for BatchOrder {
     }
 
     fn hold_sends(&self) -> bool {
-        self.ahead_flags.iter().any(BatchFlags::in_trouble)
+        self.ahead.iter().any(BatchFlags::in_trouble)
     }
 }
 
@@ -541,21 +538,18 @@ impl PostgresSource {
         };
         let (sent, newest_sent) = tokio::sync::oneshot::channel();
         let (stored, stored_flag) = watch::channel(false);
-        // The newest batch not stored yet, if any (one stored means all ahead of it are).
-        let ahead = storing.live.last().map(|flags| flags.stored.clone());
         storing.newest_sent = Some(newest_sent);
         let mut shutdown = shutdown.clone();
         let trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ahead_flags = storing.live.clone();
+        let ahead = storing.live.clone();
         storing.live.push(BatchFlags { trouble: trouble.clone(), stored: stored_flag });
         storing.batches.push_back(Box::pin(async move {
-            let mut order =
-                BatchOrder { sent: Some(sent), last_run: false, held_back: false, ahead, trouble, ahead_flags };
+            let mut order = BatchOrder { sent: Some(sent), last_run: false, held_back: false, trouble, ahead };
             self.publish_prepared(prepared, &mut order, &mut shutdown).await?;
             // Stored means this batch and every one ahead of it, so a batch behind that waits
             // for it waits for all of them.
             if !order.ahead_stored().await {
-                return Err(retry(anyhow::anyhow!("a batch ahead of this one was not stored")));
+                return Err(ahead_failed());
             }
             let _ = stored.send(true);
             Ok(commit)
@@ -859,7 +853,7 @@ impl PostgresSource {
             } else {
                 // Sent again: only behind the batches ahead, so it cannot overtake their resends.
                 if !order.ahead_stored().await {
-                    return Err(retry(anyhow::anyhow!("a batch ahead of this one was not stored")));
+                    return Err(ahead_failed());
                 }
                 &pending[..]
             };
@@ -1013,24 +1007,23 @@ mod tests {
     use futures::FutureExt;
     use tokio::sync::oneshot::{self, error::TryRecvError};
 
-    fn order(ahead: Option<watch::Receiver<bool>>) -> (BatchOrder, oneshot::Receiver<()>) {
+    /// A batch behind one whose stored flag is `ahead`; the trouble flag of that one too.
+    fn order(
+        ahead: Option<watch::Receiver<bool>>,
+    ) -> (BatchOrder, oneshot::Receiver<()>, Arc<std::sync::atomic::AtomicBool>) {
         let (sent, next_may_send) = oneshot::channel();
+        let ahead_trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ahead = ahead.map(|stored| BatchFlags { trouble: ahead_trouble.clone(), stored }).into_iter().collect();
         (
-            BatchOrder {
-                sent: Some(sent),
-                last_run: false,
-                held_back: false,
-                ahead,
-                trouble: Arc::default(),
-                ahead_flags: Vec::new(),
-            },
+            BatchOrder { sent: Some(sent), last_run: false, held_back: false, trouble: Arc::default(), ahead },
             next_may_send,
+            ahead_trouble,
         )
     }
 
     #[test]
     fn the_next_batch_may_send_once_the_last_runs_sends_are_all_out() {
-        let (mut order, mut next_may_send) = order(None);
+        let (mut order, mut next_may_send, _) = order(None);
         order.sent(true);
         assert_eq!(next_may_send.try_recv(), Err(TryRecvError::Empty), "an earlier run's sends do not count");
         order.last_run = true;
@@ -1040,7 +1033,7 @@ mod tests {
 
     #[test]
     fn a_send_held_back_keeps_the_next_batch_waiting_until_the_batch_is_over() {
-        let (mut order, mut next_may_send) = order(None);
+        let (mut order, mut next_may_send, _) = order(None);
         order.sent(false);
         order.last_run = true;
         order.sent(true);
@@ -1052,9 +1045,7 @@ mod tests {
     #[test]
     fn batches_behind_one_in_trouble_stop_sending_until_it_is_stored() {
         let (stored, ahead) = watch::channel(false);
-        let ahead_trouble = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (mut order, _) = order(Some(ahead.clone()));
-        order.ahead_flags = vec![BatchFlags { trouble: ahead_trouble.clone(), stored: ahead }];
+        let (order, _, ahead_trouble) = order(Some(ahead));
         order.trouble.store(true, Ordering::Relaxed);
         assert!(!order.hold_sends(), "its own trouble does not hold its own sends");
         ahead_trouble.store(true, Ordering::Relaxed);
@@ -1066,7 +1057,7 @@ mod tests {
     #[tokio::test]
     async fn a_resend_waits_until_the_batch_ahead_is_stored() {
         let (stored, ahead) = watch::channel(false);
-        let (mut order, _) = order(Some(ahead));
+        let (mut order, _, _) = order(Some(ahead));
         assert_eq!(order.may_resend().now_or_never(), None, "the batch ahead is not stored yet");
         stored.send(true).unwrap();
         assert!(order.may_resend().await);
@@ -1075,7 +1066,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_sent_again_behind_a_batch_that_failed() {
         let (stored, ahead) = watch::channel(false);
-        let (mut order, _) = order(Some(ahead));
+        let (mut order, _, _) = order(Some(ahead));
         drop(stored);
         assert!(!order.may_resend().await, "the batch ahead failed: its changes were not stored");
     }
