@@ -157,6 +157,12 @@ fn sink_error(error: SinkError) -> ApiError {
                 "{error}; retry with the same event id (Idempotency-Key, or a batch line's `id`) to have it stored once"
             ),
         ),
+        // HTTP's key locks never hold sends back; should one be, it was not sent.
+        SinkError::HeldBack => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nats_unavailable",
+            format!("{error}; nothing was stored, retry"),
+        ),
         SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::Full(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_stored", format!("{error}; nothing was stored"))
         }

@@ -61,6 +61,10 @@ pub enum SinkError {
     /// Headers and payload are over the NATS server's `max_payload`: it can never be stored.
     #[error("the message is larger than the NATS server accepts ({0}); raise the server's max_payload")]
     TooLarge(String),
+    /// Not sent: a publisher ahead of this one (see [`SendOrder::hold_sends`]) has not stored
+    /// its messages yet. Sent once that publisher's are stored, so it cannot overtake them.
+    #[error("not sent yet: held behind earlier messages that JetStream has not stored yet")]
+    HeldBack,
 }
 
 /// A connected sink.
@@ -612,12 +616,16 @@ impl Sink {
         let stopped = &tokio::sync::Notify::new();
         let send_all = async move {
             let mut every_one = true;
-            for &index in due {
+            for (position, &index) in due.iter().enumerate() {
                 let message = &messages[index];
                 if order.hold_sends() {
-                    // Left unanswered: sent again later, behind the publisher in trouble. This
-                    // call is in trouble too, for those behind it.
-                    lock(progress).failures.raise();
+                    // Not sent: the caller sends them again behind the publisher in trouble.
+                    // This call is in trouble too, for those behind it.
+                    let mut progress = lock(progress);
+                    progress.failures.raise();
+                    for &held in &due[position..] {
+                        progress.outcomes[held].get_or_insert(Err(SinkError::HeldBack));
+                    }
                     every_one = false;
                     break;
                 }
@@ -864,6 +872,8 @@ impl Failures {
                     self.keys.entry(key).or_insert_with(|| error.clone());
                 }
             }
+            // Never an answer from NATS: set by the call itself for what it did not send.
+            SinkError::HeldBack => {}
         }
     }
 

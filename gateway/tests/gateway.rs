@@ -1793,3 +1793,52 @@ async fn a_batch_keeps_each_keys_order_across_routes() {
         (0..40).map(|n| (format!("weir.ledger.{}", if n % 2 == 0 { "insert" } else { "delete" }), n)).collect();
     assert_eq!(stored, expected, "one key's events are stored in the order they came, whichever route they took");
 }
+
+/// The sink itself (the library, not the binary): sends its caller holds back because a
+/// publisher ahead is in trouble come back "held back", not as a NATS failure (change capture
+/// then sends them behind that publisher without a warning or a pause of their own), and are
+/// not sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_the_caller_holds_back_are_reported_held_back_and_not_sent() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use weir::sink::{SendOrder, SinkError};
+
+    /// Lets `free` sends go out, then holds the rest back.
+    struct HoldAfter {
+        free: usize,
+        asked: AtomicUsize,
+    }
+    impl SendOrder for HoldAfter {
+        fn sent(&mut self, _every_one: bool) {}
+        fn may_resend(&mut self) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+            Box::pin(std::future::ready(true))
+        }
+        fn hold_sends(&self) -> bool {
+            self.asked.fetch_add(1, Ordering::Relaxed) >= self.free
+        }
+    }
+
+    let nats = Nats::start();
+    let text = format!(
+        "[nats]\nurl = \"{}\"\n\n[jetstream]\nstream = \"WEIR\"\nsubjects = [\"weir.>\"]\nack_timeout = \"1s\"\n",
+        nats.url()
+    );
+    let config = weir::config::Config::parse(&text, "held.toml").unwrap();
+    let sink = weir::sink::Sink::connect(&config).await.unwrap();
+    let messages: Vec<weir::pipeline::Message> = (0..5)
+        .map(|n| {
+            let mut headers = weir::pipeline::Headers::with_capacity(1);
+            headers.append(async_nats::HeaderName::from_static("Nats-Msg-Id"), format!("held-{n}"));
+            weir::pipeline::Message { subject: "weir.held.insert".into(), headers, payload: format!("{n}").into() }
+        })
+        .collect();
+    let outcomes = sink.publish_ordered(&messages, &mut HoldAfter { free: 2, asked: AtomicUsize::new(0) }).await;
+    let seqs: Vec<Option<u64>> = outcomes[..2].iter().map(|outcome| outcome.as_ref().unwrap().seq).collect();
+    assert_eq!(seqs, [Some(1), Some(2)]);
+    for outcome in &outcomes[2..] {
+        assert!(matches!(outcome, Err(SinkError::HeldBack)), "{outcome:?}");
+    }
+    let stored: Vec<String> =
+        nats.messages("WEIR").await.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+    assert_eq!(stored, ["0", "1"], "nothing held back was sent");
+}

@@ -867,6 +867,9 @@ impl PostgresSource {
                     Err(error @ (SinkError::TooLarge(_) | SinkError::NoStream(_))) => {
                         return Ok(Err(error.to_string()));
                     }
+                    // Not sent, behind a batch ahead in trouble: sent once that one is stored
+                    // (above), without a pause or a warning of its own.
+                    Err(SinkError::HeldBack) => unstored.push(message.clone()),
                     Err(error) => {
                         failure.get_or_insert(error);
                         unstored.push(message.clone());
@@ -874,8 +877,12 @@ impl PostgresSource {
                 }
             }
             let Some(error) = failure else {
-                self.status.paused.store(false, Ordering::Relaxed);
-                return Ok(Ok(()));
+                if unstored.is_empty() {
+                    self.status.paused.store(false, Ordering::Relaxed);
+                    return Ok(Ok(()));
+                }
+                pending = unstored;
+                continue;
             };
             self.status.paused.store(true, Ordering::Relaxed);
             tracing::warn!(%error, events = unstored.len(), retry_in = ?pause, "cannot store changes in JetStream; reading from the slot is paused");
