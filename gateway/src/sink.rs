@@ -796,7 +796,7 @@ pub trait SendOrder: Send {
         None
     }
     /// Asked before each send: stop sending, because a publisher ahead is in trouble. What is
-    /// not sent is left unanswered, to be sent again behind it.
+    /// not sent comes back [`SinkError::HeldBack`], for the caller to send again behind it.
     fn hold_sends(&self) -> bool {
         false
     }
