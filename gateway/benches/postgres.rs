@@ -7,8 +7,9 @@
 //!   measured), read from the slot and stored in JetStream, for single-row and 100-row
 //!   transactions; beside `pg_recvlogical` reading the same backlog to /dev/null (the server's
 //!   decoding limit) and a bare pipelined async-nats publish of as many messages of the same
-//!   size (the sink's limit), in the same run; and the two limits run at once on the same cores
-//!   (how much of the machine they leave, not a limit of the goal);
+//!   size (the sink's limit), in the same run (the gateway over TCP on the loopback,
+//!   `pg_recvlogical` over the Unix socket: each on its faster one); and the two limits run at
+//!   once on the same cores (how much of the machine they leave, not a limit of the goal);
 //! - per catch-up, the CPU each of `weir`, `nats-server` and the walsender spent per row (on two
 //!   shared cores their sum, not any one limit, is what bounds the rate);
 //! - a 1M-row transaction: rate and the gateway's peak memory (VmHWM);
@@ -216,13 +217,25 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool, 
     (rate, (cpu_seconds(nats.pid().unwrap_or(0)) - nats_cpu) * 1e6 / count as f64)
 }
 
+/// The gateway's connection: TCP on the loopback, as to a database on another host. Over the
+/// Unix socket the gateway's catch-up ran 11–40 % slower (docs/benchmarks.md, fifteenth
+/// session); `pg_recvlogical` is the other way round, so it stays on the socket and the decoding
+/// limit is its higher figure. `WEIR_BENCH_PG_URL` overrides.
+fn gateway_postgres_url() -> String {
+    std::env::var("WEIR_BENCH_PG_URL").unwrap_or_else(|_| "host=127.0.0.1 user=root dbname=test sslmode=disable".into())
+}
+
 fn bench_config(capture: &Capture, nats: &Nats) -> String {
     let extra = std::env::var("WEIR_BENCH_PG_EXTRA").unwrap_or_default().replace("\\n", "\n");
     // `WEIR_BENCH_JS_EXTRA`: lines for `[jetstream]` (`max_in_flight`, …).
     let jetstream = std::env::var("WEIR_BENCH_JS_EXTRA").unwrap_or_default().replace("\\n", "\n");
-    capture
+    let url = format!("url = \"{}\"", gateway_postgres_url());
+    let config = capture
         .config(nats, &extra)
-        .replace("subjects = [\"weir.>\"]", &format!("subjects = [\"weir.>\", \"bare.>\"]\n{jetstream}"))
+        .replace(&format!("url = \"{}\"", common::pg::postgres_url()), &url)
+        .replace("subjects = [\"weir.>\"]", &format!("subjects = [\"weir.>\", \"bare.>\"]\n{jetstream}"));
+    assert!(config.contains(&url), "the gateway's PostgreSQL url was not replaced:\n{config}");
+    config
 }
 
 /// Writes `rows` rows in transactions of `per_txn` rows (asynchronous commit: the backlog's
