@@ -217,12 +217,29 @@ async fn bare_publish(nats: &Nats, count: i64, size: usize, weir_headers: bool, 
     (rate, (cpu_seconds(nats.pid().unwrap_or(0)) - nats_cpu) * 1e6 / count as f64)
 }
 
-/// The gateway's connection: TCP on the loopback, as to a database on another host. Over the
-/// Unix socket the gateway's catch-up ran 11–40 % slower (docs/benchmarks.md, fifteenth
+static GATEWAY_POSTGRES_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Picks the gateway's connection: TCP on the loopback, as to a database on another host. Over
+/// the Unix socket the gateway's catch-up ran 11–40 % slower (docs/benchmarks.md, fifteenth
 /// session); `pg_recvlogical` is the other way round, so it stays on the socket and the decoding
-/// limit is its higher figure. `WEIR_BENCH_PG_URL` overrides.
+/// limit is its higher figure. `WEIR_BENCH_PG_URL` overrides. A server whose `pg_hba.conf` asks
+/// TCP clients for a password (Debian's default) gets the tests' url instead, and the table says so.
+async fn choose_gateway_postgres_url() {
+    let tcp = std::env::var("WEIR_BENCH_PG_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=root dbname=test sslmode=disable".into());
+    let url = match tokio_postgres::connect(&tcp, tokio_postgres::NoTls).await {
+        Ok(_) => tcp,
+        Err(error) => {
+            let fallback = common::pg::postgres_url();
+            eprintln!("cannot connect with `{tcp}` ({error}); the gateway uses `{fallback}`");
+            fallback
+        }
+    };
+    GATEWAY_POSTGRES_URL.get_or_init(|| url);
+}
+
 fn gateway_postgres_url() -> String {
-    std::env::var("WEIR_BENCH_PG_URL").unwrap_or_else(|_| "host=127.0.0.1 user=root dbname=test sslmode=disable".into())
+    GATEWAY_POSTGRES_URL.get().cloned().unwrap_or_else(common::pg::postgres_url)
 }
 
 fn bench_config(capture: &Capture, nats: &Nats) -> String {
@@ -282,7 +299,7 @@ async fn soak(rows: i64, per_txn: i64) {
     wait_ready(&gateway).await;
     drop(gateway);
     write_backlog(&capture.table("a"), per_txn, rows).await;
-    eprintln!("backlog written; starting the gateway");
+    eprintln!("backlog written; starting the gateway (PostgreSQL: `{}`)", gateway_postgres_url());
     eprintln!("soak: nats-server pid {} (weir: `pgrep -n weir`)", nats.pid().unwrap_or(0));
     let started = Instant::now();
     let (seconds, gateway, cpu) = catch_up(&nats, &config, &capture.name, rows as u64).await;
@@ -301,6 +318,7 @@ async fn soak(rows: i64, per_txn: i64) {
 
 #[tokio::main]
 async fn main() {
+    choose_gateway_postgres_url().await;
     if let Ok(rows) = std::env::var("WEIR_BENCH_PG_SOAK") {
         let per_txn = std::env::var("WEIR_BENCH_PG_TXN").map_or(1, |n| n.parse().unwrap());
         return soak(rows.parse().unwrap(), per_txn).await;
@@ -486,7 +504,8 @@ async fn main() {
     capture.cleanup().await;
 
     println!(
-        "backlog: {BACKLOG} rows (id, n, note, timestamptz); default max_batch and linger; catch-up: median of {ROUNDS} interleaved rounds\n"
+        "backlog: {BACKLOG} rows (id, n, note, timestamptz); default max_batch and linger; catch-up: median of {ROUNDS} interleaved rounds; the gateway connects with `{}`\n",
+        gateway_postgres_url()
     );
     println!("| path | rows/s | note |");
     println!("|---|---:|---|");
