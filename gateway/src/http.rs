@@ -230,10 +230,12 @@ fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.token_digests.is_empty() {
         return Ok(());
     }
+    // The scheme's name is case-insensitive (RFC 9110 §11.1).
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim_start().split_once(' '))
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token))
         .ok_or_else(|| {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing `Authorization: Bearer <token>`")
         })?;
@@ -370,8 +372,24 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Builds the event for a single-event request. CloudEvents in binary mode (`ce-*` headers)
-/// and structured mode (`application/cloudevents+json`) are unwrapped to their data.
+/// A header that chooses what happens to the event, as UTF-8 text. One that is there but
+/// unreadable is refused, not taken as absent: an `Idempotency-Key` skipped that way would let a
+/// retry be stored twice.
+fn header_utf8<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let Some(value) = headers.get(name) else { return Ok(None) };
+    std::str::from_utf8(value.as_bytes())
+        .map(Some)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad_header", format!("header `{name}` is not UTF-8 text")))
+}
+
+/// Whether a client-chosen event id (idempotency key) can be a `Nats-Msg-Id`.
+fn valid_event_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_IDEMPOTENCY_KEY && !id.chars().any(char::is_control)
+}
+
+/// Builds the event for a single-event request, and says whether the client chose its id.
+/// CloudEvents in binary mode (`ce-*` headers) and structured mode
+/// (`application/cloudevents+json`) are unwrapped to their data.
 fn single_event(
     headers: &HeaderMap,
     entity: String,
@@ -379,11 +397,11 @@ fn single_event(
     default_op: &str,
     body: &[u8],
     allow_empty: bool,
-) -> Result<Event, ApiError> {
+) -> Result<(Event, bool), ApiError> {
     let media = media_type(headers);
-    let mut id = header_text(headers, "idempotency-key").map(str::to_string);
+    let mut id = header_utf8(headers, "idempotency-key")?.map(str::to_string);
     let mut data = body.to_vec();
-    let mut op = header_text(headers, "weir-op").unwrap_or(default_op).to_ascii_lowercase();
+    let mut op = header_utf8(headers, "weir-op")?.unwrap_or(default_op).to_ascii_lowercase();
     if media == "application/cloudevents+json" {
         let envelope: Value = serde_json::from_slice(body).map_err(bad_json)?;
         let ce_id = envelope.get("id").and_then(Value::as_str);
@@ -395,7 +413,7 @@ fn single_event(
             ));
         }
         id = id.or(ce_id.map(str::to_string));
-        data = serde_json::to_vec(envelope.get("data").unwrap_or(&Value::Null)).map_err(bad_json)?;
+        data = cloudevent_data(&envelope)?;
     } else if media == "application/json" || media.ends_with("+json") || (allow_empty && body.is_empty()) {
         if body.is_empty() {
             data = b"{}".to_vec();
@@ -417,12 +435,12 @@ fn single_event(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_json", too_deep_message()));
     }
     if media != "application/cloudevents+json"
-        && let Some(ce_id) = header_text(headers, "ce-id")
+        && let Some(ce_id) = header_utf8(headers, "ce-id")?
     {
         id = id.or(Some(ce_id.to_string()));
     }
     if let Some(id) = &id
-        && (id.is_empty() || id.len() > MAX_IDEMPOTENCY_KEY || id.chars().any(|c| c.is_control()))
+        && !valid_event_id(id)
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -441,12 +459,16 @@ fn single_event(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_entity", "entity must be 1–255 characters"));
     }
     op.truncate(64);
-    let key = key.or_else(|| header_text(headers, "weir-key").map(str::to_string));
+    let key = match key {
+        Some(key) => Some(key),
+        None => header_utf8(headers, "weir-key")?.map(str::to_string),
+    };
     let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
         .iter()
         .filter_map(|name| header_text(headers, name).map(|v| (name.to_string(), v.to_string())))
         .collect();
-    Ok(Event {
+    let client_chose_id = id.is_some();
+    let event = Event {
         id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         source: "http".into(),
         entity,
@@ -458,7 +480,34 @@ fn single_event(
         data,
         old: None,
         position: None,
-    })
+    };
+    Ok((event, client_chose_id))
+}
+
+/// A structured CloudEvent's data as JSON bytes: `data`, or `data_base64` decoded when it holds
+/// JSON (weir events carry JSON; other binary data is refused rather than dropped).
+fn cloudevent_data(envelope: &Value) -> Result<Vec<u8>, ApiError> {
+    let Some(encoded) = envelope.get("data_base64") else {
+        return serde_json::to_vec(envelope.get("data").unwrap_or(&Value::Null)).map_err(bad_json);
+    };
+    let refuse = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_cloudevent", message);
+    if envelope.get("data").is_some() {
+        return Err(refuse("a CloudEvent has `data` or `data_base64`, not both".into()));
+    }
+    use base64::Engine as _;
+    let bytes = encoded
+        .as_str()
+        .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+        .ok_or_else(|| refuse("`data_base64` is not base64".into()))?;
+    let text = std::str::from_utf8(&bytes).ok();
+    match text.map(serde_json::from_str::<serde::de::IgnoredAny>) {
+        Some(Ok(_)) => Ok(bytes),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "`data_base64` must decode to JSON: weir events carry JSON data",
+        )),
+    }
 }
 
 fn empty_event() -> Event {
@@ -841,9 +890,16 @@ fn answer_response(answer: Result<Answer, ApiError>) -> Response {
     }
 }
 
-/// Admission: in-flight bound (429) and auth (401), before the body is read.
-fn admit<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
-    check_auth(state, headers)?;
+/// Admission: in-flight bound (429) and auth (401), before the body is read. A webhook route's
+/// sender proves itself by its signature instead (GitHub, Stripe and the like send no token).
+fn admit<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    webhook: bool,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
+    if !webhook {
+        check_auth(state, headers)?;
+    }
     state.in_flight.try_acquire().map_err(|_| {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "too many requests in flight; retry shortly")
     })
@@ -869,7 +925,7 @@ fn verify_webhook(
                 value.trim().parse().map_err(|_| refuse(&format!("`{name}` is not a Unix timestamp")))?;
             let now =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            if (now - seconds).unsigned_abs() > webhook.tolerance.as_secs() {
+            if now.abs_diff(seconds) > webhook.tolerance.as_secs() {
                 return Err(refuse("timestamp is outside the accepted tolerance"));
             }
             Some(value.trim().to_string())
@@ -888,12 +944,27 @@ fn verify_webhook(
     if !valid {
         return Err(refuse("signature does not match"));
     }
-    Ok(webhook.delivery_header.as_ref().and_then(|name| header_text(headers, name)).map(str::to_string))
+    match &webhook.delivery_header {
+        // Without it a replayed delivery would be stored again: the signature covers the body only.
+        Some(name) => match header_text(headers, name) {
+            Some(delivery) => Ok(Some(delivery.to_string())),
+            None => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_delivery_id",
+                format!("missing `{name}` header: this webhook route deduplicates deliveries by it"),
+            )),
+        },
+        None => Ok(None),
+    }
 }
 
 async fn single(state: Arc<AppState>, request: Request, entity: String, key: Option<String>, op: &str) -> Response {
     let (mut parts, body) = request.into_parts();
-    let _permit = match admit(&state, &parts.headers) {
+    // Webhook routes: find the route from what the path and headers say, verify, then parse.
+    let probe_op = header_text(&parts.headers, "weir-op").unwrap_or(op).to_ascii_lowercase();
+    let probe = Event { source: "http".into(), entity: entity.clone(), op: probe_op, ..empty_event() };
+    let webhook = state.pipeline.route_for(&probe).and_then(|route| state.pipeline.route(route).webhook.as_ref());
+    let _permit = match admit(&state, &parts.headers, webhook.is_some()) {
         Ok(permit) => permit,
         Err(error) => return error.into_response(),
     };
@@ -901,12 +972,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    // Webhook routes: find the route from what the path and headers say, verify, then parse.
-    let probe_op = header_text(&parts.headers, "weir-op").unwrap_or(op).to_ascii_lowercase();
-    let probe = Event { source: "http".into(), entity: entity.clone(), op: probe_op, ..empty_event() };
-    if let Some(route) = state.pipeline.route_for(&probe)
-        && let Some(webhook) = &state.pipeline.route(route).webhook
-    {
+    if let Some(webhook) = webhook {
         match verify_webhook(webhook, &parts.headers, &body) {
             // The delivery id is the idempotency key: a replayed delivery is answered, not stored again.
             Ok(Some(delivery)) => match HeaderValue::from_str(&delivery) {
@@ -926,13 +992,16 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
             Err(error) => return error.into_response(),
         }
     }
-    let event = match single_event(&parts.headers, entity, key, op, &body, parts.method == Method::DELETE) {
-        Ok(event) => event,
-        Err(error) => return error.into_response(),
-    };
-    let Some(idempotency_key) = header_text(&parts.headers, "idempotency-key").map(str::to_string) else {
+    let (event, client_chose_id) =
+        match single_event(&parts.headers, entity, key, op, &body, parts.method == Method::DELETE) {
+            Ok(made) => made,
+            Err(error) => return error.into_response(),
+        };
+    if !client_chose_id {
         return answer_response(submit(&state, event).await);
-    };
+    }
+    // An Idempotency-Key, a CloudEvent's id or a webhook's delivery id.
+    let idempotency_key = event.id.clone();
     let fingerprint: [u8; 32] = Sha256::new()
         .chain_update(parts.method.as_str())
         .chain_update([0])
@@ -943,17 +1012,22 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         .chain_update(&body)
         .finalize()
         .into();
-    if let Some(response) = remembered(&state, &idempotency_key, fingerprint) {
-        return response;
+    if let Some(answer) = remembered(&state, &idempotency_key, fingerprint) {
+        return answer_response(answer);
     }
     // If the client goes away mid-request, hyper drops this future: the guard then forgets the
     // in-flight mark, so a retry is processed instead of being answered 409 forever.
-    let guard = InFlightGuard { state: &state, key: &idempotency_key };
+    let guard = InFlightGuard { state: &state, keys: vec![idempotency_key] };
     let answer = submit(&state, event).await;
-    std::mem::forget(guard);
-    let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
-    // Remember stored outcomes and plugin rejections; forget "not stored, retry" answers.
-    let keep = match &answer {
+    remember(&state, &guard.keys[0], fingerprint, &answer);
+    guard.disarm();
+    answer_response(answer)
+}
+
+/// Records the answer for an idempotency key: stored outcomes and plugin rejections are
+/// remembered; "not stored, retry" answers are forgotten, so the retry is processed.
+fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<Answer, ApiError>) {
+    let keep = match answer {
         Ok(answer) => Some((answer.status, answer.body.clone())),
         Err(error) if error.status == StatusCode::UNPROCESSABLE_ENTITY => {
             let response = json!({"error": {"code": error.code, "message": error.message}});
@@ -961,30 +1035,41 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         }
         Err(_) => None,
     };
+    let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
     match keep {
         Some((status, body)) => {
             let expires = Instant::now() + state.settings.idempotency_ttl;
-            memory.insert(idempotency_key, Remembered::Done { fingerprint, status, body, expires });
+            memory.insert(key.to_string(), Remembered::Done { fingerprint, status, body, expires });
         }
         None => {
-            memory.remove(&idempotency_key);
+            memory.remove(key);
         }
     }
-    drop(memory);
-    answer_response(answer)
 }
 
-/// Removes an `InFlight` idempotency mark when the request ends without an answer.
+/// Removes the `InFlight` idempotency marks of a request that ends without an answer.
 struct InFlightGuard<'a> {
     state: &'a AppState,
-    key: &'a str,
+    keys: Vec<String>,
+}
+
+impl InFlightGuard<'_> {
+    /// Every key's answer is remembered (or forgotten): nothing left to clear.
+    fn disarm(mut self) {
+        self.keys.clear();
+    }
 }
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
         let mut memory = self.state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(memory.get(self.key), Some(Remembered::InFlight { .. })) {
-            memory.remove(self.key);
+        for key in &self.keys {
+            if matches!(memory.get(key), Some(Remembered::InFlight { .. })) {
+                memory.remove(key);
+            }
         }
     }
 }
@@ -998,17 +1083,16 @@ fn merge(mut body: Value, extra: Option<Value>) -> Value {
     body
 }
 
-fn key_reused() -> Response {
+fn key_reused() -> ApiError {
     ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency_key_reused",
-        "this Idempotency-Key was used with a different request",
+        "this Idempotency-Key (event id) was used with a different request",
     )
-    .into_response()
 }
 
 /// The stored answer for a repeated key, a conflict, or `None` to go ahead (marked in flight).
-fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Response> {
+fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Result<Answer, ApiError>> {
     let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
     if memory.len() > 100_000 {
@@ -1017,22 +1101,19 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resp
     match memory.get(key) {
         Some(Remembered::Done { fingerprint: seen, status, body, expires }) if *expires >= now => {
             if *seen != fingerprint {
-                return Some(key_reused());
+                return Some(Err(key_reused()));
             }
-            Some((*status, axum::Json(body.clone())).into_response())
+            Some(Ok(Answer { status: *status, body: body.clone() }))
         }
         Some(Remembered::InFlight { fingerprint: seen }) => {
             if *seen != fingerprint {
-                return Some(key_reused());
+                return Some(Err(key_reused()));
             }
-            Some(
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "in_progress",
-                    "a request with this Idempotency-Key is in progress",
-                )
-                .into_response(),
-            )
+            Some(Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                "a request with this Idempotency-Key (event id) is in progress",
+            )))
         }
         _ => {
             memory.insert(key.to_string(), Remembered::InFlight { fingerprint });
@@ -1070,7 +1151,7 @@ struct BatchLine {
 
 async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let _permit = match admit(&state, &parts.headers) {
+    let _permit = match admit(&state, &parts.headers, false) {
         Ok(permit) => permit,
         Err(error) => return error.into_response(),
     };
@@ -1098,6 +1179,9 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     let mut results: Vec<LineResult> = Vec::new();
     let mut events = Vec::new();
     let mut slots = Vec::new();
+    // Lines with their own id, as with an Idempotency-Key: slot → (id, fingerprint).
+    let mut keyed: HashMap<usize, (String, [u8; 32])> = HashMap::new();
+    let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -1112,7 +1196,11 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             if line.data.as_ref().is_some_and(|raw| nests_too_deep(raw.get().as_bytes())) {
                 return Err(too_deep_message());
             }
-            Ok(Event {
+            if line.id.as_deref().is_some_and(|id| !valid_event_id(id)) {
+                return Err("`id` must be 1–255 printable characters".to_string());
+            }
+            let has_id = line.id.is_some();
+            let event = Event {
                 id: line.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
                 source: "http".into(),
                 entity: line.entity,
@@ -1127,18 +1215,40 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                 data: line.data.map_or_else(|| b"{}".to_vec(), |raw| raw.get().as_bytes().to_vec()),
                 old: None,
                 position: None,
-            })
+            };
+            Ok((event, has_id))
         });
         // A webhook route's signature covers one request body; it cannot be checked per line.
-        let event = event.and_then(|event| match state.pipeline.route_for(&event) {
+        let event = event.and_then(|(event, has_id)| match state.pipeline.route_for(&event) {
             Some(route) if state.pipeline.route(route).webhook.is_some() => Err(format!(
                 "entity `{}` is a webhook route; send it to /v1/events/{} with its signature",
                 event.entity, event.entity
             )),
-            _ => Ok(event),
+            _ => Ok((event, has_id)),
         });
         match event {
-            Ok(event) => {
+            Ok((event, has_id)) => {
+                // A line's own id is an idempotency key, shared with single requests: the same
+                // id with the same line gets the same answer, with anything else 422.
+                if has_id {
+                    let print: [u8; 32] = Sha256::new()
+                        .chain_update(b"batch-line\0")
+                        .chain_update(&event.entity)
+                        .chain_update([0])
+                        .chain_update(&event.op)
+                        .chain_update([0])
+                        .chain_update(event.key.as_deref().unwrap_or_default())
+                        .chain_update([0])
+                        .chain_update(&event.data)
+                        .finalize()
+                        .into();
+                    if let Some(answer) = remembered(&state, &event.id, print) {
+                        results.push(line_result(line_number, answer));
+                        continue;
+                    }
+                    guard.keys.push(event.id.clone());
+                    keyed.insert(results.len(), (event.id.clone(), print));
+                }
                 slots.push(results.len());
                 // Filled in with the event's answer below.
                 results.push(LineResult { line: line_number, status: 0, body: AnswerBody::Json(Value::Null) });
@@ -1155,26 +1265,36 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         return ApiError::new(StatusCode::BAD_REQUEST, "empty_batch", "the batch has no lines").into_response();
     }
     let answers = ingest(&state, events).await;
-    let mut all_accepted = results.len() == answers.len();
     for (slot, answer) in slots.into_iter().zip(answers) {
-        let result = &mut results[slot];
-        let (status, body) = match answer {
-            Ok(answer) => (answer.status, answer.body),
-            Err(error) => {
-                all_accepted = false;
-                let body = merge(json!({"error": {"code": error.code, "message": error.message}}), error.extra);
-                (error.status, AnswerBody::Json(body))
-            }
-        };
-        result.status = status.as_u16();
-        result.body = body;
+        if let Some((id, fingerprint)) = keyed.get(&slot) {
+            remember(&state, id, *fingerprint, &answer);
+        }
+        results[slot] = line_result(results[slot].line, answer);
     }
+    guard.disarm();
+    let all_accepted = results.iter().all(|result| result.status < 300);
     #[derive(serde::Serialize)]
     struct BatchAnswer {
         results: Vec<LineResult>,
     }
     let status = if all_accepted { StatusCode::ACCEPTED } else { StatusCode::MULTI_STATUS };
-    (status, axum::Json(BatchAnswer { results })).into_response()
+    let retry = results.iter().any(|result| result.status == StatusCode::SERVICE_UNAVAILABLE.as_u16());
+    let mut response = (status, axum::Json(BatchAnswer { results })).into_response();
+    if retry {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// A line's result from its event's answer.
+fn line_result(line: usize, answer: Result<Answer, ApiError>) -> LineResult {
+    match answer {
+        Ok(answer) => LineResult { line, status: answer.status.as_u16(), body: answer.body },
+        Err(error) => {
+            let body = merge(json!({"error": {"code": error.code, "message": error.message}}), error.extra);
+            LineResult { line, status: error.status.as_u16(), body: AnswerBody::Json(body) }
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets open

@@ -406,8 +406,10 @@ impl Pipeline {
 
     fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {
         let inside = |subject: &str| {
-            route.allowed_prefix.is_empty()
-                || subject == route.allowed_prefix
+            if route.allowed_prefix.is_empty() {
+                return !crate::subject::reserved(subject);
+            }
+            subject == route.allowed_prefix
                 || subject.strip_prefix(route.allowed_prefix.as_str()).is_some_and(|rest| rest.starts_with('.'))
         };
         let events: Vec<&Event> = match &outcome {
@@ -416,15 +418,21 @@ impl Pipeline {
             _ => Vec::new(),
         };
         if let Some(bad) = events.iter().find(|e| !inside(&e.subject)) {
-            return Err(PluginError {
-                kind: ErrorKind::InvalidSubject,
-                message: format!(
+            let message = if route.allowed_prefix.is_empty() {
+                format!(
+                    "plugin `{}` emitted subject `{}`, which NATS keeps for its own APIs and replies (`$…`, `_INBOX.…`); a route lets plugins publish there only with an `allowed_prefix` that names it",
+                    plugin.name(),
+                    bad.subject
+                )
+            } else {
+                format!(
                     "plugin `{}` emitted subject `{}` outside the route's allowed prefix `{}`",
                     plugin.name(),
                     bad.subject,
                     route.allowed_prefix
-                ),
-            });
+                )
+            };
+            return Err(PluginError { kind: ErrorKind::InvalidSubject, message });
         }
         Ok(outcome)
     }

@@ -45,6 +45,13 @@ pub fn validate(subject: &str) -> Result<(), SubjectError> {
     Ok(())
 }
 
+/// Whether `subject` is one NATS keeps for itself: `$JS.API.…`, `$SYS.…` and the like run server
+/// commands (a purge of the stream), and `_INBOX.…` answers another client's request (a forged
+/// PubAck). A plugin may publish there only under an allowed prefix the route names explicitly.
+pub fn reserved(subject: &str) -> bool {
+    subject.starts_with('$') || subject == "_INBOX" || subject.starts_with("_INBOX.")
+}
+
 /// Whether NATS subject `pattern` (`*` one token, `>` one or more trailing tokens) matches the
 /// literal `subject`.
 pub fn pattern_matches(pattern: &str, subject: &str) -> bool {

@@ -60,6 +60,11 @@ match = {{ entity = "subjects" }}
 plugins = ["fixture_invalid_subject"]
 
 [[routes]]
+match = {{ entity = "anywhere" }}
+plugins = ["fixture_invalid_subject"]
+subject = "{{entity}}.{{op}}"
+
+[[routes]]
 match = {{ entity = "loops" }}
 plugins = ["fixture_infinite_loop"]
 on_error = "reject"
@@ -234,6 +239,84 @@ async fn an_idempotent_retry_is_stored_once_and_a_reused_key_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_client_chosen_id_is_an_idempotency_key() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    // Batch lines with their own id: the same id with other data is refused, not lost as a
+    // "duplicate" of the first; a retried batch gets the same answers.
+    let lines = "{\"entity\":\"people\",\"id\":\"dup-1\",\"data\":{\"n\":1}}\n\
+                 {\"entity\":\"people\",\"id\":\"dup-1\",\"data\":{\"n\":2}}\n\
+                 {\"entity\":\"people\",\"id\":\"\",\"data\":{}}\n\
+                 {\"entity\":\"people\",\"id\":\"x\\ny\",\"data\":{}}\n";
+    let (status, first) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{first}");
+    let statuses: Vec<_> = first["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [202, 422, 400, 400], "{first}");
+    assert_eq!(first["results"][1]["error"]["code"], "idempotency_key_reused");
+    let (_, again) = post_batch(&gateway, lines).await;
+    assert_eq!(again["results"][0], first["results"][0], "the same answer");
+    assert_eq!(again["results"][1]["status"], 422);
+    // Shared with single requests.
+    let other = post(&gateway, "/v1/events/people", r#"{"n":3}"#, &[("idempotency-key", "dup-1")]).await;
+    assert_eq!((other.0, other.1["error"]["code"].as_str()), (422, Some("idempotency_key_reused")), "{}", other.1);
+
+    // A UTF-8 key is a key; one that is not text is refused, not ignored.
+    let utf8 = "commande-é-42";
+    let key = reqwest::header::HeaderValue::from_bytes(utf8.as_bytes()).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let response = client()
+            .post(gateway.url("/v1/events/people"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key.clone())
+            .body(r#"{"n":4}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 202);
+        answers.push(response.json::<Value>().await.unwrap());
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0]["id"], utf8);
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"commande-\xe9-42").unwrap();
+    let response = client()
+        .post(gateway.url("/v1/events/people"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", latin1)
+        .body(r#"{"n":5}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "bad_header");
+
+    // A structured CloudEvent's id: another event under the same id is refused; `data_base64`
+    // holding JSON is its data, anything else is refused rather than dropped.
+    let cloudevent = |id: &str, data: &str| {
+        client()
+            .post(gateway.url("/v1/events/people"))
+            .header("content-type", "application/cloudevents+json")
+            .body(format!(r#"{{"specversion":"1.0","id":"{id}","source":"/crm","type":"person",{data}}}"#))
+            .send()
+    };
+    assert_eq!(cloudevent("ce-7", r#""data":{"n":6}"#).await.unwrap().status().as_u16(), 202);
+    let reused = cloudevent("ce-7", r#""data":{"n":7}"#).await.unwrap();
+    assert_eq!(reused.status().as_u16(), 422);
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(r#"{"n":8}"#);
+    let response = cloudevent("ce-8", &format!(r#""data_base64":"{encoded}""#)).await.unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let binary = base64::engine::general_purpose::STANDARD.encode([0xffu8, 0, 1]);
+    let response = cloudevent("ce-9", &format!(r#""data_base64":"{binary}""#)).await.unwrap();
+    assert_eq!(response.status().as_u16(), 415);
+
+    let messages = nats.messages("WEIR").await;
+    let stored: Vec<Value> =
+        messages.iter().map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"].clone()).collect();
+    assert_eq!(stored, [json!({"n": 1}), json!({"n": 4}), json!({"n": 6}), json!({"n": 8})]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_clear_errors_and_store_nothing() {
     let nats = Nats::start();
     let gateway = Gateway::start(&config(&nats, ""));
@@ -325,10 +408,14 @@ async fn auth_failures_publish_nothing() {
         assert!(response.headers().get("www-authenticate").is_some());
     }
     assert!(nats.messages("WEIR").await.is_empty());
+    // The scheme's name is case-insensitive.
+    let (status, _, _) =
+        post(&gateway, "/v1/events/users", "{}", &[("authorization", &format!("bearer {TOKEN}"))]).await;
+    assert_eq!(status, 202);
     let authorization = format!("Bearer {TOKEN}");
     let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[("authorization", &authorization)]).await;
     assert_eq!(status, 202);
-    assert_eq!(nats.messages("WEIR").await.len(), 1);
+    assert_eq!(nats.messages("WEIR").await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -351,6 +438,13 @@ async fn plugin_rejects_traps_and_bad_subjects_go_to_the_dead_letter_subject() {
     let (status, body, _) = post(&gateway, "/v1/events/subjects", r#"{"subject":"elsewhere.x"}"#, &[]).await;
     assert_eq!((status, body["error"]["kind"].as_str()), (202, Some("invalid-subject")), "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("allowed prefix"), "{body}");
+    // No literal prefix: NATS's own subjects are still out of bounds (a purge, a forged PubAck).
+    for reserved in ["$JS.API.STREAM.PURGE.WEIR", "_INBOX.abc.1"] {
+        let (status, body, _) =
+            post(&gateway, "/v1/events/anywhere", &json!({ "subject": reserved }).to_string(), &[]).await;
+        assert_eq!((status, body["error"]["kind"].as_str()), (202, Some("invalid-subject")), "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("keeps for its own"), "{body}");
+    }
     // on_error = "reject": a timeout is answered 500 and nothing is stored.
     let (status, body, _) = post(&gateway, "/v1/events/loops", "{}", &[]).await;
     assert_eq!((status, body["error"]["kind"].as_str()), (500, Some("timeout")), "{body}");
@@ -361,9 +455,12 @@ async fn plugin_rejects_traps_and_bad_subjects_go_to_the_dead_letter_subject() {
 
     let messages = nats.messages("WEIR").await;
     let dead: Vec<_> = messages.iter().filter(|m| m.subject.starts_with("weir.dlq.")).collect();
-    assert_eq!(dead.len(), 4, "reject, trap and two bad subjects");
+    assert_eq!(dead.len(), 6, "reject, trap and four bad subjects");
     let kinds: Vec<_> = dead.iter().map(|m| header(m, "Weir-Error-Kind").unwrap()).collect();
-    assert_eq!(kinds, vec!["rejected", "trap", "invalid-subject", "invalid-subject"]);
+    assert_eq!(
+        kinds,
+        vec!["rejected", "trap", "invalid-subject", "invalid-subject", "invalid-subject", "invalid-subject"]
+    );
     for message in &dead {
         assert!(
             header(message, "Weir-Plugin").is_some()
@@ -374,7 +471,7 @@ async fn plugin_rejects_traps_and_bad_subjects_go_to_the_dead_letter_subject() {
         assert!(original["data"].is_object(), "the original event is kept: {original}");
     }
     assert_eq!(header(dead[0], "Weir-Plugin"), Some("route"));
-    assert_eq!(messages.len(), 5);
+    assert_eq!(messages.len(), 7, "nothing purged");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -754,6 +851,7 @@ webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", tim
         "[[routes]]\nmatch = { entity = \"*\" }",
         &format!("{extra}\n[[routes]]\nmatch = {{ entity = \"*\" }}"),
     );
+    let config = config.replace("max_body = \"64KiB\"", &format!("max_body = \"64KiB\"\ntokens = [\"{TOKEN}\"]"));
     let gateway = Gateway::start(&config);
     let body = r#"{"action":"opened","number":7}"#;
     let good = sign(secret, body);
@@ -765,27 +863,51 @@ webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", tim
         (body, vec![("x-hub-signature-256", "sha256=00")], 401),
         (&flipped, vec![("x-hub-signature-256", &good)], 401),
         (reserialized, vec![("x-hub-signature-256", &good)], 401),
+        // Signed, but without the delivery id that keeps a replay from being stored again.
+        (body, vec![("x-hub-signature-256", &good)], 400),
         (body, vec![("x-hub-signature-256", &good), ("x-github-delivery", "d-1")], 202),
         (body, vec![("x-hub-signature-256", &with_new_secret), ("x-github-delivery", "d-2")], 202),
         (body, vec![("x-hub-signature-256", &good), ("x-github-delivery", "d-1")], 202),
     ];
+    // The gateway asks other routes for a bearer token; webhook senders prove themselves by
+    // their signature alone.
     let mut answers = Vec::new();
     for (text, headers, expected) in &cases {
         let (status, answer, _) = post(&gateway, "/v1/events/github", text, headers).await;
         assert_eq!(status, *expected, "{headers:?}: {answer}");
         answers.push(answer);
     }
-    assert_eq!(answers[6], answers[4], "a replayed delivery gets the same answer");
+    assert_eq!(answers[4]["error"]["code"], "missing_delivery_id");
+    assert_eq!(answers[7], answers[5], "a replayed delivery gets the same answer");
+    let (status, _, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!(status, 401, "other routes still need the token");
     // A batch line cannot bypass the signature.
-    let (_, batch) = post_batch(&gateway, "{\"entity\":\"github\",\"data\":{}}\n").await;
+    let batch: Value = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body("{\"entity\":\"github\",\"data\":{}}\n")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(batch["results"][0]["status"], 400, "{batch}");
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // Ten seconds inside and outside the 300 s tolerance, either way (the test and the gateway
     // read the clock a moment apart).
-    let cases = [(now, 202), (now - 290, 202), (now + 290, 202), (now - 310, 401), (now + 310, 401)];
-    for (timestamp, expected) in cases {
-        let ts = timestamp.to_string();
+    let cases = [
+        (now.to_string(), 202),
+        ((now - 290).to_string(), 202),
+        ((now + 290).to_string(), 202),
+        ((now - 310).to_string(), 401),
+        ((now + 310).to_string(), 401),
+        (i64::MIN.to_string(), 401),
+    ];
+    for (ts, expected) in cases {
+        let timestamp = &ts;
         let signature = sign(secret, &format!("{ts}.{body}")).replace("sha256=", "v1=");
         let (status, answer, _) =
             post(&gateway, "/v1/events/stripe", body, &[("x-signature", &signature), ("x-timestamp", &ts)]).await;
