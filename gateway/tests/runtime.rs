@@ -350,6 +350,29 @@ fn a_plugin_that_hangs_while_starting_is_stopped_and_refused() {
 }
 
 #[test]
+fn a_plugin_waiting_in_a_host_call_is_stopped_at_its_deadline_too() {
+    // A WASI sleep runs no guest code, so the epoch deadline alone never stops it.
+    let runtime = runtime();
+    let limits = Limits { timeout: Duration::from_millis(50), ..Limits::default() };
+    let sleepy = load(&runtime, "fixture-sleepy", "{}", limits.clone());
+    let started = Instant::now();
+    let results = sleepy.run_blocking(vec![event("a", json!({}))]);
+    assert_eq!(kinds(&results), vec![Some(ErrorKind::Timeout)]);
+    assert!(started.elapsed() < Duration::from_secs(5), "a 30 s sleep stopped after {:?}", started.elapsed());
+    assert!(results[0].as_ref().unwrap_err().message.contains("timeout_ms"));
+    // A wait inside the limit is no problem, and the plugin still works.
+    assert_eq!(kinds(&sleepy.run_blocking(vec![event("b", json!({"sleep_ms": 1}))])), vec![None]);
+    // Sleeping in `configure`: the load is refused in bounded time.
+    let started = Instant::now();
+    let result = runtime.load("sleepy", &plugin_bytes("fixture-sleepy"), r#"{"sleep_in_configure_ms":30000}"#, limits);
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped: {:?}", started.elapsed());
+    match result {
+        Err(LoadError::StartFailed(error)) => assert!(error.message.starts_with("timeout"), "{error}"),
+        other => panic!("must fail to start, got {:?}", other.err()),
+    }
+}
+
+#[test]
 fn gateway_and_sdk_agree_on_subject_tokens() {
     for text in ["eu-west.1 *>", "", "ok_Token-9", "ünïcode", "a\tb"] {
         assert_eq!(weir::subject::token(text), weir_sdk::subject_token(text), "{text:?}");

@@ -96,14 +96,18 @@ pub struct MemoryLimiter {
     limit: usize,
     /// Bytes of linear memory the store's instances hold now, summed over memories.
     pub(super) memory_bytes: usize,
+    /// Table elements the store holds now, summed over tables.
+    table_elements: usize,
 }
 
-/// Most table elements a plugin may have; tables this large mean a hostile or broken plugin.
+/// Most table elements a plugin's instance may hold, over all its tables: more means a hostile
+/// or broken plugin. A total, since a component may have many tables (each element costs the
+/// host memory outside the plugin's `memory_mb`).
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
 impl MemoryLimiter {
     fn new(limit: usize) -> Self {
-        MemoryLimiter { limit, memory_bytes: 0 }
+        MemoryLimiter { limit, memory_bytes: 0, table_elements: 0 }
     }
 }
 
@@ -117,18 +121,25 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS {
+    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_elements - current.min(self.table_elements) + desired;
+        if total > MAX_TABLE_ELEMENTS {
             return Err(wasmtime::Error::msg(format!(
-                "plugin tried to grow a table to {desired} elements; the limit is {MAX_TABLE_ELEMENTS}"
+                "plugin tried to hold {total} table elements over its tables; the limit is {MAX_TABLE_ELEMENTS}"
             )));
         }
+        self.table_elements = total;
         Ok(true)
     }
 
     fn memories(&self) -> usize {
         // Components built from dynamically linked runtimes (Python) carry a dozen core modules.
         64
+    }
+
+    fn tables(&self) -> usize {
+        // As many as memories, with room: wasmtime's default is 10 000.
+        256
     }
 }
 
@@ -236,5 +247,23 @@ impl Drop for PluginOutput {
                 self.emit(&pending);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter as _;
+
+    #[test]
+    fn table_elements_are_capped_over_all_tables_together() {
+        let mut limiter = MemoryLimiter::new(16 << 20);
+        // Two tables of 600 000 each: the second passes the total, though alone it is under.
+        assert!(limiter.table_growing(0, 600_000, None).is_ok());
+        let error = limiter.table_growing(0, 600_000, None).unwrap_err();
+        assert!(error.to_string().contains("1200000 table elements"), "{error}");
+        // Growing the first table counts only what it adds.
+        assert!(limiter.table_growing(600_000, 900_000, None).is_ok());
+        assert!(limiter.table_growing(900_000, 1_000_001, None).is_err());
     }
 }

@@ -35,6 +35,9 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 const RERUN_CONCURRENCY: usize = 8;
 /// How often the epoch advances; a call's time limit is enforced to within one tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How long past its time limit a call waiting in a host call is given before it is dropped
+/// (guest code is stopped by the epoch deadline, within a tick).
+const WAIT_GRACE: Duration = Duration::from_millis(100);
 /// Largest plugin file accepted.
 pub const MAX_PLUGIN_BYTES: usize = 256 << 20;
 /// Longest reject reason passed on; longer ones are cut.
@@ -433,24 +436,36 @@ impl Plugin {
             let failure = self.classify(&error);
             PluginError::new(ErrorKind::StartFailed, format!("{}: {}", failure.kind.as_str(), failure.message))
         };
-        let (handler, configured) = match &self.pre {
-            Pre::Transform(pre) => {
-                let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
-                let configured = handler
-                    .weir_plugin_transform_handler()
-                    .call_configure(&mut store, &self.config)
-                    .await
-                    .map_err(start_failed)?;
-                (Handler::Transform(handler), configured)
-            }
-            Pre::Filter(pre) => {
-                let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
-                let configured = handler
-                    .weir_plugin_filter_handler()
-                    .call_configure(&mut store, &self.config)
-                    .await
-                    .map_err(start_failed)?;
-                (Handler::Filter(handler), configured)
+        let start = async {
+            Ok(match &self.pre {
+                Pre::Transform(pre) => {
+                    let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
+                    let configured = handler
+                        .weir_plugin_transform_handler()
+                        .call_configure(&mut store, &self.config)
+                        .await
+                        .map_err(start_failed)?;
+                    (Handler::Transform(handler), configured)
+                }
+                Pre::Filter(pre) => {
+                    let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
+                    let configured = handler
+                        .weir_plugin_filter_handler()
+                        .call_configure(&mut store, &self.config)
+                        .await
+                        .map_err(start_failed)?;
+                    (Handler::Filter(handler), configured)
+                }
+            })
+        };
+        let (handler, configured) = match self.within_time(start).await {
+            Some(started) => started?,
+            None => {
+                let timed_out = self.timed_out();
+                return Err(PluginError::new(
+                    ErrorKind::StartFailed,
+                    format!("{}: {}", timed_out.kind.as_str(), timed_out.message),
+                ));
             }
         };
         configured.map_err(|reason| PluginError::new(ErrorKind::StartFailed, format!("{CONFIG_REFUSED}{reason}")))?;
@@ -480,18 +495,31 @@ impl Plugin {
         }
     }
 
+    /// Runs `call` into the plugin under its time limit by the wall clock too. The epoch deadline
+    /// stops guest code that runs too long, but not a wait inside a host call (a WASI sleep or
+    /// poll: no guest code runs there to be interrupted). Past the limit and some grace, the call
+    /// is dropped, and its instance with it. `None`: it was stopped.
+    async fn within_time<T>(&self, call: impl std::future::Future<Output = T>) -> Option<T> {
+        // Outside a tokio runtime (the last-resort executor of `block_on`) there is no timer.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Some(call.await);
+        }
+        tokio::time::timeout(self.limits.timeout + WAIT_GRACE, call).await.ok()
+    }
+
+    fn timed_out(&self) -> PluginError {
+        PluginError::new(
+            ErrorKind::Timeout,
+            format!("plugin `{}` ran past its time limit of {:?} (raise `timeout_ms`)", self.name, self.limits.timeout),
+        )
+    }
+
     fn classify(&self, error: &wasmtime::Error) -> PluginError {
         if let Some(limit) = error.chain().find_map(|cause| cause.downcast_ref::<MemoryLimitExceeded>()) {
             return PluginError::new(ErrorKind::MemoryLimit, limit.to_string());
         }
         match error.chain().find_map(|cause| cause.downcast_ref::<Trap>()) {
-            Some(Trap::Interrupt) => PluginError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "plugin `{}` ran past its time limit of {:?} (raise `timeout_ms`)",
-                    self.name, self.limits.timeout
-                ),
-            ),
+            Some(Trap::Interrupt) => self.timed_out(),
             Some(Trap::StackOverflow) => PluginError::new(
                 ErrorKind::StackOverflow,
                 format!("plugin `{}` exhausted its stack (unbounded recursion?)", self.name),
@@ -507,13 +535,19 @@ impl Plugin {
         self.start_call(&mut instance.store);
         instance.calls += 1;
         let Instance { store, handler, .. } = &mut instance;
-        let result = match handler {
-            Handler::Transform(t) => {
-                t.weir_plugin_transform_handler().call_handle(&mut *store, events).await.map(RawResults::Transform)
+        let handle = async {
+            match handler {
+                Handler::Transform(t) => {
+                    t.weir_plugin_transform_handler().call_handle(&mut *store, events).await.map(RawResults::Transform)
+                }
+                Handler::Filter(f) => {
+                    f.weir_plugin_filter_handler().call_handle(&mut *store, events).await.map(RawResults::Filter)
+                }
             }
-            Handler::Filter(f) => {
-                f.weir_plugin_filter_handler().call_handle(&mut *store, events).await.map(RawResults::Filter)
-            }
+        };
+        let Some(result) = self.within_time(handle).await else {
+            self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
+            return Err(self.timed_out());
         };
         match result {
             Ok(results) => {
