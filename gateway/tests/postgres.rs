@@ -899,6 +899,81 @@ async fn snapshot_emits_existing_rows_once_then_streams_with_no_gap() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn session_settings_from_the_url_or_the_role_do_not_change_the_values() {
+    let capture =
+        Capture::new("settings", &[("a", "id int PRIMARY KEY, at timestamptz, day date, raw bytea, ratio float8")])
+            .await;
+    let table = capture.table("a");
+    let client = connect().await;
+    let row = |id: i32| {
+        format!(
+            "INSERT INTO {table} VALUES ({id}, '2026-11-23 12:00:00.5+01', '2026-11-23', '\\x4869', 0.1::float8 + 0.2::float8)"
+        )
+    };
+    client.batch_execute(&row(1)).await.unwrap();
+    let nats = Nats::start();
+    // Settings a role or database might carry; read by the snapshot's and the stream's sessions.
+    let url = common::pg::postgres_url();
+    let options =
+        "options='-c DateStyle=SQL,DMY -c bytea_output=escape -c TimeZone=America/New_York -c extra_float_digits=0'";
+    let config = capture
+        .config(&nats, "snapshot = true")
+        .replace(&format!("url = \"{url}\""), &format!("url = \"{url} {options}\""));
+    assert!(config.contains("DateStyle"), "{config}");
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    client.batch_execute(&row(2)).await.unwrap();
+    let messages = stored(&nats, 2).await;
+    let ops: Vec<&Value> = messages.iter().map(|(_, _, event)| &event["op"]).collect();
+    assert_eq!(ops, ["read", "insert"], "{}", gateway.log());
+    for (_, _, event) in &messages {
+        let data = &event["data"];
+        assert_eq!(data["at"], "2026-11-23T11:00:00.5+00:00", "{event}");
+        assert_eq!(data["day"], "2026-11-23", "{event}");
+        assert_eq!(data["raw"], "SGk=", "{event}");
+        assert_eq!(data["ratio"], json!(0.30000000000000004), "{event}");
+    }
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_marked_pending_whose_slot_was_never_made_is_taken() {
+    // What a gateway stopped between marking the snapshot pending and creating its slot leaves.
+    let capture = Capture::new("unborn", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    connect()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 10) g"))
+        .await
+        .unwrap();
+    let nats = Nats::start();
+    let system: String =
+        connect().await.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.unwrap().get(0);
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "weir_postgres_slots".into(),
+        subjects: vec!["weir_postgres_slots.>".into()],
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let marker = json!({"how": "creating", "at": "0/0", "snapshot": "pending", "time": "2026-12-01T00:00:00Z"});
+    js.publish(format!("weir_postgres_slots.{system}.{}", capture.name), marker.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let gateway = Gateway::start(&capture.config(&nats, "snapshot = true"));
+    let messages = stored(&nats, 10).await;
+    assert_eq!(messages.len(), 10, "{}", gateway.log());
+    assert!(messages.iter().all(|(_, _, event)| event["op"] == "read"));
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     let capture = Capture::new("resnapshot", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
     let table = capture.table("a");

@@ -29,5 +29,10 @@ pub async fn replication_config(config: &PostgresConfig) -> anyhow::Result<Repli
             .with_port(port)
             .with_tls(pgwire_replication::TlsConfig::disabled())
     };
-    Ok(replication)
+    // The same session settings as the control connection (see `tls::route`): the replication
+    // stream's values are decoded by the same rules as the snapshot's.
+    Ok(match parsed.get_options() {
+        Some(options) => replication.with_options(options),
+        None => replication,
+    })
 }

@@ -216,6 +216,9 @@ pub async fn prepare(
             }
             Start::Resume(confirmed)
         }
+        // A snapshot that was starting when the gateway stopped, before its slot existed:
+        // nothing was ever confirmed, so start it again.
+        None if snapshot_pending => Start::Snapshot,
         None => {
             if let Some(marker) = marker {
                 return Err(fatal(format!(

@@ -44,8 +44,15 @@ fn ahead_failed() -> Failure {
 /// Seconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_OFFSET: u64 = 946_684_800;
 
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999999Z), in microseconds since
+/// PostgreSQL's epoch.
+const LAST_RFC3339_MICROS: i64 = (253_402_300_800 - PG_EPOCH_OFFSET as i64) * 1_000_000 - 1;
+
+/// A commit time from the server, RFC 3339. Past year 9999 (only a broken clock gets there; the
+/// formatter has no way to write it) it is clamped to the last instant it can.
 fn pg_time(micros: i64) -> String {
-    let since_1970 = Duration::from_secs(PG_EPOCH_OFFSET) + Duration::from_micros(micros.max(0).unsigned_abs());
+    let micros = micros.clamp(0, LAST_RFC3339_MICROS).unsigned_abs();
+    let since_1970 = Duration::from_secs(PG_EPOCH_OFFSET) + Duration::from_micros(micros);
     humantime::format_rfc3339_micros(UNIX_EPOCH + since_1970).to_string()
 }
 
@@ -716,6 +723,10 @@ impl PostgresSource {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Lsn, Failure> {
         use super::setup::quote;
+        // Marked pending before the slot exists: a crash (or a failed write) between creating the
+        // slot and marking it would otherwise leave a slot the next start adopts, skipping the
+        // snapshot for good.
+        marker.write(&Lsn::ZERO, "creating", "pending").await?;
         let replication = connection::replication_config(&self.config).await.map_err(retry)?;
         let mut exporter = ReplicationClient::connect_gated(replication).await.map_err(retry)?;
         let created = exporter

@@ -63,7 +63,8 @@ pub fn check_settings(config: &PostgresConfig) -> anyhow::Result<()> {
 /// The connection settings to use for `config`: the url itself for a Unix socket or
 /// `tls = "disable"`, otherwise the url pointed at this process's tunnel to the server.
 pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Config> {
-    let Plan { parsed, mode, tcp } = plan(config)?;
+    let Plan { mut parsed, mode, tcp } = plan(config)?;
+    fix_output_settings(&mut parsed);
     let Some((host, port)) = tcp else { return Ok(parsed) };
     let dir = tunnel(config, mode, host, port, parsed.get_connect_timeout().copied()).await?;
     let mut routed = tokio_postgres::Config::new();
@@ -87,6 +88,20 @@ pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Co
         routed.connect_timeout(*timeout);
     }
     Ok(routed)
+}
+
+/// Settings the value decoder reads values by (`values.rs`): ISO dates, hex `bytea`, floats
+/// exact to the last digit, times in UTC. Set on every connection, after the url's own
+/// `options`, so neither those nor a role's or database's settings change what events carry.
+const OUTPUT_SETTINGS: &str =
+    "-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex -c extra_float_digits=3 -c TimeZone=UTC";
+
+fn fix_output_settings(config: &mut tokio_postgres::Config) {
+    let options = match config.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{own} {OUTPUT_SETTINGS}"),
+        _ => OUTPUT_SETTINGS.to_string(),
+    };
+    config.options(&options);
 }
 
 /// A running tunnel: its private directory (removed when dropped) and its listener task.
