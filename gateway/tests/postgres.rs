@@ -148,6 +148,30 @@ async fn unchanged_toast_is_marked_and_replica_identity_full_sends_old_rows() {
     capture.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn under_replica_identity_using_index_the_key_is_that_indexs_columns() {
+    let capture = Capture::new("identity", &[("a", "id int PRIMARY KEY, code text NOT NULL UNIQUE, n int")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    client.batch_execute(&format!("ALTER TABLE {table} REPLICA IDENTITY USING INDEX {table}_code_key")).await.unwrap();
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'c-1', 0); UPDATE {table} SET n = 1 WHERE id = 1; DELETE FROM {table} WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 3).await;
+    let keys: Vec<&Value> = messages.iter().map(|(_, _, event)| &event["key"]).collect();
+    // A delete carries only the identity index's columns: the key must not be empty.
+    assert_eq!(keys, ["c-1", "c-1", "c-1"], "{}", gateway.log());
+    assert_eq!(messages[2].2["old"], json!({"code": "c-1"}));
+    drop(gateway);
+    capture.cleanup().await;
+}
+
 fn load_tables() -> [(&'static str, &'static str); 2] {
     [("a", "id bigint PRIMARY KEY, n bigint"), ("b", "id bigint PRIMARY KEY, n bigint")]
 }
