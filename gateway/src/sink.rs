@@ -489,44 +489,67 @@ impl Sink {
         }
         match &self.jetstream {
             Some(jetstream) => self.publish_jetstream(jetstream, messages, order).await,
-            None => {
-                for message in messages {
-                    if let Err(error) = self
-                        .client
-                        .publish_with_headers(
-                            message.subject.clone(),
-                            message.headers.to_nats(),
-                            message.payload.clone(),
-                        )
-                        .await
-                    {
-                        let error = match error.kind() {
-                            async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-                                SinkError::TooLarge(error.to_string())
-                            }
-                            _ => SinkError::Refused(error.to_string()),
-                        };
-                        return messages.iter().map(|_| Err(error.clone())).collect();
+            None => self.publish_core(messages).await,
+        }
+    }
+
+    /// Core NATS: publishes in order, then one flush for all. A message the client refuses (too
+    /// large for the server's `max_payload`, a bad subject) fails alone, and so do the later
+    /// messages of its entity and key (they must not overtake it); once the connection fails,
+    /// nothing more is sent.
+    async fn publish_core(&self, messages: &[Message]) -> Vec<Result<Published, SinkError>> {
+        let mut outcomes: Vec<Option<Result<Published, SinkError>>> = vec![None; messages.len()];
+        let mut failed_keys: HashMap<(String, String), SinkError> = HashMap::new();
+        let mut stop: Option<SinkError> = None;
+        for (index, message) in messages.iter().enumerate() {
+            if let Some(error) = &stop {
+                outcomes[index] = Some(Err(error.clone()));
+                continue;
+            }
+            let key = order_key(message);
+            if let Some(error) = key.as_ref().and_then(|key| failed_keys.get(key)) {
+                outcomes[index] = Some(Err(error.clone()));
+                continue;
+            }
+            let sent = self
+                .client
+                .publish_with_headers(message.subject.clone(), message.headers.to_nats(), message.payload.clone())
+                .await;
+            if let Err(error) = sent {
+                let error = match error.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => SinkError::TooLarge(error.to_string()),
+                    async_nats::client::PublishErrorKind::InvalidSubject => SinkError::Refused(error.to_string()),
+                    async_nats::client::PublishErrorKind::Send => {
+                        stop = Some(SinkError::Disconnected);
+                        outcomes[index] = Some(Err(SinkError::Disconnected));
+                        continue;
                     }
-                }
-                let flushed = match tokio::time::timeout(self.ack_timeout, self.client.flush()).await {
-                    Err(_) => Err(SinkError::Timeout),
-                    Ok(Err(_)) => Err(SinkError::Disconnected),
-                    Ok(Ok(())) => Ok(()),
                 };
-                messages
-                    .iter()
-                    .map(|m| {
-                        flushed.clone().map(|()| Published {
-                            subject: m.subject.clone(),
-                            stream: None,
-                            seq: None,
-                            duplicate: false,
-                        })
-                    })
-                    .collect()
+                if let Some(key) = key {
+                    failed_keys.insert(key, error.clone());
+                }
+                outcomes[index] = Some(Err(error));
             }
         }
+        let flushed = match tokio::time::timeout(self.ack_timeout, self.client.flush()).await {
+            Err(_) => Err(SinkError::Timeout),
+            Ok(Err(_)) => Err(SinkError::Disconnected),
+            Ok(Ok(())) => Ok(()),
+        };
+        outcomes
+            .into_iter()
+            .zip(messages)
+            .map(|(outcome, message)| {
+                outcome.unwrap_or_else(|| {
+                    flushed.clone().map(|()| Published {
+                        subject: message.subject.clone(),
+                        stream: None,
+                        seq: None,
+                        duplicate: false,
+                    })
+                })
+            })
+            .collect()
     }
 
     /// JetStream: sends go out back to back, PubAcks are awaited as they come. Sends that get

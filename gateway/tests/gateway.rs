@@ -1068,6 +1068,36 @@ async fn core_nats_mode_publishes_and_flushes_without_a_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn core_nats_mode_fails_an_event_too_large_alone() {
+    use futures::StreamExt as _;
+    let nats = Nats::start_with_max_payload(8192);
+    let core = config(&nats, "").replace(
+        "[jetstream]\nstream = \"WEIR\"\nsubjects = [\"weir.>\", \"shop.>\"]\nduplicate_window = \"2m\"\nack_timeout = \"1s\"\n",
+        "",
+    );
+    let gateway = Gateway::start(&core);
+    let mut subscription = listen(&nats, "weir.>").await;
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+    // One batch: the large line fails alone; the line behind it with its key is not sent (it
+    // must not overtake it); the others are published.
+    let lines = format!(
+        "{{\"entity\":\"users\",\"key\":\"a\",\"data\":{{\"n\":1}}}}\n\
+         {{\"entity\":\"users\",\"key\":\"b\",\"data\":{big}}}\n\
+         {{\"entity\":\"users\",\"key\":\"b\",\"data\":{{\"n\":2}}}}\n\
+         {{\"entity\":\"users\",\"key\":\"c\",\"data\":{{\"n\":3}}}}\n"
+    );
+    let (status, body) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{body}");
+    let statuses: Vec<_> = body["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [202, 413, 413, 202], "{body}");
+    let mut heard = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
+        heard.push(serde_json::from_slice::<Value>(&message.payload).unwrap()["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(heard, [1, 3], "only what was answered 202 was published");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_existing_stream_that_differs_is_reported_not_changed() {
     let nats = Nats::start();
     let gateway = Gateway::start(&config(&nats, ""));
