@@ -600,30 +600,101 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Config text after `${…}` interpolation, with where each substitution stood in the original, so
+/// errors point at the file as written.
+#[derive(Debug)]
+pub struct Interpolated {
+    /// The text to parse.
+    pub text: String,
+    /// For each substitution: its start and end in `text`, and its end in the original.
+    substitutions: Vec<(usize, usize, usize)>,
+}
+
+impl Interpolated {
+    /// The original offset of `offset` in the interpolated text (inside a substituted value: the
+    /// start of its `${…}`).
+    fn original(&self, offset: usize) -> usize {
+        let mut shift: isize = 0;
+        for &(start, end, original_end) in &self.substitutions {
+            if offset < start {
+                break;
+            }
+            if offset < end {
+                return start.saturating_add_signed(shift);
+            }
+            shift = original_end as isize - end as isize;
+        }
+        offset.saturating_add_signed(shift)
+    }
+}
+
+/// Where in TOML text the scanner is: a `${…}` is substituted in values and strings, escaped for
+/// the kind of string it stands in, and left alone in comments.
+#[derive(Clone, Copy, PartialEq)]
+enum Context {
+    Bare,
+    Comment,
+    Basic,
+    Literal,
+    MultiBasic,
+    MultiLiteral,
+}
+
 /// Replaces `${NAME}` (and `${NAME:-default}`) with environment values; `$${` is a literal `${`.
-/// Values are escaped for TOML basic strings, since they stand inside quoted values.
-pub fn interpolate(text: &str, file: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+/// Comments are left as written. A value is escaped for the string it stands in (`"…"`,
+/// `"""…"""`); a literal string (`'…'`) cannot escape, so a value it cannot hold is an error.
+pub fn interpolate(
+    text: &str,
+    file: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Interpolated, ConfigError> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut offset = 0;
-    while let Some(start) = rest.find('$') {
-        out.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        if let Some(after) = tail.strip_prefix("$${") {
-            out.push_str("${");
-            let consumed = start + 3;
-            rest = &rest[consumed..];
-            offset += consumed;
-            let _ = after;
+    let mut substitutions = Vec::new();
+    let mut context = Context::Bare;
+    let mut index = 0;
+    let bytes = text.as_bytes();
+    while index < text.len() {
+        let rest = &text[index..];
+        // Context changes: comments, string openings and closings, escapes in basic strings.
+        let step = match context {
+            Context::Bare if rest.starts_with('#') => Some((Context::Comment, 1)),
+            Context::Bare if rest.starts_with("\"\"\"") => Some((Context::MultiBasic, 3)),
+            Context::Bare if rest.starts_with("'''") => Some((Context::MultiLiteral, 3)),
+            Context::Bare if rest.starts_with('"') => Some((Context::Basic, 1)),
+            Context::Bare if rest.starts_with('\'') => Some((Context::Literal, 1)),
+            Context::Comment if rest.starts_with('\n') => Some((Context::Bare, 1)),
+            Context::Basic | Context::MultiBasic if rest.starts_with('\\') => {
+                Some((context, 1 + rest[1..].chars().next().map_or(0, char::len_utf8)))
+            }
+            Context::Basic if rest.starts_with('"') => Some((Context::Bare, 1)),
+            Context::MultiBasic if rest.starts_with("\"\"\"") => Some((Context::Bare, 3)),
+            Context::Literal if rest.starts_with('\'') => Some((Context::Bare, 1)),
+            Context::MultiLiteral if rest.starts_with("'''") => Some((Context::Bare, 3)),
+            _ => None,
+        };
+        if let Some((next, length)) = step {
+            out.push_str(&rest[..length]);
+            context = next;
+            index += length;
             continue;
         }
-        let Some(body) = tail.strip_prefix("${") else {
+        if context == Context::Comment || bytes[index] != b'$' {
+            let length = rest.chars().next().map_or(1, char::len_utf8);
+            out.push_str(&rest[..length]);
+            index += length;
+            continue;
+        }
+        if rest.starts_with("$${") {
+            out.push_str("${");
+            index += 3;
+            continue;
+        }
+        let Some(body) = rest.strip_prefix("${") else {
             out.push('$');
-            rest = &rest[start + 1..];
-            offset += start + 1;
+            index += 1;
             continue;
         };
-        let (line, column) = position(text, offset + start);
+        let (line, column) = position(text, index);
         let Some(end) = body.find('}') else {
             return Err(ConfigError(format!("{file}:{line}:{column}: `${{` without a closing `}}`")));
         };
@@ -644,21 +715,37 @@ pub fn interpolate(text: &str, file: &str, lookup: impl Fn(&str) -> Option<Strin
                 )));
             }
         };
-        for c in value.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-                c => out.push(c),
+        let substituted_at = out.len();
+        match context {
+            Context::Literal | Context::MultiLiteral => {
+                let unfit = if context == Context::Literal {
+                    value.contains(['\'', '\n', '\r'])
+                } else {
+                    value.contains("'''")
+                };
+                if unfit || value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                    return Err(ConfigError(format!(
+                        "{file}:{line}:{column}: the value of `{name}` cannot stand in a '…' string (it has a quote, line break or control character); use a \"…\" string"
+                    )));
+                }
+                out.push_str(&value);
+            }
+            _ => {
+                for c in value.chars() {
+                    match c {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        '\n' => out.push_str("\\n"),
+                        c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
             }
         }
-        let consumed = start + 2 + end + 1;
-        rest = &rest[consumed..];
-        offset += consumed;
+        index += 2 + end + 1;
+        substitutions.push((substituted_at, out.len(), index));
     }
-    out.push_str(rest);
-    Ok(out)
+    Ok(Interpolated { text: out, substitutions })
 }
 
 impl Config {
@@ -673,18 +760,20 @@ impl Config {
 
     /// Parses config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let text = interpolate(text, file, |name| std::env::var(name).ok())?;
-        let config: Config = toml::from_str(&text).map_err(|error| {
+        let interpolated = interpolate(text, file, |name| std::env::var(name).ok())?;
+        // Positions in errors are in the file as written.
+        let at = |offset: usize| position(text, interpolated.original(offset));
+        let config: Config = toml::from_str(&interpolated.text).map_err(|error| {
             let message = error.message().trim_end().to_string();
             match error.span() {
                 Some(span) => {
-                    let (line, column) = position(&text, span.start);
+                    let (line, column) = at(span.start);
                     ConfigError(format!("{file}:{line}:{column}: {message}"))
                 }
                 None => ConfigError(format!("{file}: {message}")),
             }
         })?;
-        let problems = config.validate(&text, file);
+        let problems = config.validate(&at, file);
         if !problems.is_empty() {
             return Err(ConfigError(problems.join("\n")));
         }
@@ -730,10 +819,11 @@ impl Config {
     }
 
     /// Cross-field checks; every problem found, each with its position and how to fix it.
-    fn validate(&self, text: &str, file: &str) -> Vec<String> {
+    /// Every problem of the parsed config; `position` turns a span's start into line and column.
+    fn validate(&self, position: &dyn Fn(usize) -> (usize, usize), file: &str) -> Vec<String> {
         let mut problems = Vec::new();
         let at = |span: std::ops::Range<usize>| {
-            let (line, column) = position(text, span.start);
+            let (line, column) = position(span.start);
             format!("{file}:{line}:{column}")
         };
         if self.nats.url.is_none() && self.nats.urls.is_empty() {
@@ -929,8 +1019,22 @@ mod tests {
     #[test]
     fn env_interpolation() {
         let lookup = |name: &str| (name == "TOKEN").then(|| "s\"e\\cret".to_string());
-        let text = interpolate("a = \"${TOKEN}\"\nb = \"${MISSING:-x}\"\nc = \"$${LITERAL}\"\n", "f", lookup).unwrap();
+        let text =
+            interpolate("a = \"${TOKEN}\"\nb = \"${MISSING:-x}\"\nc = \"$${LITERAL}\"\n", "f", lookup).unwrap().text;
         assert_eq!(text, "a = \"s\\\"e\\\\cret\"\nb = \"x\"\nc = \"${LITERAL}\"\n");
+        // Comments are left alone; a literal string takes the value as it is, or refuses it.
+        let plain = |name: &str| (name == "PLAIN").then(|| r"a\b".to_string());
+        let text = interpolate("# token = \"${NOPE}\"\nt = '${PLAIN}' # ${NOPE}\n", "f", plain).unwrap().text;
+        assert_eq!(text, "# token = \"${NOPE}\"\nt = 'a\\b' # ${NOPE}\n");
+        let error = interpolate("t = '${QUOTE}'", "f", |_| Some("it's".to_string())).unwrap_err().0;
+        assert!(error.starts_with("f:1:6:") && error.contains("use a \"…\" string"), "{error}");
+        // Positions after (and inside) a substitution map back to the file as written.
+        let written = "k = { a = \"${X}\", b = 1 }";
+        let interpolated = interpolate(written, "f", |_| Some("0123456789".to_string())).unwrap();
+        let after = interpolated.text.find("b =").unwrap();
+        assert_eq!(interpolated.original(after), written.find("b =").unwrap());
+        let inside = interpolated.text.find("345").unwrap();
+        assert_eq!(interpolated.original(inside), written.find("${X}").unwrap());
         let error = interpolate("\na = \"${NOPE}\"", "f", |_| None).unwrap_err().0;
         assert_eq!(error, "f:2:6: environment variable `NOPE` is not set (set it, or write `${NOPE:-default}`)");
         assert!(interpolate("a = \"${A B}\"", "f", |_| None).unwrap_err().0.contains("not a variable name"));
