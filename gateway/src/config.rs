@@ -323,6 +323,9 @@ pub struct PluginConfig {
     /// Most output bytes per input event.
     #[serde(default, deserialize_with = "optional_size")]
     pub max_output_bytes: Option<u64>,
+    /// Most calls running at once (each on an instance of its own).
+    #[serde(default)]
+    pub max_concurrent_calls: Option<usize>,
 }
 
 impl PluginConfig {
@@ -334,6 +337,9 @@ impl PluginConfig {
         }
         if let Some(bytes) = self.max_output_bytes {
             limits.max_output_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+        if let Some(calls) = self.max_concurrent_calls {
+            limits.max_concurrent_calls = calls;
         }
         limits
     }
@@ -928,6 +934,11 @@ impl Config {
                 && let Err(error) = crate::pipeline::SubjectTemplate::parse(subject.get_ref())
             {
                 problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
+            }
+        }
+        for (name, plugin) in &self.plugins.entries {
+            if plugin.max_concurrent_calls == Some(0) {
+                problems.push(format!("{file}: [plugins.{name}] `max_concurrent_calls` must be at least 1"));
             }
         }
         problems

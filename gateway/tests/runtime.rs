@@ -278,6 +278,28 @@ fn one_plugin_serves_several_threads_at_once() {
 }
 
 #[test]
+fn calls_past_the_concurrency_bound_wait_instead_of_adding_instances() {
+    // Host memory is bounded by the instances alive at once, not by how many requests arrive.
+    let runtime = runtime();
+    let limits = Limits { max_concurrent_calls: 2, timeout: Duration::from_secs(5), ..Limits::default() };
+    let sleepy = load(&runtime, "fixture-sleepy", "{}", limits);
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..16)
+            .map(|i| {
+                let sleepy = &sleepy;
+                scope.spawn(move || sleepy.run_blocking(vec![event(&format!("e{i}"), json!({"sleep_ms": 20}))]))
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(kinds(&call.join().unwrap()), vec![None]);
+        }
+    });
+    // The one made at load and one more: never more than two calls ran at once.
+    let created = sleepy.stats().instances_created.load(Ordering::Relaxed);
+    assert!(created <= 2, "{created} instances for 16 calls at once");
+}
+
+#[test]
 fn a_hanging_plugin_does_not_stall_another_running_beside_it() {
     let runtime = runtime();
     let limits = Limits { timeout: Duration::from_millis(300), ..Limits::default() };

@@ -61,6 +61,16 @@ pub struct Limits {
     pub recycle_memory: usize,
     /// Most idle instances kept for reuse.
     pub max_idle_instances: usize,
+    /// Most calls running at once, each on an instance of its own; more wait their turn. So at
+    /// most this many plus `max_idle_instances` instances are alive, and host memory stays
+    /// bounded by them times `memory` however many requests come in at once.
+    pub max_concurrent_calls: usize,
+}
+
+/// Default of [`Limits::max_concurrent_calls`]: two per core (a call may wait on the host), at
+/// least four.
+fn default_concurrent_calls() -> usize {
+    std::thread::available_parallelism().map_or(4, |cores| (cores.get() * 2).max(4))
 }
 
 impl Default for Limits {
@@ -73,6 +83,7 @@ impl Default for Limits {
             recycle_after_calls: 100_000,
             recycle_memory: 96 << 20,
             max_idle_instances: 4,
+            max_concurrent_calls: default_concurrent_calls(),
         }
     }
 }
@@ -282,6 +293,7 @@ impl PluginRuntime {
         .map_err(|error| {
             LoadError::Invalid(format!("exports do not match world `{}`: {error}", info.world.as_str()))
         })?;
+        let calls = tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1));
         let plugin = Plugin {
             name: Arc::from(name),
             info,
@@ -290,6 +302,7 @@ impl PluginRuntime {
             config: config.to_string(),
             limits,
             idle: Mutex::new(Vec::new()),
+            calls,
             stats: Stats::default(),
         };
         let first = block_on(plugin.new_instance()).map_err(|error| match error.kind {
@@ -387,6 +400,8 @@ pub struct Plugin {
     config: String,
     limits: Limits,
     idle: Mutex<Vec<Instance>>,
+    /// Room for calls running at once (`max_concurrent_calls`).
+    calls: tokio::sync::Semaphore,
     stats: Stats,
 }
 
@@ -531,6 +546,9 @@ impl Plugin {
 
     /// One call on one instance; a failure discards the instance.
     async fn call(&self, events: &[Event]) -> Result<RawResults, PluginError> {
+        // Waiting for room is not the plugin's time: its clock starts below. (The semaphore is
+        // never closed, so an error cannot happen; going ahead would be harmless anyway.)
+        let _room = self.calls.acquire().await.ok();
         let mut instance = self.acquire().await?;
         self.start_call(&mut instance.store);
         instance.calls += 1;
