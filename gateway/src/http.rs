@@ -402,17 +402,19 @@ fn single_event(
     let mut id = header_utf8(headers, "idempotency-key")?.map(str::to_string);
     let mut data = body.to_vec();
     let mut op = header_utf8(headers, "weir-op")?.unwrap_or(default_op).to_ascii_lowercase();
+    // A CloudEvent's `id`, `source` and `type`, in either mode.
+    let mut cloud: Option<[Option<String>; 3]> = None;
     if media == "application/cloudevents+json" {
         let envelope: Value = serde_json::from_slice(body).map_err(bad_json)?;
-        let ce_id = envelope.get("id").and_then(Value::as_str);
-        if envelope.get("specversion").and_then(Value::as_str) != Some("1.0") || ce_id.is_none() {
+        let attribute = |name: &str| envelope.get(name).and_then(Value::as_str).map(str::to_string);
+        if envelope.get("specversion").and_then(Value::as_str) != Some("1.0") || attribute("id").is_none() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_cloudevent",
                 "a CloudEvent needs `specversion` \"1.0\" and an `id`",
             ));
         }
-        id = id.or(ce_id.map(str::to_string));
+        cloud = Some([attribute("id"), attribute("source"), attribute("type")]);
         data = cloudevent_data(&envelope)?;
     } else if media == "application/json" || media.ends_with("+json") || (allow_empty && body.is_empty()) {
         if body.is_empty() {
@@ -437,7 +439,19 @@ fn single_event(
     if media != "application/cloudevents+json"
         && let Some(ce_id) = header_utf8(headers, "ce-id")?
     {
-        id = id.or(Some(ce_id.to_string()));
+        let attribute = |name: &str| header_utf8(headers, name).map(|value| value.map(str::to_string));
+        cloud = Some([Some(ce_id.to_string()), attribute("ce-source")?, attribute("ce-type")?]);
+    }
+    // A CloudEvent is one event per source and id (CloudEvents 1.0 §3.1.1): two sources may use
+    // the same id. Its attributes travel as `ce-*` headers.
+    let mut attributes: Vec<(String, String)> = Vec::new();
+    if let Some([Some(ce_id), source, kind]) = &cloud {
+        id = id.or_else(|| Some(cloudevent_event_id(source.as_deref(), ce_id)));
+        for (name, value) in [("ce-id", Some(ce_id)), ("ce-source", source.as_ref()), ("ce-type", kind.as_ref())] {
+            if let Some(value) = value {
+                attributes.push((name.to_string(), crate::pipeline::header_value(value)));
+            }
+        }
     }
     if let Some(id) = &id
         && !valid_event_id(id)
@@ -463,10 +477,11 @@ fn single_event(
         Some(key) => Some(key),
         None => header_utf8(headers, "weir-key")?.map(str::to_string),
     };
-    let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
+    let mut trace: Vec<(String, String)> = ["traceparent", "tracestate"]
         .iter()
         .filter_map(|name| header_text(headers, name).map(|v| (name.to_string(), v.to_string())))
         .collect();
+    trace.extend(attributes);
     let client_chose_id = id.is_some();
     let event = Event {
         id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
@@ -482,6 +497,18 @@ fn single_event(
         position: None,
     };
     Ok((event, client_chose_id))
+}
+
+/// The event id of a CloudEvent: its id scoped by its source (`ce-` and 128 bits of a SHA-256 of
+/// both), or its id alone when it names no source.
+fn cloudevent_event_id(source: Option<&str>, id: &str) -> String {
+    match source {
+        Some(source) => {
+            let digest = Sha256::new().chain_update(source).chain_update([0]).chain_update(id).finalize();
+            format!("ce-{}", hex::encode(&digest[..16]))
+        }
+        None => id.to_string(),
+    }
 }
 
 /// A structured CloudEvent's data as JSON bytes: `data`, or `data_base64` decoded when it holds

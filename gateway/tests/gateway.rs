@@ -952,14 +952,30 @@ async fn cloudevents_in_structured_and_binary_mode() {
         .await
         .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
+    // The same id from another source is another event (CloudEvents identify one by both).
+    let other_source = client()
+        .post(gateway.url("/v1/events/invoices"))
+        .header("content-type", "application/cloudevents+json")
+        .body(structured.replace("/shop", "/crm").replace("\"total\":5", "\"total\":7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_source.status().as_u16(), 202);
     let messages = nats.messages("WEIR").await;
-    assert_eq!(messages.len(), 2);
-    for (message, (id, total)) in messages.iter().zip([("ce-1", 5), ("ce-2", 6)]) {
-        assert_eq!(header(message, "Nats-Msg-Id"), Some(id));
+    assert_eq!(messages.len(), 3);
+    let mut ids = std::collections::HashSet::new();
+    for (message, (id, source, total)) in
+        messages.iter().zip([("ce-1", "/shop", 5), ("ce-2", "/shop", 6), ("ce-1", "/crm", 7)])
+    {
+        // The event id scopes the CloudEvent's id by its source; the attributes travel as headers.
+        let event_id = header(message, "Nats-Msg-Id").unwrap();
+        assert!(event_id.starts_with("ce-") && ids.insert(event_id.to_string()), "{event_id}");
+        assert_eq!((header(message, "ce-id"), header(message, "ce-source")), (Some(id), Some(source)));
+        assert_eq!(header(message, "ce-type"), Some("order.created"));
         assert_eq!(header(message, "Content-Type"), Some("application/cloudevents+json"));
         let event: Value = serde_json::from_slice(&message.payload).unwrap();
         assert_eq!(event["specversion"], "1.0");
-        assert_eq!(event["id"], id);
+        assert_eq!(event["id"], event_id);
         assert_eq!(event["data"], json!({"total": total}));
     }
 }
