@@ -63,7 +63,16 @@ impl Types {
             };
             kinds.insert(*oid, kind);
         }
-        for (oid, base) in domains {
+        // A domain over a domain takes the kind at the end of the chain, whatever order the rows
+        // came in (bounded: a chain is short, and a cycle must not hang the gateway).
+        let domain_bases: HashMap<u32, u32> = domains.iter().copied().collect();
+        for (oid, mut base) in domains {
+            for _ in 0..32 {
+                match domain_bases.get(&base) {
+                    Some(&next) => base = next,
+                    None => break,
+                }
+            }
             let kind = kinds.get(&base).copied().unwrap_or(Kind::Text);
             kinds.insert(oid, kind);
         }
@@ -307,6 +316,8 @@ mod tests {
             row(1007, "_int4", 23, b'A'),
             row(1009, "_text", 25, b'A'),
         ];
+        // A domain over a domain listed before its base domain, as pg_type's order may have it.
+        rows.push((50001, "small_positive".into(), b'd' as i8, 0, b'N' as i8, 50000));
         rows.push((50000, "positive".into(), b'd' as i8, 0, b'N' as i8, 23));
         Types::from_rows(&rows)
     }
@@ -337,6 +348,7 @@ mod tests {
         assert_eq!(json(Kind::Array(23), "{}"), "[]");
         assert_eq!(json(Kind::Array(23), "{1,2"), "\"{1,2\"", "not an array literal: kept as text");
         assert_eq!(types().kind(50000), Some(Kind::Integer), "a domain takes its base type's kind");
+        assert_eq!(types().kind(50001), Some(Kind::Integer), "also over another domain");
     }
 
     #[test]
