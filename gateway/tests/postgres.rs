@@ -998,6 +998,59 @@ async fn a_snapshot_marked_pending_whose_slot_was_never_made_is_taken() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_snapshot_reads_what_the_publication_sends() {
+    // A row filter and a column list, a generated column, and an inheritance child the
+    // publication lists itself: the snapshot must match what streaming sends.
+    let client = connect().await;
+    let child = "weir_t_pubshape_c";
+    client.batch_execute(&format!("DROP TABLE IF EXISTS {child}")).await.unwrap();
+    let capture = Capture::new(
+        "pubshape",
+        &[
+            ("a", "id int PRIMARY KEY, n int, secret text, g int GENERATED ALWAYS AS (n * 2) STORED"),
+            ("p", "id int PRIMARY KEY, n int"),
+        ],
+    )
+    .await;
+    let (a, parent) = (capture.table("a"), capture.table("p"));
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {child} (PRIMARY KEY (id)) INHERITS ({parent});
+             INSERT INTO {a} (id, n, secret) SELECT g, g, 'hidden' FROM generate_series(1, 10) g;
+             INSERT INTO {parent} VALUES (1, 1); INSERT INTO {child} VALUES (2, 2);
+             CREATE PUBLICATION {name} FOR TABLE {a} (id, n) WHERE (n > 5), {parent};",
+            name = capture.name
+        ))
+        .await
+        .unwrap();
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, "snapshot = true"));
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {a} (id, n, secret) VALUES (11, 11, 'hidden')")).await.unwrap();
+    let messages = stored(&nats, 8).await;
+    let summary: Vec<(String, Value, String)> = messages
+        .iter()
+        .map(|(_, _, event)| {
+            (event["entity"].as_str().unwrap().to_string(), event["data"].clone(), event["op"].to_string())
+        })
+        .collect();
+    let rows_of = |table: &str| -> Vec<&Value> {
+        summary.iter().filter(|(entity, _, _)| entity == &format!("public.{table}")).map(|(_, data, _)| data).collect()
+    };
+    let a_rows = rows_of(&a);
+    assert_eq!(a_rows.len(), 6, "rows 6..=10 read, 11 inserted: {summary:?}\n{}", gateway.log());
+    assert!(
+        a_rows.iter().all(|data| data.as_object().unwrap().len() == 2 && data["n"].as_i64().unwrap() > 5),
+        "{a_rows:?}"
+    );
+    assert_eq!(rows_of(&parent), [&json!({"id": 1, "n": 1})], "the parent without its child's rows: {summary:?}");
+    assert_eq!(rows_of(child), [&json!({"id": 2, "n": 2})], "{summary:?}");
+    drop(gateway);
+    client.batch_execute(&format!("DROP TABLE IF EXISTS {child}")).await.unwrap();
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     let capture = Capture::new("resnapshot", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
     let table = capture.table("a");

@@ -760,37 +760,58 @@ impl PostgresSource {
             ))
             .await
             .map_err(|e| retry(anyhow::anyhow!("cannot use the exported snapshot: {e}")))?;
+        // The snapshot reads what the publication sends: each table on its own (an inheritance
+        // parent without its children, which the publication lists themselves), the columns of
+        // its column list without generated ones (pgoutput sends neither), the rows its row
+        // filter passes. Column lists and row filters exist from PostgreSQL 15, generated columns
+        // from 12.
+        let version: i32 =
+            reader.query_one("SELECT current_setting('server_version_num')::int", &[]).await.map_err(retry)?.get(0);
+        let filters = if version >= 150_000 { "p.attnames, p.rowfilter" } else { "NULL::text[], NULL::text" };
         let tables = reader
             .query(
-                "SELECT c.oid, p.schemaname::text, p.tablename::text FROM pg_publication_tables p \
-                 JOIN pg_namespace n ON n.nspname = p.schemaname \
-                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
-                 WHERE p.pubname = $1 ORDER BY 2, 3",
+                &format!(
+                    "SELECT c.oid, p.schemaname::text, p.tablename::text, c.relkind = 'p', {filters} \
+                     FROM pg_publication_tables p \
+                     JOIN pg_namespace n ON n.nspname = p.schemaname \
+                     JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+                     WHERE p.pubname = $1 ORDER BY 2, 3"
+                ),
                 &[&self.config.publication],
             )
             .await
             .map_err(retry)?;
+        let not_generated = if version >= 120_000 { "AND attgenerated = ''" } else { "" };
         let time = crate::http::now_rfc3339();
         let mut index = 0u64;
         for table in &tables {
             let (oid, schema, name): (u32, String, String) = (table.get(0), table.get(1), table.get(2));
+            let (partitioned, published, row_filter): (bool, Option<Vec<String>>, Option<String>) =
+                (table.get(3), table.get(4), table.get(5));
             let columns: Vec<pgoutput::Column> = reader
                 .query(
-                    "SELECT attname::text, atttypid FROM pg_attribute \
-                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &format!(
+                        "SELECT attname::text, atttypid FROM pg_attribute \
+                         WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped {not_generated} ORDER BY attnum"
+                    ),
                     &[&oid],
                 )
                 .await
                 .map_err(retry)?
                 .iter()
                 .map(|row| pgoutput::Column { name: row.get(0), type_oid: row.get(1), key: false })
+                .filter(|column| published.as_ref().is_none_or(|names| names.contains(&column.name)))
                 .collect();
             let key_columns = super::setup::primary_key(control, oid).await.map_err(retry)?;
             let reads = self.metrics.postgres_changes(&schema, &name, "read");
             let list: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+            // A partitioned table holds no rows itself (`ONLY` would read none): it stands for its
+            // partitions when the publication publishes through the root.
+            let only = if partitioned { "" } else { "ONLY " };
+            let filter = row_filter.map(|condition| format!(" WHERE {condition}")).unwrap_or_default();
             reader
                 .batch_execute(&format!(
-                    "DECLARE weir_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
+                    "DECLARE weir_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {only}{}.{}{filter}",
                     list.join(", "),
                     quote(&schema),
                     quote(&name)
