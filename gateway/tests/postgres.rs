@@ -998,6 +998,36 @@ async fn a_snapshot_marked_pending_whose_slot_was_never_made_is_taken() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_leaves_the_slot_at_the_last_stored_change() {
+    // With a long status interval nothing is confirmed to the server while running; the stop
+    // must not leave the slot behind what is stored (a restart would replay it).
+    let capture = Capture::new("goodbye", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let mut gateway = Gateway::start(&capture.config(&nats, "status_interval = \"10s\""));
+    wait_ready(&gateway).await;
+    connect()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 100) g"))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 100).await;
+    let position = messages.last().unwrap().2["position"].as_str().unwrap().to_string();
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+    let (confirmed, past): (String, bool) = connect()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&capture.name, &position],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert!(past, "the slot stayed at {confirmed}, before the last stored change at {position}");
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_snapshot_reads_what_the_publication_sends() {
     // A row filter and a column list, a generated column, and an inheritance child the
     // publication lists itself: the snapshot must match what streaming sends.

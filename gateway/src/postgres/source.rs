@@ -318,6 +318,7 @@ impl PostgresSource {
                     self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
                 }
                 let _ = stream.shutdown().await;
+                self.confirm_on_the_way_out(&control).await;
                 return Ok(());
             };
             let event = match event {
@@ -708,6 +709,38 @@ impl PostgresSource {
             self.status.paused.store(false, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Moves the slot to the position this gateway confirmed last. The replication client ends
+    /// the stream without sending a last status, so the server may hold the slot up to
+    /// `status_interval` behind, and a restart would replay (same ids) what is already stored,
+    /// stored twice if it comes after the stream's `duplicate_window`. Best effort: on failure
+    /// the replay is what happens.
+    async fn confirm_on_the_way_out(&self, control: &tokio_postgres::Client) {
+        let confirmed = Lsn::from(self.status.confirmed_lsn.load(Ordering::Relaxed)).to_string();
+        // The server lets the slot go a moment after the stream ends.
+        for _ in 0..20 {
+            let slot = control
+                .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.config.slot])
+                .await;
+            match slot {
+                Ok(Some(row)) if row.get::<_, bool>(0) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(Some(_)) => {
+                    let moved = control
+                        .execute(
+                            "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) FROM pg_replication_slots \
+                             WHERE slot_name = $1 AND NOT active AND confirmed_flush_lsn < $2::text::pg_lsn",
+                            &[&self.config.slot, &confirmed],
+                        )
+                        .await;
+                    if let Err(error) = moved {
+                        tracing::debug!(%error, "could not move the slot to its last confirmed position on the way out");
+                    }
+                    return;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Creates the slot with an exported snapshot and emits every row of the published tables as
