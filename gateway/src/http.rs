@@ -1195,9 +1195,6 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return ApiError::new(StatusCode::BAD_REQUEST, "bad_body", "NDJSON must be UTF-8").into_response();
-    };
     let trace: Vec<(String, String)> = ["traceparent", "tracestate"]
         .iter()
         .filter_map(|name| header_text(&parts.headers, name).map(|v| (name.to_string(), v.to_string())))
@@ -1209,11 +1206,20 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     // Lines with their own id, as with an Idempotency-Key: slot → (id, fingerprint).
     let mut keyed: HashMap<usize, (String, [u8; 32])> = HashMap::new();
     let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
-    for (index, line) in text.lines().enumerate() {
+    for (index, raw) in body.split(|&byte| byte == b'\n').enumerate() {
+        let line_number = index + 1;
+        // Checked per line: one bad byte fails its own line, not the batch.
+        let Ok(line) = std::str::from_utf8(raw.strip_suffix(b"\r").unwrap_or(raw)) else {
+            results.push(LineResult {
+                line: line_number,
+                status: 400,
+                body: AnswerBody::Json(json!({"error": {"code": "bad_line", "message": "the line is not UTF-8"}})),
+            });
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let line_number = index + 1;
         let parsed: Result<BatchLine, _> = serde_json::from_str(line);
         let event = parsed.map_err(|e| e.to_string()).and_then(|line| {
             let op = line.op.unwrap_or_else(|| "insert".into()).to_ascii_lowercase();

@@ -317,6 +317,21 @@ async fn every_client_chosen_id_is_an_idempotency_key() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_line_that_is_not_utf8_fails_alone() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, ""));
+    let mut lines = b"{\"entity\":\"people\",\"data\":{\"n\":1}}\r\n".to_vec();
+    lines.extend_from_slice(b"{\"entity\":\"people\",\"data\":{\"name\":\"caf\xe9\"}}\n");
+    lines.extend_from_slice(b"{\"entity\":\"people\",\"data\":{\"n\":2}}\n");
+    let (status, body) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{body}");
+    let statuses: Vec<_> = body["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [202, 400, 202], "{body}");
+    assert_eq!(body["results"][1]["line"], 2);
+    assert_eq!(stored_ns(&nats).await, [1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_clear_errors_and_store_nothing() {
     let nats = Nats::start();
     let gateway = Gateway::start(&config(&nats, ""));
