@@ -463,9 +463,10 @@ pub struct WebhookConfig {
     /// requests outside `tolerance` are refused.
     #[serde(default)]
     pub timestamp_header: Option<String>,
-    /// Largest accepted clock difference.
-    #[serde(default = "defaults::tolerance", deserialize_with = "duration")]
-    pub tolerance: Duration,
+    /// Largest accepted clock difference; by default the stream's `duplicate_window` up to 5
+    /// minutes, so a replay inside it is recognised (see [`WebhookConfig::tolerance`]).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub tolerance: Option<Duration>,
     /// Header with the sender's delivery id: it becomes the event id, so a replayed delivery is
     /// stored once.
     #[serde(default)]
@@ -539,6 +540,14 @@ mod defaults {
     }
     pub fn tolerance() -> Duration {
         Duration::from_secs(300)
+    }
+}
+
+impl WebhookConfig {
+    /// The accepted clock difference: as set, else the default (settled against the stream's
+    /// `duplicate_window` when the config is parsed).
+    pub fn tolerance(&self) -> Duration {
+        self.tolerance.unwrap_or_else(defaults::tolerance)
     }
 }
 
@@ -783,6 +792,16 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError(problems.join("\n")));
         }
+        let mut config = config;
+        // A webhook's default tolerance stays inside the window that recognises a replay.
+        let window = config.jetstream.as_ref().map(|js| js.duplicate_window);
+        for route in &mut config.routes {
+            if let Some(webhook) = &mut route.webhook
+                && webhook.tolerance.is_none()
+            {
+                webhook.tolerance = Some(window.map_or_else(defaults::tolerance, |w| w.min(defaults::tolerance())));
+            }
+        }
         Ok(config)
     }
 
@@ -936,6 +955,22 @@ impl Config {
                 problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
             }
         }
+        // A replay inside the tolerance but past the window would be a new message to JetStream.
+        if let Some(window) = self.jetstream.as_ref().map(|js| js.duplicate_window) {
+            for (index, route) in self.routes.iter().enumerate() {
+                if let Some(webhook) = &route.webhook
+                    && webhook.timestamp_header.is_some()
+                    && let Some(tolerance) = webhook.tolerance
+                    && tolerance > window
+                {
+                    problems.push(format!(
+                        "{file}: route {}: webhook `tolerance` ({:?}) is longer than [jetstream] `duplicate_window` ({window:?}): a request replayed in between would be stored again; lower `tolerance` or raise `duplicate_window`",
+                        index + 1,
+                        tolerance
+                    ));
+                }
+            }
+        }
         for (name, plugin) in &self.plugins.entries {
             if plugin.max_concurrent_calls == Some(0) {
                 problems.push(format!("{file}: [plugins.{name}] `max_concurrent_calls` must be at least 1"));
@@ -1025,6 +1060,20 @@ mod tests {
         );
         let error = parse(&format!("{MINIMAL}[http]\nmax_body = \"lots\"\n")).unwrap_err();
         assert!(error.contains("weir.toml:4:12:") && error.contains("not a size"), "{error}");
+    }
+
+    #[test]
+    fn a_webhook_tolerance_past_the_duplicate_window_is_refused_and_the_default_stays_inside() {
+        let route = |tolerance: &str| {
+            format!(
+                "{MINIMAL}[jetstream]\nstream = \"S\"\n[[routes]]\nwebhook = {{ secrets = [\"0123456789abcdef\"], timestamp_header = \"T\"{tolerance} }}\n"
+            )
+        };
+        let error = parse(&route(", tolerance = \"5m\"")).unwrap_err();
+        assert!(error.contains("longer than [jetstream] `duplicate_window`"), "{error}");
+        let config = Config::parse(&route(""), "weir.toml").unwrap();
+        let window = config.jetstream.as_ref().unwrap().duplicate_window;
+        assert_eq!(config.routes[0].webhook.as_ref().unwrap().tolerance(), window.min(Duration::from_secs(300)));
     }
 
     #[test]

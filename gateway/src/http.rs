@@ -933,12 +933,13 @@ fn admit<'a>(
 }
 
 /// Verifies a webhook signature over the raw body (before anything parses it). Returns the
-/// delivery id when the route names a delivery header.
+/// event id: the delivery id when the route names a delivery header, else one derived from the
+/// signature, so the same signed request sent again (a replay) is stored once.
 fn verify_webhook(
     webhook: &crate::config::WebhookConfig,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Option<String>, ApiError> {
+) -> Result<String, ApiError> {
     use hmac::Mac as _;
     let refuse = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message.to_string());
     let signature = header_text(headers, &webhook.header)
@@ -952,7 +953,7 @@ fn verify_webhook(
                 value.trim().parse().map_err(|_| refuse(&format!("`{name}` is not a Unix timestamp")))?;
             let now =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            if now.abs_diff(seconds) > webhook.tolerance.as_secs() {
+            if now.abs_diff(seconds) > webhook.tolerance().as_secs() {
                 return Err(refuse("timestamp is outside the accepted tolerance"));
             }
             Some(value.trim().to_string())
@@ -974,14 +975,15 @@ fn verify_webhook(
     match &webhook.delivery_header {
         // Without it a replayed delivery would be stored again: the signature covers the body only.
         Some(name) => match header_text(headers, name) {
-            Some(delivery) => Ok(Some(delivery.to_string())),
+            Some(delivery) => Ok(delivery.to_string()),
             None => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "missing_delivery_id",
                 format!("missing `{name}` header: this webhook route deduplicates deliveries by it"),
             )),
         },
-        None => Ok(None),
+        // Signed material only: an unsigned header (an Idempotency-Key) would let a replay pass.
+        None => Ok(format!("sig-{}", hex::encode(&Sha256::digest(&signature)[..16]))),
     }
 }
 
@@ -1002,7 +1004,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     if let Some(webhook) = webhook {
         match verify_webhook(webhook, &parts.headers, &body) {
             // The delivery id is the idempotency key: a replayed delivery is answered, not stored again.
-            Ok(Some(delivery)) => match HeaderValue::from_str(&delivery) {
+            Ok(delivery) => match HeaderValue::from_str(&delivery) {
                 Ok(value) => {
                     parts.headers.insert("idempotency-key", value);
                 }
@@ -1015,7 +1017,6 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
                     .into_response();
                 }
             },
-            Ok(None) => {}
             Err(error) => return error.into_response(),
         }
     }
