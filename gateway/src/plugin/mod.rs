@@ -447,10 +447,10 @@ impl Plugin {
             })
         });
         self.start_call(&mut store);
-        let start_failed = |error: wasmtime::Error| {
-            let failure = self.classify(&error);
+        let as_start_failure = |failure: PluginError| {
             PluginError::new(ErrorKind::StartFailed, format!("{}: {}", failure.kind.as_str(), failure.message))
         };
+        let start_failed = |error: wasmtime::Error| as_start_failure(self.classify(&error));
         let start = async {
             Ok(match &self.pre {
                 Pre::Transform(pre) => {
@@ -475,13 +475,7 @@ impl Plugin {
         };
         let (handler, configured) = match self.within_time(start).await {
             Some(started) => started?,
-            None => {
-                let timed_out = self.timed_out();
-                return Err(PluginError::new(
-                    ErrorKind::StartFailed,
-                    format!("{}: {}", timed_out.kind.as_str(), timed_out.message),
-                ));
-            }
+            None => return Err(as_start_failure(self.timed_out())),
         };
         configured.map_err(|reason| PluginError::new(ErrorKind::StartFailed, format!("{CONFIG_REFUSED}{reason}")))?;
         Ok(Instance { store, handler, calls: 0 })
