@@ -453,9 +453,14 @@ pub struct RouteConfig {
 pub struct WebhookConfig {
     /// Accepted secrets; more than one lets a secret be rotated without downtime.
     pub secrets: Vec<String>,
-    /// Header carrying the signature.
-    #[serde(default = "defaults::signature_header")]
-    pub header: String,
+    /// How the signature is carried: `hex` (a hex digest in `header` after `prefix`, GitHub's
+    /// way) or `stripe` (`t=<unix time>,v1=<hex>[,v1=…]` in one header, over `{t}.{body}`).
+    #[serde(default)]
+    pub scheme: WebhookScheme,
+    /// Header carrying the signature (default `X-Signature-256`, or `Stripe-Signature` for
+    /// the `stripe` scheme): see [`WebhookConfig::header`].
+    #[serde(default)]
+    pub header: Option<String>,
     /// Text before the hex digest in the header.
     #[serde(default = "defaults::signature_prefix")]
     pub prefix: String,
@@ -532,9 +537,6 @@ mod defaults {
     pub fn body_timeout() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn signature_header() -> String {
-        "X-Signature-256".to_string()
-    }
     pub fn signature_prefix() -> String {
         "sha256=".to_string()
     }
@@ -543,7 +545,32 @@ mod defaults {
     }
 }
 
+/// How a webhook sender carries its signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookScheme {
+    /// A hex HMAC-SHA256 digest after a prefix; a timestamp, if any, in a header of its own.
+    #[default]
+    Hex,
+    /// Stripe's `Stripe-Signature: t=…,v1=…`.
+    Stripe,
+}
+
 impl WebhookConfig {
+    /// The header carrying the signature.
+    pub fn header(&self) -> &str {
+        match (&self.header, self.scheme) {
+            (Some(name), _) => name,
+            (None, WebhookScheme::Hex) => "X-Signature-256",
+            (None, WebhookScheme::Stripe) => "Stripe-Signature",
+        }
+    }
+
+    /// Whether requests carry a signed timestamp (so `tolerance` applies).
+    pub fn timestamped(&self) -> bool {
+        self.timestamp_header.is_some() || self.scheme == WebhookScheme::Stripe
+    }
+
     /// The accepted clock difference: as set, else the default (settled against the stream's
     /// `duplicate_window` when the config is parsed).
     pub fn tolerance(&self) -> Duration {
@@ -949,6 +976,15 @@ impl Config {
                 problems
                     .push(format!("{file}: route {}: webhook needs `secrets`, each at least 16 characters", index + 1));
             }
+            if let Some(webhook) = &route.webhook
+                && webhook.scheme == WebhookScheme::Stripe
+                && webhook.timestamp_header.is_some()
+            {
+                problems.push(format!(
+                    "{file}: route {}: webhook scheme `stripe` reads the timestamp from its signature header; remove `timestamp_header`",
+                    index + 1
+                ));
+            }
             if let Some(subject) = &route.subject
                 && let Err(error) = crate::pipeline::SubjectTemplate::parse(subject.get_ref())
             {
@@ -959,7 +995,7 @@ impl Config {
         if let Some(window) = self.jetstream.as_ref().map(|js| js.duplicate_window) {
             for (index, route) in self.routes.iter().enumerate() {
                 if let Some(webhook) = &route.webhook
-                    && webhook.timestamp_header.is_some()
+                    && webhook.timestamped()
                     && let Some(tolerance) = webhook.tolerance
                     && tolerance > window
                 {
@@ -1071,6 +1107,8 @@ mod tests {
         };
         let error = parse(&route(", tolerance = \"5m\"")).unwrap_err();
         assert!(error.contains("longer than [jetstream] `duplicate_window`"), "{error}");
+        let error = parse(&route(", scheme = \"stripe\"")).unwrap_err();
+        assert!(error.contains("remove `timestamp_header`"), "{error}");
         let config = Config::parse(&route(""), "weir.toml").unwrap();
         let window = config.jetstream.as_ref().unwrap().duplicate_window;
         assert_eq!(config.routes[0].webhook.as_ref().unwrap().tolerance(), window.min(Duration::from_secs(300)));

@@ -940,34 +940,61 @@ fn verify_webhook(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<String, ApiError> {
+    use crate::config::WebhookScheme;
     use hmac::Mac as _;
     let refuse = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message.to_string());
-    let signature = header_text(headers, &webhook.header)
-        .and_then(|v| v.trim().strip_prefix(webhook.prefix.as_str()))
-        .and_then(|hex_digest| hex::decode(hex_digest.trim()).ok())
-        .ok_or_else(|| refuse(&format!("missing or malformed `{}` signature header", webhook.header)))?;
-    let timestamp = match &webhook.timestamp_header {
-        Some(name) => {
-            let value = header_text(headers, name).ok_or_else(|| refuse(&format!("missing `{name}` header")))?;
-            let seconds: i64 =
-                value.trim().parse().map_err(|_| refuse(&format!("`{name}` is not a Unix timestamp")))?;
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            if now.abs_diff(seconds) > webhook.tolerance().as_secs() {
-                return Err(refuse("timestamp is outside the accepted tolerance"));
-            }
-            Some(value.trim().to_string())
+    let name = webhook.header();
+    let malformed = || refuse(&format!("missing or malformed `{name}` signature header"));
+    let value = header_text(headers, name).map(str::trim).ok_or_else(malformed)?;
+    // The signatures to check (Stripe sends one per secret while one is rotated) and the signed
+    // timestamp, if the scheme has one.
+    let (signatures, timestamp): (Vec<Vec<u8>>, Option<&str>) = match webhook.scheme {
+        WebhookScheme::Hex => {
+            let signature = value
+                .strip_prefix(webhook.prefix.as_str())
+                .and_then(|digest| hex::decode(digest.trim()).ok())
+                .ok_or_else(malformed)?;
+            let timestamp = match &webhook.timestamp_header {
+                Some(name) => Some(
+                    header_text(headers, name)
+                        .map(str::trim)
+                        .ok_or_else(|| refuse(&format!("missing `{name}` header")))?,
+                ),
+                None => None,
+            };
+            (vec![signature], timestamp)
         }
-        None => None,
+        WebhookScheme::Stripe => {
+            let mut timestamp = None;
+            let mut signatures = Vec::new();
+            for (key, field) in value.split(',').filter_map(|part| part.trim().split_once('=')) {
+                match key {
+                    "t" => timestamp = Some(field),
+                    "v1" => signatures.extend(hex::decode(field).ok()),
+                    _ => {}
+                }
+            }
+            if timestamp.is_none() || signatures.is_empty() {
+                return Err(malformed());
+            }
+            (signatures, timestamp)
+        }
     };
+    if let Some(value) = timestamp {
+        let seconds: i64 = value.parse().map_err(|_| refuse("the signed timestamp is not a Unix time"))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if now.abs_diff(seconds) > webhook.tolerance().as_secs() {
+            return Err(refuse("timestamp is outside the accepted tolerance"));
+        }
+    }
     let valid = webhook.secrets.iter().any(|secret| {
         let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
-        if let Some(timestamp) = &timestamp {
+        if let Some(timestamp) = timestamp {
             mac.update(timestamp.as_bytes());
             mac.update(b".");
         }
         mac.update(body);
-        mac.verify_slice(&signature).is_ok()
+        signatures.iter().any(|signature| mac.clone().verify_slice(signature).is_ok())
     });
     if !valid {
         return Err(refuse("signature does not match"));
@@ -983,7 +1010,7 @@ fn verify_webhook(
             )),
         },
         // Signed material only: an unsigned header (an Idempotency-Key) would let a replay pass.
-        None => Ok(format!("sig-{}", hex::encode(&Sha256::digest(&signature)[..16]))),
+        None => Ok(format!("sig-{}", hex::encode(&Sha256::digest(signatures.concat())[..16]))),
     }
 }
 

@@ -859,6 +859,10 @@ webhook = {{ secrets = ["{secret}", "{rotated}"], header = "X-Hub-Signature-256"
 [[routes]]
 match = {{ entity = "stripe" }}
 webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", timestamp_header = "X-Timestamp", tolerance = "100s" }}
+
+[[routes]]
+match = {{ entity = "stripe-native" }}
+webhook = {{ secrets = ["{secret}"], scheme = "stripe" }}
 "#
     );
     // Webhook routes go before the catch-all route.
@@ -942,6 +946,26 @@ webhook = {{ secrets = ["{secret}"], header = "X-Signature", prefix = "v1=", tim
     assert_eq!(stored.len(), 5, "two deliveries and three timely Stripe events, the replay not again: {ids:?}");
     assert!(ids.contains(&"d-1".to_string()) && ids.contains(&"d-2".to_string()));
     assert_eq!(ids.iter().filter(|id| id.starts_with("sig-")).count(), 3, "{ids:?}");
+
+    // Stripe's own header: `t=…,v1=…` (a v1 per secret while one is rotated), over `{t}.{body}`.
+    let body = r#"{"type":"invoice.paid"}"#;
+    let stripe_header = |timestamp: u64, extra: &str| {
+        let digest = sign(secret, &format!("{timestamp}.{body}")).replace("sha256=", "");
+        format!("t={timestamp},{extra}v1={digest}")
+    };
+    let cases = [
+        (stripe_header(now, ""), 202),
+        (stripe_header(now - 5, "v1=00ff,"), 202),
+        (stripe_header(now - 500, ""), 401),
+        (format!("t={now},v1=00ff"), 401),
+        (format!("v1={}", sign(secret, body).replace("sha256=", "")), 401),
+    ];
+    for (value, expected) in &cases {
+        let (status, answer, _) =
+            post(&gateway, "/v1/events/stripe-native", body, &[("stripe-signature", value)]).await;
+        assert_eq!(status, *expected, "{value}: {answer}");
+    }
+    assert_eq!(nats.messages("WEIR").await.len(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread")]
