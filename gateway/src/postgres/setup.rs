@@ -277,7 +277,19 @@ pub async fn load_types(client: &tokio_postgres::Client) -> anyhow::Result<Types
         .map_err(|e| anyhow::anyhow!("cannot read pg_type: {e}"))?;
     let rows: Vec<(u32, String, i8, u32, i8, u32)> =
         rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5))).collect();
-    Ok(Types::from_rows(&rows))
+    let mut types = Types::from_rows(&rows);
+    // `box` separates array items with `;` (its values contain commas).
+    let delimiters = client
+        .query("SELECT oid, typdelim::text FROM pg_type WHERE typdelim <> ','", &[])
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read pg_type: {e}"))?;
+    for row in &delimiters {
+        let delimiter: String = row.get(1);
+        if let Some(delimiter) = delimiter.chars().next() {
+            types.set_delimiter(row.get(0), delimiter);
+        }
+    }
+    Ok(types)
 }
 
 /// The event key's column names for table `oid`, in key order: the primary key, or, under

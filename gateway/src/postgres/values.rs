@@ -36,6 +36,8 @@ pub enum Kind {
 #[derive(Debug, Default, Clone)]
 pub struct Types {
     kinds: HashMap<u32, Kind>,
+    /// Array element separators other than `,` (`box` uses `;`), by element type.
+    delimiters: HashMap<u32, char>,
 }
 
 impl Types {
@@ -76,7 +78,14 @@ impl Types {
             let kind = kinds.get(&base).copied().unwrap_or(Kind::Text);
             kinds.insert(oid, kind);
         }
-        Types { kinds }
+        Types { kinds, delimiters: HashMap::new() }
+    }
+
+    /// Records that arrays of `element` separate their items with `delimiter` (`pg_type.typdelim`).
+    pub fn set_delimiter(&mut self, element: u32, delimiter: char) {
+        if delimiter != ',' {
+            self.delimiters.insert(element, delimiter);
+        }
     }
 
     /// The kind of `oid`, `None` when the type is not known yet (created after the table was
@@ -108,27 +117,39 @@ impl Types {
                 Some(bytes) => write_string(out, &base64::engine::general_purpose::STANDARD.encode(bytes)),
                 None => write_string(out, text),
             },
-            Kind::Array(element) => self.write_array(out, self.kind_or_text(element), text),
+            Kind::Array(element) => {
+                let delimiter = self.delimiters.get(&element).copied().unwrap_or(',');
+                self.write_array(out, self.kind_or_text(element), delimiter, text);
+            }
             _ => write_string(out, text),
         }
     }
 
     /// A PostgreSQL array literal (`{1,2,NULL}`, `{{a,b},{"c d",e}}`, `[0:1]={x,y}`) as a
     /// JSON array of the element kind; text that is not an array literal stays a string.
-    fn write_array(&self, out: &mut Vec<u8>, element: Kind, text: &str) {
+    fn write_array(&self, out: &mut Vec<u8>, element: Kind, delimiter: char, text: &str) {
         let body = match text.find('=') {
             Some(eq) if text.starts_with('[') => &text[eq + 1..],
             _ => text,
         };
         let start = out.len();
         let mut chars = body.chars().peekable();
-        if chars.peek() != Some(&'{') || !self.parse_array(out, element, &mut chars) || chars.next().is_some() {
+        if chars.peek() != Some(&'{')
+            || !self.parse_array(out, element, delimiter, &mut chars)
+            || chars.next().is_some()
+        {
             out.truncate(start);
             write_string(out, text);
         }
     }
 
-    fn parse_array(&self, out: &mut Vec<u8>, element: Kind, chars: &mut std::iter::Peekable<std::str::Chars>) -> bool {
+    fn parse_array(
+        &self,
+        out: &mut Vec<u8>,
+        element: Kind,
+        delimiter: char,
+        chars: &mut std::iter::Peekable<std::str::Chars>,
+    ) -> bool {
         if chars.next() != Some('{') {
             return false;
         }
@@ -141,7 +162,7 @@ impl Types {
         loop {
             match chars.peek() {
                 Some('{') => {
-                    if !self.parse_array(out, element, chars) {
+                    if !self.parse_array(out, element, delimiter, chars) {
                         return false;
                     }
                 }
@@ -164,7 +185,7 @@ impl Types {
                 Some(_) => {
                     let mut item = String::new();
                     while let Some(&c) = chars.peek() {
-                        if c == ',' || c == '}' {
+                        if c == delimiter || c == '}' {
                             break;
                         }
                         item.push(c);
@@ -179,7 +200,7 @@ impl Types {
                 None => return false,
             }
             match chars.next() {
-                Some(',') => out.push(b','),
+                Some(c) if c == delimiter => out.push(b','),
                 Some('}') => {
                     out.push(b']');
                     return true;
@@ -319,7 +340,10 @@ mod tests {
         // A domain over a domain listed before its base domain, as pg_type's order may have it.
         rows.push((50001, "small_positive".into(), b'd' as i8, 0, b'N' as i8, 50000));
         rows.push((50000, "positive".into(), b'd' as i8, 0, b'N' as i8, 23));
-        Types::from_rows(&rows)
+        rows.push(row(603, "box", 0, b'G'));
+        let mut types = Types::from_rows(&rows);
+        types.set_delimiter(603, ';');
+        types
     }
 
     fn json(kind: Kind, text: &str) -> String {
@@ -349,6 +373,8 @@ mod tests {
         assert_eq!(json(Kind::Array(23), "{1,2"), "\"{1,2\"", "not an array literal: kept as text");
         assert_eq!(types().kind(50000), Some(Kind::Integer), "a domain takes its base type's kind");
         assert_eq!(types().kind(50001), Some(Kind::Integer), "also over another domain");
+        // `box` arrays separate items with `;`: the commas belong to the values.
+        assert_eq!(json(Kind::Array(603), "{(1,1),(0,0);(2,2),(1,1)}"), r#"["(1,1),(0,0)","(2,2),(1,1)"]"#);
     }
 
     #[test]
