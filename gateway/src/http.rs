@@ -59,7 +59,7 @@ pub struct AppState {
     /// Per stripe, how many batches have sent under it (see [`StripeOrder`]).
     key_locks: Vec<tokio::sync::Mutex<u64>>,
     coalescer: Coalescer,
-    idempotency: Mutex<HashMap<String, Remembered>>,
+    idempotency: Mutex<Memory>,
     /// Set when shutting down: `/readyz` answers 503.
     pub draining: AtomicBool,
     /// Counters and histograms served on `/metrics`.
@@ -94,7 +94,7 @@ impl AppState {
                 queue: Mutex::new(VecDeque::new()),
                 runners: Arc::new(Semaphore::new(coalesce_runners())),
             },
-            idempotency: Mutex::new(HashMap::new()),
+            idempotency: Mutex::new(Memory::default()),
             draining: AtomicBool::new(false),
             metrics,
             postgres,
@@ -1079,6 +1079,37 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     answer_response(answer)
 }
 
+/// Answers remembered by idempotency key, and when each expires in the order they were
+/// remembered (one TTL for all, so the front is always the next to expire): expiring costs
+/// nothing per lookup, however many keys there are.
+#[derive(Default)]
+struct Memory {
+    entries: HashMap<String, Remembered>,
+    expiry: std::collections::VecDeque<(Instant, String)>,
+}
+
+/// Most keys remembered at once (a few hundred bytes each). Past it, new keys are not remembered:
+/// JetStream still stores a retry once, but its answer is then `duplicate: true` and a reused key
+/// with another request is not refused.
+const MAX_REMEMBERED: usize = 200_000;
+
+impl Memory {
+    fn expire(&mut self, now: Instant) {
+        while self.expiry.front().is_some_and(|(expires, _)| *expires <= now) {
+            let Some((expires, key)) = self.expiry.pop_front() else { break };
+            // Unless remembered again since (a later expiry).
+            if matches!(self.entries.get(&key), Some(Remembered::Done { expires: at, .. }) if *at <= expires) {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    /// Whether `key` may be added (it is there already, or there is room).
+    fn has_room_for(&self, key: &str) -> bool {
+        self.entries.len() < MAX_REMEMBERED || self.entries.contains_key(key)
+    }
+}
+
 /// Records the answer for an idempotency key: stored outcomes and plugin rejections are
 /// remembered; "not stored, retry" answers are forgotten, so the retry is processed.
 fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<Answer, ApiError>) {
@@ -1092,12 +1123,13 @@ fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<
     };
     let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
     match keep {
-        Some((status, body)) => {
+        Some((status, body)) if memory.has_room_for(key) => {
             let expires = Instant::now() + state.settings.idempotency_ttl;
-            memory.insert(key.to_string(), Remembered::Done { fingerprint, status, body, expires });
+            memory.entries.insert(key.to_string(), Remembered::Done { fingerprint, status, body, expires });
+            memory.expiry.push_back((expires, key.to_string()));
         }
-        None => {
-            memory.remove(key);
+        _ => {
+            memory.entries.remove(key);
         }
     }
 }
@@ -1122,8 +1154,8 @@ impl Drop for InFlightGuard<'_> {
         }
         let mut memory = self.state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
-            if matches!(memory.get(key), Some(Remembered::InFlight { .. })) {
-                memory.remove(key);
+            if matches!(memory.entries.get(key), Some(Remembered::InFlight { .. })) {
+                memory.entries.remove(key);
             }
         }
     }
@@ -1150,10 +1182,8 @@ fn key_reused() -> ApiError {
 fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Result<Answer, ApiError>> {
     let mut memory = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    if memory.len() > 100_000 {
-        memory.retain(|_, entry| !matches!(entry, Remembered::Done { expires, .. } if *expires < now));
-    }
-    match memory.get(key) {
+    memory.expire(now);
+    match memory.entries.get(key) {
         Some(Remembered::Done { fingerprint: seen, status, body, expires }) if *expires >= now => {
             if *seen != fingerprint {
                 return Some(Err(key_reused()));
@@ -1171,7 +1201,9 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resu
             )))
         }
         _ => {
-            memory.insert(key.to_string(), Remembered::InFlight { fingerprint });
+            if memory.has_room_for(key) {
+                memory.entries.insert(key.to_string(), Remembered::InFlight { fingerprint });
+            }
             None
         }
     }
@@ -1233,6 +1265,8 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     let mut slots = Vec::new();
     // Lines with their own id, as with an Idempotency-Key: slot → (id, fingerprint).
     let mut keyed: HashMap<usize, (String, [u8; 32])> = HashMap::new();
+    // The ids this batch marked in flight, with their lines' fingerprints.
+    let mut own_ids: HashMap<String, [u8; 32]> = HashMap::new();
     let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
     for (index, raw) in body.split(|&byte| byte == b'\n').enumerate() {
         let line_number = index + 1;
@@ -1291,23 +1325,21 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             Ok((event, has_id)) => {
                 // A line's own id is an idempotency key, shared with single requests: the same
                 // id with the same line gets the same answer, with anything else 422.
-                if has_id {
-                    let print: [u8; 32] = Sha256::new()
-                        .chain_update(b"batch-line\0")
-                        .chain_update(&event.entity)
-                        .chain_update([0])
-                        .chain_update(&event.op)
-                        .chain_update([0])
-                        .chain_update(event.key.as_deref().unwrap_or_default())
-                        .chain_update([0])
-                        .chain_update(&event.data)
-                        .finalize()
-                        .into();
+                if has_id && let Some(own) = own_ids.get(&event.id) {
+                    // The same id twice in this batch: the same line is a duplicate JetStream
+                    // recognises; another line under the id is refused.
+                    if *own != line_print(&event) {
+                        results.push(line_result(line_number, Err(key_reused())));
+                        continue;
+                    }
+                } else if has_id {
+                    let print = line_print(&event);
                     if let Some(answer) = remembered(&state, &event.id, print) {
                         results.push(line_result(line_number, answer));
                         continue;
                     }
                     guard.keys.push(event.id.clone());
+                    own_ids.insert(event.id.clone(), print);
                     keyed.insert(results.len(), (event.id.clone(), print));
                 }
                 slots.push(results.len());
@@ -1345,6 +1377,21 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+/// What identifies a batch line's request, for its idempotency key.
+fn line_print(event: &Event) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(b"batch-line\0")
+        .chain_update(&event.entity)
+        .chain_update([0])
+        .chain_update(&event.op)
+        .chain_update([0])
+        .chain_update(event.key.as_deref().unwrap_or_default())
+        .chain_update([0])
+        .chain_update(&event.data)
+        .finalize()
+        .into()
 }
 
 /// A line's result from its event's answer.
@@ -1411,6 +1458,29 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_answers_expire_in_order_unless_remembered_again() {
+        let mut memory = Memory::default();
+        let start = Instant::now();
+        let done = |expires: Instant| Remembered::Done {
+            fingerprint: [0; 32],
+            status: StatusCode::ACCEPTED,
+            body: AnswerBody::Json(Value::Null),
+            expires,
+        };
+        for (key, at) in [("a", 1), ("b", 2), ("a", 3)] {
+            let expires = start + Duration::from_secs(at);
+            memory.entries.insert(key.to_string(), done(expires));
+            memory.expiry.push_back((expires, key.to_string()));
+        }
+        memory.expire(start + Duration::from_secs(2));
+        // `b` expired; `a` was remembered again (until 3) and stays.
+        assert!(memory.entries.contains_key("a") && !memory.entries.contains_key("b"));
+        assert_eq!(memory.expiry.len(), 1);
+        memory.expire(start + Duration::from_secs(3));
+        assert!(memory.entries.is_empty() && memory.expiry.is_empty());
+    }
 
     #[test]
     fn nesting_is_counted_outside_strings_only() {

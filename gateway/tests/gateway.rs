@@ -256,6 +256,11 @@ async fn every_client_chosen_id_is_an_idempotency_key() {
     let (_, again) = post_batch(&gateway, lines).await;
     assert_eq!(again["results"][0], first["results"][0], "the same answer");
     assert_eq!(again["results"][1]["status"], 422);
+    // The same line twice in one batch: stored once, both answered 202.
+    let twice = "{\"entity\":\"people\",\"id\":\"twice-1\",\"data\":{\"n\":9}}\n".repeat(2);
+    let (status, body) = post_batch(&gateway, twice).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["results"][1]["published"][0]["duplicate"], true, "{body}");
     // Shared with single requests.
     let other = post(&gateway, "/v1/events/people", r#"{"n":3}"#, &[("idempotency-key", "dup-1")]).await;
     assert_eq!((other.0, other.1["error"]["code"].as_str()), (422, Some("idempotency_key_reused")), "{}", other.1);
@@ -313,7 +318,7 @@ async fn every_client_chosen_id_is_an_idempotency_key() {
     let messages = nats.messages("WEIR").await;
     let stored: Vec<Value> =
         messages.iter().map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"].clone()).collect();
-    assert_eq!(stored, [json!({"n": 1}), json!({"n": 4}), json!({"n": 6}), json!({"n": 8})]);
+    assert_eq!(stored, [json!({"n": 1}), json!({"n": 9}), json!({"n": 4}), json!({"n": 6}), json!({"n": 8})]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
