@@ -636,7 +636,11 @@ fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>
 
 /// `line:column` (1-based) of byte `offset` in `text`.
 fn position(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
@@ -709,9 +713,14 @@ pub fn interpolate(
                 Some((context, 1 + rest[1..].chars().next().map_or(0, char::len_utf8)))
             }
             Context::Basic if rest.starts_with('"') => Some((Context::Bare, 1)),
-            Context::MultiBasic if rest.starts_with("\"\"\"") => Some((Context::Bare, 3)),
+            // Up to two more quotes before the closing three are content (`"""x""""` is `x"`).
+            Context::MultiBasic if rest.starts_with("\"\"\"") => {
+                Some((Context::Bare, rest.bytes().take(5).take_while(|&b| b == b'"').count()))
+            }
             Context::Literal if rest.starts_with('\'') => Some((Context::Bare, 1)),
-            Context::MultiLiteral if rest.starts_with("'''") => Some((Context::Bare, 3)),
+            Context::MultiLiteral if rest.starts_with("'''") => {
+                Some((Context::Bare, rest.bytes().take(5).take_while(|&b| b == b'\'').count()))
+            }
             _ => None,
         };
         if let Some((next, length)) = step {
@@ -727,8 +736,11 @@ pub fn interpolate(
             continue;
         }
         if rest.starts_with("$${") {
+            // One byte shorter: recorded like a substitution, so positions after it map back.
+            let at = out.len();
             out.push_str("${");
             index += 3;
+            substitutions.push((at, out.len(), index));
             continue;
         }
         let Some(body) = rest.strip_prefix("${") else {
@@ -821,15 +833,21 @@ impl Config {
         }
         let mut config = config;
         // A webhook's default tolerance stays inside the window that recognises a replay.
-        let window = config.jetstream.as_ref().map(|js| js.duplicate_window);
+        let window = config.replay_window();
         for route in &mut config.routes {
             if let Some(webhook) = &mut route.webhook
                 && webhook.tolerance.is_none()
             {
-                webhook.tolerance = Some(window.map_or_else(defaults::tolerance, |w| w.min(defaults::tolerance())));
+                webhook.tolerance = Some(window.min(defaults::tolerance()));
             }
         }
         Ok(config)
+    }
+
+    /// How long a repeated event id is recognised: the stream's `duplicate_window`, or in core
+    /// NATS mode (no stream to deduplicate) the gateway's own memory of answers, 2 minutes.
+    pub fn replay_window(&self) -> Duration {
+        self.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window)
     }
 
     /// Makes relative plugin paths relative to the config file's directory.
@@ -991,20 +1009,18 @@ impl Config {
                 problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
             }
         }
-        // A replay inside the tolerance but past the window would be a new message to JetStream.
-        if let Some(window) = self.jetstream.as_ref().map(|js| js.duplicate_window) {
-            for (index, route) in self.routes.iter().enumerate() {
-                if let Some(webhook) = &route.webhook
-                    && webhook.timestamped()
-                    && let Some(tolerance) = webhook.tolerance
-                    && tolerance > window
-                {
-                    problems.push(format!(
-                        "{file}: route {}: webhook `tolerance` ({:?}) is longer than [jetstream] `duplicate_window` ({window:?}): a request replayed in between would be stored again; lower `tolerance` or raise `duplicate_window`",
-                        index + 1,
-                        tolerance
-                    ));
-                }
+        // A replay inside the tolerance but past the window would be taken as a new event.
+        let window = self.replay_window();
+        for (index, route) in self.routes.iter().enumerate() {
+            if let Some(webhook) = &route.webhook
+                && webhook.timestamped()
+                && let Some(tolerance) = webhook.tolerance
+                && tolerance > window
+            {
+                problems.push(format!(
+                    "{file}: route {}: webhook `tolerance` ({tolerance:?}) is longer than the time a repeated event is recognised ({window:?}: [jetstream] `duplicate_window`, 2m in core NATS mode): a request replayed in between would be stored again; lower `tolerance` or raise `duplicate_window`",
+                    index + 1
+                ));
             }
         }
         for (name, plugin) in &self.plugins.entries {
@@ -1106,7 +1122,10 @@ mod tests {
             )
         };
         let error = parse(&route(", tolerance = \"5m\"")).unwrap_err();
-        assert!(error.contains("longer than [jetstream] `duplicate_window`"), "{error}");
+        assert!(error.contains("longer than the time a repeated event is recognised (120s"), "{error}");
+        // Core NATS mode: the gateway's own memory (2 minutes) is the window.
+        let core = route(", tolerance = \"5m\"").replace("[jetstream]\nstream = \"S\"\n", "");
+        assert!(parse(&core).unwrap_err().contains("recognised (120s"));
         let error = parse(&route(", scheme = \"stripe\"")).unwrap_err();
         assert!(error.contains("remove `timestamp_header`"), "{error}");
         let config = Config::parse(&route(""), "weir.toml").unwrap();
@@ -1133,6 +1152,16 @@ mod tests {
         assert_eq!(interpolated.original(after), written.find("b =").unwrap());
         let inside = interpolated.text.find("345").unwrap();
         assert_eq!(interpolated.original(inside), written.find("${X}").unwrap());
+        // `$${` is a byte shorter once written out: positions after it still map back, also
+        // next to characters of more than one byte.
+        let written = "a = \"$${X}$${Y}\" # café\nbogus = 1\n";
+        let interpolated = interpolate(written, "f", |_| None).unwrap();
+        let bogus = interpolated.text.find("bogus").unwrap();
+        assert_eq!(interpolated.original(bogus), written.find("bogus").unwrap());
+        assert_eq!(position(written, written.find("é").unwrap() + 1), (1, 23), "inside a character: its start");
+        // Quotes right before a multi-line string's end are content; the comment after it stays one.
+        let text = interpolate("a = \"\"\"x\"\"\"\" # ${NOPE}\nb = '''y'''' # ${NOPE}\n", "f", |_| None).unwrap().text;
+        assert!(text.contains("# ${NOPE}\nb"), "{text}");
         let error = interpolate("\na = \"${NOPE}\"", "f", |_| None).unwrap_err().0;
         assert_eq!(error, "f:2:6: environment variable `NOPE` is not set (set it, or write `${NOPE:-default}`)");
         assert!(interpolate("a = \"${A B}\"", "f", |_| None).unwrap_err().0.contains("not a variable name"));

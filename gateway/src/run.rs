@@ -49,7 +49,7 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             body_timeout: config.http.body_timeout,
             max_in_flight: config.http.max_in_flight,
             tokens: config.http.tokens.clone(),
-            idempotency_ttl: config.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window),
+            idempotency_ttl: config.replay_window(),
         };
         let metrics = Arc::new(Metrics::new());
         plugins.report(&metrics);

@@ -112,7 +112,11 @@ impl MemoryLimiter {
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, max: Option<usize>) -> wasmtime::Result<bool> {
+        // Past the memory's own maximum the grow fails anyway (-1): count nothing for it.
+        if max.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
         let total = self.memory_bytes - current.min(self.memory_bytes) + desired;
         if total > self.limit {
             return Err(wasmtime::Error::new(MemoryLimitExceeded { desired: total, limit: self.limit }));
@@ -121,7 +125,11 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, current: usize, desired: usize, max: Option<usize>) -> wasmtime::Result<bool> {
+        // Past the table's own maximum the grow fails anyway (-1): count nothing for it.
+        if max.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
         let total = self.table_elements - current.min(self.table_elements) + desired;
         if total > MAX_TABLE_ELEMENTS {
             return Err(wasmtime::Error::msg(format!(
@@ -265,5 +273,8 @@ mod tests {
         // Growing the first table counts only what it adds.
         assert!(limiter.table_growing(600_000, 900_000, None).is_ok());
         assert!(limiter.table_growing(900_000, 1_000_001, None).is_err());
+        // A grow past the table's own maximum fails without being counted.
+        assert!(!limiter.table_growing(900_000, 950_000, Some(900_000)).unwrap());
+        assert!(limiter.table_growing(900_000, 1_000_000, None).is_ok());
     }
 }

@@ -293,7 +293,8 @@ impl PluginRuntime {
         .map_err(|error| {
             LoadError::Invalid(format!("exports do not match world `{}`: {error}", info.world.as_str()))
         })?;
-        let calls = tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1));
+        let calls =
+            tokio::sync::Semaphore::new(limits.max_concurrent_calls.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
         let plugin = Plugin {
             name: Arc::from(name),
             info,
