@@ -1010,7 +1010,17 @@ fn verify_webhook(
             )),
         },
         // Signed material only: an unsigned header (an Idempotency-Key) would let a replay pass.
-        None => Ok(format!("sig-{}", hex::encode(&Sha256::digest(signatures.concat())[..16]))),
+        // What the signature covers, not the signature header: extra or reordered `v1=` entries
+        // would otherwise make a replay look new.
+        None => {
+            let mut signed = Sha256::new();
+            if let Some(timestamp) = timestamp {
+                signed.update(timestamp.as_bytes());
+                signed.update(b".");
+            }
+            signed.update(body);
+            Ok(format!("sig-{}", hex::encode(&signed.finalize()[..16])))
+        }
     }
 }
 
@@ -1088,9 +1098,10 @@ struct Memory {
     expiry: std::collections::VecDeque<(Instant, String)>,
 }
 
-/// Most keys remembered at once (a few hundred bytes each). Past it, new keys are not remembered:
-/// JetStream still stores a retry once, but its answer is then `duplicate: true` and a reused key
-/// with another request is not refused.
+/// Most keys remembered at once (each holds its answer: a few hundred bytes, more for an event
+/// split into many outputs). Past it, with JetStream, new keys are not remembered: JetStream
+/// still stores a retry once, answered `duplicate: true`, but a reused key with another request
+/// is not refused. In core NATS mode such requests get `503` until there is room.
 const MAX_REMEMBERED: usize = 200_000;
 
 impl Memory {
@@ -1200,12 +1211,19 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resu
                 "a request with this Idempotency-Key (event id) is in progress",
             )))
         }
-        _ => {
-            if memory.has_room_for(key) {
-                memory.entries.insert(key.to_string(), Remembered::InFlight { fingerprint });
-            }
+        _ if memory.has_room_for(key) => {
+            memory.entries.insert(key.to_string(), Remembered::InFlight { fingerprint });
             None
         }
+        // Full: with JetStream, its duplicate window still stores a retry once; in core NATS
+        // mode this memory is all there is, so the request waits for room rather than risk a
+        // second delivery.
+        _ if state.sink.jetstream().is_some() => None,
+        _ => Some(Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many idempotency keys are remembered right now; retry shortly",
+        ))),
     }
 }
 
@@ -1266,7 +1284,9 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     // Lines with their own id, as with an Idempotency-Key: slot → (id, fingerprint).
     let mut keyed: HashMap<usize, (String, [u8; 32])> = HashMap::new();
     // The ids this batch marked in flight, with their lines' fingerprints.
-    let mut own_ids: HashMap<String, [u8; 32]> = HashMap::new();
+    let mut own_ids: HashMap<String, ([u8; 32], usize)> = HashMap::new();
+    // Lines repeating an earlier line of this batch: (slot, the earlier line's slot).
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
     let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
     for (index, raw) in body.split(|&byte| byte == b'\n').enumerate() {
         let line_number = index + 1;
@@ -1325,13 +1345,18 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             Ok((event, has_id)) => {
                 // A line's own id is an idempotency key, shared with single requests: the same
                 // id with the same line gets the same answer, with anything else 422.
-                if has_id && let Some(own) = own_ids.get(&event.id) {
-                    // The same id twice in this batch: the same line is a duplicate JetStream
-                    // recognises; another line under the id is refused.
-                    if *own != line_print(&event) {
-                        results.push(line_result(line_number, Err(key_reused())));
-                        continue;
-                    }
+                if has_id && let Some(&(own, first)) = own_ids.get(&event.id) {
+                    // The same id twice in this batch: the same line gets the earlier line's
+                    // answer, without being sent again (core NATS would deliver it twice);
+                    // another line under the id is refused.
+                    let result = if own == line_print(&event) {
+                        repeats.push((results.len(), first));
+                        LineResult { line: line_number, status: 0, body: AnswerBody::Json(Value::Null) }
+                    } else {
+                        line_result(line_number, Err(key_reused()))
+                    };
+                    results.push(result);
+                    continue;
                 } else if has_id {
                     let print = line_print(&event);
                     if let Some(answer) = remembered(&state, &event.id, print) {
@@ -1339,7 +1364,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                         continue;
                     }
                     guard.keys.push(event.id.clone());
-                    own_ids.insert(event.id.clone(), print);
+                    own_ids.insert(event.id.clone(), (print, results.len()));
                     keyed.insert(results.len(), (event.id.clone(), print));
                 }
                 slots.push(results.len());
@@ -1365,6 +1390,10 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         results[slot] = line_result(results[slot].line, answer);
     }
     guard.disarm();
+    for (slot, first) in repeats {
+        results[slot] =
+            LineResult { line: results[slot].line, status: results[first].status, body: results[first].body.clone() };
+    }
     let all_accepted = results.iter().all(|result| result.status < 300);
     #[derive(serde::Serialize)]
     struct BatchAnswer {
