@@ -232,10 +232,24 @@ async fn check_nats(config: &Config) -> Vec<String> {
             }
             Err(error) => (vec![format!("cannot read stream {}: {error}", js.stream)], js.subjects.clone()),
         },
-        Err(_) => {
+        Err(error)
+            if matches!(
+                error.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
             println!("note  stream {} does not exist yet; `weir run` creates it", js.stream);
             (Vec::new(), js.subjects.clone())
         }
+        // JetStream not enabled on the server, no permission, a timeout: `weir run` would fail.
+        Err(error) => (
+            vec![format!(
+                "cannot look up stream {}: {error} (is JetStream enabled on the server? start nats-server with -js)",
+                js.stream
+            )],
+            js.subjects.clone(),
+        ),
     };
     for gap in crate::sink::subjects_outside_stream(config, &subjects) {
         // Another stream may take it (dead letters kept apart, say): the server knows.

@@ -196,6 +196,28 @@ expect = { outcome = "keep", data = { id = 3 }, subject = "weir.orders.insert" }
 }
 
 #[test]
+fn golden_cases_without_a_config_take_the_command_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        r#"
+[[case]]
+name = "redacts"
+input = { entity = "users", data = { email = "ann@example.com" } }
+expect = { outcome = "keep" }
+"#,
+    )
+    .unwrap();
+    let redact = plugin_path("redact");
+    let args = ["plugin", "test", redact.to_str().unwrap(), "--cases", cases.to_str().unwrap()];
+    let without = run(&args);
+    assert_eq!(without.status.code(), Some(1), "redact refuses an empty config: {}", text(&without.stdout));
+    let with = run(&[&args[..], &["--config", r#"{"fields":["email"]}"#]].concat());
+    assert!(with.status.success(), "{}", text(&with.stdout));
+}
+
+#[test]
 fn a_scaffolded_plugin_builds_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let project = dir.path().join("shout");

@@ -836,6 +836,26 @@ async fn check_lists_every_problem() {
     assert!(stdout.contains("error plugin `redact`") && stdout.contains("`fields` is empty"), "{stdout}");
     assert!(stdout.contains("error cannot reach NATS at nats://127.0.0.1:1"), "{stdout}");
 
+    // A server without JetStream: `weir run` could not create the stream, so check fails too.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut plain = std::process::Command::new(common::services::nats_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server without JetStream did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&path, good.replace(&nats.url(), &format!("nats://127.0.0.1:{port}"))).unwrap();
+    let (output, stdout) = weir_check(&path);
+    let _ = plain.kill();
+    let _ = plain.wait();
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("is JetStream enabled on the server?"), "{stdout}");
+
     std::fs::write(&path, "[nats]\nurl = \"nats://x\"\n[http]\nlisten = \"nowhere\"\n").unwrap();
     let output =
         std::process::Command::new(env!("CARGO_BIN_EXE_weir")).args(["check", "--config"]).arg(&path).output().unwrap();

@@ -86,8 +86,15 @@ fn to_json(value: &toml::Value) -> anyhow::Result<Value> {
     serde_json::to_value(value).context("value cannot be expressed as JSON")
 }
 
-/// Runs every case in `cases_path` against the plugin in `wasm`.
-pub fn run_cases(runtime: &PluginRuntime, wasm: &Path, cases_path: &Path, limits: &Limits) -> anyhow::Result<Report> {
+/// Runs every case in `cases_path` against the plugin in `wasm`. A case's config is its own, else
+/// the file's, else `default_config` (the command line's `--config`).
+pub fn run_cases(
+    runtime: &PluginRuntime,
+    wasm: &Path,
+    cases_path: &Path,
+    default_config: &str,
+    limits: &Limits,
+) -> anyhow::Result<Report> {
     let text = std::fs::read_to_string(cases_path).with_context(|| format!("cannot read {}", cases_path.display()))?;
     let file: CasesFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", cases_path.display()))?;
     if file.cases.is_empty() {
@@ -102,7 +109,7 @@ pub fn run_cases(runtime: &PluginRuntime, wasm: &Path, cases_path: &Path, limits
     for (index, case) in file.cases.into_iter().enumerate() {
         let config = match case.config.as_ref().or(file.config.as_ref()) {
             Some(value) => to_json(value)?.to_string(),
-            None => "{}".to_string(),
+            None => default_config.to_string(),
         };
         let plugin =
             loaded.entry(config.clone()).or_insert_with(|| runtime.load(&name, &bytes, &config, limits.clone()));

@@ -73,7 +73,8 @@ pub enum PluginCommand {
 pub struct TestArgs {
     /// The plugin's .wasm file.
     pub wasm: PathBuf,
-    /// The plugin's config as JSON text (as `config` in its section of the gateway config).
+    /// The plugin's config as JSON text (as `config` in its section of the gateway config); with
+    /// `--cases`, the config of cases (and files) that set none.
     #[arg(long, default_value = "{}")]
     pub config: String,
     /// NDJSON events, one `{"entity","op","key","data",...}` per line; `-` for stdin.
@@ -123,6 +124,7 @@ fn tail(config_path: &std::path::Path, subject: &str) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
         eprintln!("watching {subject} (Ctrl-C to stop)");
+        let mut out = std::io::stdout();
         while let Some(message) = subscription.next().await {
             let headers: Vec<String> = message
                 .headers
@@ -130,7 +132,19 @@ fn tail(config_path: &std::path::Path, subject: &str) -> anyhow::Result<()> {
                 .flat_map(|headers| headers.iter())
                 .flat_map(|(name, values)| values.iter().map(move |v| format!("{name}={}", v.as_str())))
                 .collect();
-            println!("{}  {}\n{}", message.subject, headers.join(" "), String::from_utf8_lossy(&message.payload));
+            use std::io::Write as _;
+            let printed = writeln!(
+                out,
+                "{}  {}\n{}",
+                message.subject,
+                headers.join(" "),
+                String::from_utf8_lossy(&message.payload)
+            )
+            .and_then(|()| out.flush());
+            // The reader went away (`weir tail … | head`): stop quietly.
+            if printed.is_err() {
+                break;
+            }
         }
         Ok(())
     })
@@ -145,7 +159,7 @@ fn plugin_test(args: &TestArgs) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("--config is not valid JSON: {e}"))?;
     let runtime = runtime()?;
     if let Some(cases) = &args.cases {
-        let report = cases::run_cases(&runtime, &args.wasm, cases, &args.limits())?;
+        let report = cases::run_cases(&runtime, &args.wasm, cases, &args.config, &args.limits())?;
         let mut out = std::io::stdout().lock();
         for (name, explanation) in &report.failed {
             writeln!(out, "FAIL {name}\n  {explanation}")?;
