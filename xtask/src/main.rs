@@ -273,46 +273,98 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
     run(bench, "cargo bench -p weir --bench runtime --bench http --bench postgres")
 }
 
-fn nats_reachable() -> bool {
-    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 4222).into(), std::time::Duration::from_millis(500)).is_ok()
+/// What answers on a local NATS port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NatsAt {
+    Nothing,
+    WithoutJetStream,
+    WithJetStream,
+}
+
+/// Asks the server on `port` by its first line (`INFO {…}`), which says whether JetStream is on:
+/// Debian's `nats-server` package starts a service on 4222 without it.
+fn nats_at(port: u16) -> NatsAt {
+    use std::io::BufRead as _;
+    let timeout = std::time::Duration::from_millis(500);
+    let Ok(stream) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout) else {
+        return NatsAt::Nothing;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let mut info = String::new();
+    match std::io::BufReader::new(stream).read_line(&mut info) {
+        Ok(_) if info.replace(' ', "").contains("\"jetstream\":true") => NatsAt::WithJetStream,
+        _ => NatsAt::WithoutJetStream,
+    }
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` when set).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => root().join(dir),
+        Some(dir) => dir,
+        None => root().join("target"),
+    }
+}
+
+/// A NATS server with JetStream on the loopback: the one on 4222 if it has JetStream, else one
+/// started here (on 4222 when free, else the next free port). Returns its port.
+fn nats_with_jetstream() -> anyhow::Result<u16> {
+    if nats_at(4222) == NatsAt::Nothing {
+        ensure_nats_server()?;
+    }
+    let port = match nats_at(4222) {
+        NatsAt::WithJetStream => return Ok(4222),
+        NatsAt::Nothing => 4222,
+        NatsAt::WithoutJetStream => {
+            let port = (4223..4300).find(|&port| nats_at(port) == NatsAt::Nothing).context("no free port in 4223–4299")?;
+            eprintln!(
+                "xtask: the NATS server on 127.0.0.1:4222 has no JetStream (Debian's nats-server service?); starting one with JetStream on {port}"
+            );
+            port
+        }
+    };
+    let store = target_dir().join("quickstart-nats");
+    std::fs::create_dir_all(&store)?;
+    let log_path = target_dir().join("quickstart-nats.log");
+    let log = std::fs::File::create(&log_path)?;
+    let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("nats-server");
+    eprintln!("xtask: starting nats-server with JetStream on 127.0.0.1:{port} (log: {})", log_path.display());
+    Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start nats-server")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while nats_at(port) != NatsAt::WithJetStream {
+        if std::time::Instant::now() > deadline {
+            bail!("nats-server did not start with JetStream on {port}; see {}", log_path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(port)
 }
 
 fn quickstart() -> anyhow::Result<()> {
-    if !nats_reachable() {
-        ensure_nats_server()?;
-        let store = root().join("target/quickstart-nats");
-        std::fs::create_dir_all(&store)?;
-        let log = std::fs::File::create(root().join("target/quickstart-nats.log"))?;
-        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("nats-server");
-        eprintln!("xtask: starting nats-server with JetStream on 127.0.0.1:4222 (log: target/quickstart-nats.log)");
-        Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd"])
-            .arg(&store)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start nats-server")?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !nats_reachable() {
-            if std::time::Instant::now() > deadline {
-                bail!("nats-server did not start; see target/quickstart-nats.log");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
+    let port = nats_with_jetstream()?;
+    let nats_url = format!("nats://127.0.0.1:{port}");
     build_plugins()?;
     let mut build = cargo();
     build.args(["build", "-p", "weir"]).current_dir(root());
     run(build, "cargo build -p weir")?;
-    let weir = root().join("target/debug/weir");
+    let weir = target_dir().join("debug/weir");
     let config = root().join("examples/quickstart/weir.toml");
+    // The config reads NATS_URL (default 4222); `weir tail` needs it too when it is not 4222.
+    let env = if port == 4222 { String::new() } else { format!("NATS_URL={nats_url} ") };
+    let shown = weir.strip_prefix(root()).map_or_else(|_| weir.display().to_string(), |p| p.display().to_string());
     eprintln!(
-        "\nxtask: weir is starting. In another terminal:\n\n  watch:  target/debug/weir tail --config examples/quickstart/weir.toml 'weir.>'\n  send:   curl -i http://127.0.0.1:8080/v1/events/orders -H 'Content-Type: application/json' -H 'Idempotency-Key: order-1001' -d '{{\"id\":1001,\"region\":\"eu\",\"customer\":{{\"email\":\"ann@example.com\"}},\"card\":{{\"number\":\"4111111111111111\"}}}}'\n"
+        "\nxtask: weir is starting. In another terminal:\n\n  watch:  {env}{shown} tail --config examples/quickstart/weir.toml 'weir.>'\n  send:   curl -i http://127.0.0.1:8080/v1/events/orders -H 'Content-Type: application/json' -H 'Idempotency-Key: order-1001' -d '{{\"id\":1001,\"region\":\"eu\",\"customer\":{{\"email\":\"ann@example.com\"}},\"card\":{{\"number\":\"4111111111111111\"}}}}'\n"
     );
     let mut gateway = Command::new(weir);
-    gateway.args(["run", "--config"]).arg(config).current_dir(root());
+    gateway.args(["run", "--config"]).arg(config).env("NATS_URL", &nats_url).current_dir(root());
     run(gateway, "weir run --config examples/quickstart/weir.toml")
 }
