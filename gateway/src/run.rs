@@ -67,12 +67,25 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             None => (None, None),
         };
         let state = AppState::new(pipeline, sink, settings, metrics, postgres_status);
+        let state_for_router = state.clone();
         tracing::info!("weir listening on http://{address}");
+        // Change capture stops together with the HTTP drain, and both share one drain timeout
+        // from the signal: one after the other, a stop could take twice `--drain-timeout`.
+        let stop_source = Arc::new(stop_source);
+        let signalled: Arc<std::sync::OnceLock<tokio::time::Instant>> = Arc::default();
+        let signal = {
+            let (stop_source, signalled) = (stop_source.clone(), signalled.clone());
+            async move {
+                shutdown_signal(state).await;
+                let _ = signalled.set(tokio::time::Instant::now());
+                let _ = stop_source.send(true);
+            }
+        };
         let server = crate::http::serve(
             listener,
-            crate::http::router(state.clone()),
+            crate::http::router(state_for_router),
             config.http.header_timeout,
-            shutdown_signal(state),
+            signal,
             drain,
         );
         match postgres_task {
@@ -83,7 +96,8 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
                     served = &mut server => {
                         served?;
                         let _ = stop_source.send(true);
-                        match tokio::time::timeout(drain, &mut task).await {
+                        let deadline = signalled.get().copied().unwrap_or_else(tokio::time::Instant::now) + drain;
+                        match tokio::time::timeout_at(deadline, &mut task).await {
                             Ok(Ok(Err(error))) => return Err(error),
                             Ok(Err(_)) => {
                                 return Err(anyhow::anyhow!("the PostgreSQL source's thread panicked while stopping (see stderr)"));

@@ -1028,6 +1028,44 @@ async fn a_graceful_stop_leaves_the_slot_at_the_last_stored_change() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_change_capture_and_http_within_one_drain_timeout() {
+    // A PostgreSQL that accepts and never answers keeps the source connecting, and a request
+    // still sending its body keeps the HTTP drain waiting: both must end within the one
+    // `--drain-timeout` (3 s), not one after the other (6 s).
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hung.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = hung.accept().await {
+            held.push(connection);
+        }
+    });
+    let capture = Capture::new("drained", &[("a", "id int PRIMARY KEY")]).await;
+    let nats = Nats::start();
+    let url = common::pg::postgres_url();
+    let config = capture.config(&nats, "").replace(
+        &format!("url = \"{url}\""),
+        &format!("url = \"host=127.0.0.1 port={port} user=root dbname=test sslmode=disable\""),
+    );
+    assert!(config.contains(&format!("port={port}")), "{config}");
+    let mut gateway = Gateway::start_with_drain(&config, "3s");
+    let address = gateway.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut slow = std::net::TcpStream::connect(address).unwrap();
+    std::io::Write::write_all(
+        &mut slow,
+        b"POST /v1/events/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(5500), "stopping took {took:?}\n{}", gateway.log());
+    drop(slow);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_snapshot_reads_what_the_publication_sends() {
     // A row filter and a column list, a generated column, and an inheritance child the
     // publication lists itself: the snapshot must match what streaming sends.

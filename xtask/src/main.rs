@@ -316,7 +316,8 @@ fn nats_with_jetstream() -> anyhow::Result<u16> {
         NatsAt::WithJetStream => return Ok(4222),
         NatsAt::Nothing => 4222,
         NatsAt::WithoutJetStream => {
-            let port = (4223..4300).find(|&port| nats_at(port) == NatsAt::Nothing).context("no free port in 4223–4299")?;
+            let port =
+                (4223..4300).find(|&port| nats_at(port) == NatsAt::Nothing).context("no free port in 4223–4299")?;
             eprintln!(
                 "xtask: the NATS server on 127.0.0.1:4222 has no JetStream (Debian's nats-server service?); starting one with JetStream on {port}"
             );

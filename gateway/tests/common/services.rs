@@ -358,6 +358,15 @@ impl Gateway {
     }
 
     pub fn try_start(config: &str) -> Result<Gateway, String> {
+        Gateway::try_start_with_drain(config, "20s")
+    }
+
+    /// [`Gateway::start`] with `--drain-timeout drain`.
+    pub fn start_with_drain(config: &str, drain: &str) -> Gateway {
+        Gateway::try_start_with_drain(config, drain).unwrap_or_else(|log| panic!("weir did not start:\n{log}"))
+    }
+
+    fn try_start_with_drain(config: &str, drain: &str) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("weir.toml");
         let config = config.replace("{plugins}", &super::plugins_dir().display().to_string());
@@ -367,7 +376,7 @@ impl Gateway {
         let mut child = Command::new(binary)
             .args(["run", "--config"])
             .arg(&path)
-            .args(["--drain-timeout", "20s"])
+            .args(["--drain-timeout", drain])
             .env("WEIR_CACHE_DIR", super::cache_dir())
             .env("WEIR_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
