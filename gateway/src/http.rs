@@ -222,6 +222,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.set_nats_connected(state.sink.connected());
+    state.metrics.set_http_in_flight(state.settings.max_in_flight.saturating_sub(state.in_flight.available_permits()));
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
@@ -605,11 +606,11 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     let mut routed: HashMap<usize, Vec<(usize, Event)>> = HashMap::new();
     let mut answers: Vec<Option<Result<Answer, ApiError>>> = (0..count).map(|_| None).collect();
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
-    state.metrics.received_many("http", count);
     for (position, event) in events.into_iter().enumerate() {
         match state.pipeline.route_for(&event) {
             Some(route) => routed.entry(route).or_default().push((position, event)),
             None => {
+                state.metrics.received_many("http", "none", 1);
                 state.metrics.dropped("http", "none");
                 answers[position] = Some(Ok(Answer {
                     status: StatusCode::ACCEPTED,
@@ -623,8 +624,9 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     let mut processed: Vec<(usize, usize, Disposition)> = Vec::with_capacity(count);
     for (route, items) in routed {
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
+        state.metrics.received_many("http", &state.pipeline.route(route).name, batch.len());
         let started = Instant::now();
-        let dispositions = match state.pipeline.process(route, batch).await {
+        let dispositions = match state.pipeline.process(route, batch, &state.metrics).await {
             Ok(dispositions) => dispositions,
             Err(unavailable) => {
                 for position in positions {

@@ -26,7 +26,9 @@ pub struct Metrics {
     dead_lettered: Family<Labels, Counter>,
     plugin_errors: Family<Labels, Counter>,
     chain_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    plugin_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     publish_seconds: Histogram,
+    http_in_flight: Gauge,
     nats_connected: Gauge,
     plugin_reloads: Family<Labels, Counter>,
     plugin_loaded: Family<Labels, Gauge>,
@@ -39,15 +41,10 @@ pub struct Metrics {
     pg_retained_wal_bytes: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
-}
-
 impl Metrics {
-    /// Registers every metric.
-    pub fn new() -> Metrics {
+    /// Registers every metric; the `weir_postgres_*` ones only with `postgres` (change capture
+    /// configured), so an HTTP-only gateway does not report replication as down.
+    pub fn new(postgres: bool) -> Metrics {
         let mut registry = Registry::with_prefix("weir");
         let metrics = Metrics {
             received: Family::default(),
@@ -57,7 +54,9 @@ impl Metrics {
             dead_lettered: Family::default(),
             plugin_errors: Family::default(),
             chain_seconds: Family::new_with_constructor(seconds_histogram),
+            plugin_seconds: Family::new_with_constructor(seconds_histogram),
             publish_seconds: seconds_histogram(),
+            http_in_flight: Gauge::default(),
             nats_connected: Gauge::default(),
             plugin_reloads: Family::default(),
             plugin_loaded: Family::default(),
@@ -70,7 +69,7 @@ impl Metrics {
             pg_retained_wal_bytes: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("events_received", "Events received, by source", metrics.received.clone());
+        registry.register("events_received", "Events received, by source and route", metrics.received.clone());
         registry.register("events_published", "Messages stored, by source and route", metrics.published.clone());
         registry.register(
             "events_dropped",
@@ -94,6 +93,16 @@ impl Metrics {
             metrics.chain_seconds.clone(),
         );
         registry.register(
+            "plugin_call_duration_seconds",
+            "Time of one plugin's call over a batch, by plugin",
+            metrics.plugin_seconds.clone(),
+        );
+        registry.register(
+            "http_in_flight",
+            "HTTP requests admitted and not yet answered (bounded by [http] max_in_flight)",
+            metrics.http_in_flight.clone(),
+        );
+        registry.register(
             "publish_duration_seconds",
             "Time from publishing to the last PubAck of a batch",
             metrics.publish_seconds.clone(),
@@ -109,6 +118,9 @@ impl Metrics {
             "1 while a version of the plugin is serving, by plugin",
             metrics.plugin_loaded.clone(),
         );
+        if !postgres {
+            return Metrics { registry, ..metrics };
+        }
         registry.register(
             "postgres_changes",
             "Row changes read from the replication slot, by schema, table and op",
@@ -143,9 +155,10 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// `count` events arrived from `source`.
-    pub fn received_many(&self, source: &str, count: usize) {
-        self.received.get_or_create(&vec![("source", source.to_string())]).inc_by(count as u64);
+    /// `count` events arrived from `source` for `route` (`none` when no route matched).
+    pub fn received_many(&self, source: &str, route: &str, count: usize) {
+        let labels = vec![("source", source.to_string()), ("route", route.to_string())];
+        self.received.get_or_create(&labels).inc_by(count as u64);
     }
     /// `count` messages were stored.
     pub fn published(&self, source: &str, route: &str, count: usize) {
@@ -172,6 +185,14 @@ impl Metrics {
     /// A route's chain ran over a batch.
     pub fn chain_duration(&self, route: &str, elapsed: Duration) {
         self.chain_seconds.get_or_create(&vec![("route", route.to_string())]).observe(elapsed.as_secs_f64());
+    }
+    /// One plugin's call over a batch.
+    pub fn plugin_call_duration(&self, plugin: &str, elapsed: Duration) {
+        self.plugin_seconds.get_or_create(&vec![("plugin", plugin.to_string())]).observe(elapsed.as_secs_f64());
+    }
+    /// HTTP requests admitted and not yet answered.
+    pub fn set_http_in_flight(&self, requests: usize) {
+        self.http_in_flight.set(i64::try_from(requests).unwrap_or(i64::MAX));
     }
     /// A batch was published and acknowledged.
     pub fn publish_duration(&self, elapsed: Duration) {

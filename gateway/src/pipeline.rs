@@ -318,7 +318,12 @@ impl Pipeline {
     /// Runs `events`, which all match route `index`, through its chain: one disposition per
     /// event, in order. Plugins run on the calling task and yield at each epoch tick. The chain's
     /// versions are taken once, so a reload meanwhile does not change plugins under the batch.
-    pub async fn process(&self, index: usize, mut events: Vec<Event>) -> Result<Vec<Disposition>, Unavailable> {
+    pub async fn process(
+        &self,
+        index: usize,
+        mut events: Vec<Event>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Vec<Disposition>, Unavailable> {
         let route = &self.routes[index];
         let mut chain = Vec::with_capacity(route.chain.len());
         for slot in &route.chain {
@@ -343,7 +348,9 @@ impl Pipeline {
         let mut origins: Vec<usize> = (0..count).collect();
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
         for plugin in &chain {
+            let started = std::time::Instant::now();
             let results = plugin.run(&batch).await;
+            metrics.plugin_call_duration(plugin.name(), started.elapsed());
             let inputs = std::mem::take(&mut batch);
             if originals.is_empty() && route.on_error == OnError::Dlq {
                 originals = inputs;

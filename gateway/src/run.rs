@@ -51,7 +51,7 @@ pub fn run(config_path: &Path, drain: Duration) -> anyhow::Result<()> {
             tokens: config.http.tokens.clone(),
             idempotency_ttl: config.replay_window(),
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(config.postgres.is_some()));
         plugins.report(&metrics);
         if !config.plugins.watch.is_zero() {
             tokio::spawn(plugins.watch(runtime, metrics.clone(), config.plugins.watch));

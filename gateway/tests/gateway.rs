@@ -760,15 +760,21 @@ async fn health_readiness_and_metrics() {
     assert_metrics(
         &gateway,
         &[
-            "weir_events_received_total{source=\"http\"} 2",
+            "weir_events_received_total{source=\"http\",route=\"route-1\"} 1",
+            "weir_events_received_total{source=\"http\",route=\"route-3\"} 1",
             "weir_events_published_total{source=\"http\",route=\"route-1\"} 1",
             "weir_events_dead_lettered_total{source=\"http\",route=\"route-3\"} 1",
             "weir_plugin_errors_total{plugin=\"fixture_panic_every_10th\",kind=\"trap\"} 1",
+            "weir_plugin_call_duration_seconds_count{plugin=\"redact\"} 1",
+            "weir_http_in_flight 0",
             "weir_nats_connected 1",
             "weir_publish_duration_seconds_count",
         ],
     )
     .await;
+    // No change capture configured: no replication gauges that would read as "down".
+    let text = client().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("weir_postgres_"), "{text}");
 }
 
 /// `/metrics` holds every one of `needles`.

@@ -590,7 +590,7 @@ impl PostgresSource {
     ) -> Result<Vec<Disposition>, Failure> {
         let mut warned = false;
         loop {
-            match self.pipeline.process(route, events).await {
+            match self.pipeline.process(route, events, &self.metrics).await {
                 Ok(dispositions) => {
                     // Only its own pause: the batch before may still be waiting for NATS.
                     if warned {
@@ -622,9 +622,9 @@ impl PostgresSource {
     /// consecutive runs of one route.
     async fn prepare(&self, events: Vec<Event>, shutdown: &mut watch::Receiver<bool>) -> Result<Prepared, Failure> {
         let mut runs: Vec<(usize, Vec<Event>)> = Vec::new();
-        self.metrics.received_many("postgres", events.len());
         for event in events {
             let Some(route) = self.pipeline.route_for(&event) else {
+                self.metrics.received_many("postgres", "none", 1);
                 self.metrics.dropped("postgres", "none");
                 continue;
             };
@@ -636,6 +636,7 @@ impl PostgresSource {
         let mut prepared = Vec::with_capacity(runs.len());
         for (route, run) in runs {
             let route_name = self.pipeline.route(route).name.clone();
+            self.metrics.received_many("postgres", &route_name, run.len());
             let started = Instant::now();
             let mut dispositions = self.process_when_available(route, run, shutdown).await?;
             self.metrics.chain_duration(&route_name, started.elapsed());
