@@ -116,9 +116,13 @@ impl PluginSlot {
                 Some(format!("file {} does not exist", self.file.display()))
             }
             FileStamp::Unreadable(error) => {
-                tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "cannot read the plugin file; the serving version stays");
-                metrics.plugin_reload(&self.name, "refused");
-                Some(format!("cannot read {}: {error}", self.file.display()))
+                let problem = format!("cannot read {}: {error}", self.file.display());
+                // Retried at every check while nothing serves: reported once per reason.
+                if self.watched().problem.as_deref() != Some(problem.as_str()) {
+                    tracing::error!(plugin = %self.name, file = %self.file.display(), %error, "cannot read the plugin file; the serving version stays");
+                    metrics.plugin_reload(&self.name, "refused");
+                }
+                Some(problem)
             }
             FileStamp::Present { .. } => {
                 let before = self.current();
