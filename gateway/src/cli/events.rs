@@ -55,21 +55,29 @@ fn text_of(value: &Value) -> String {
 impl InputEvent {
     /// The event the host would build; `default_id` is used when the line has no `id`.
     pub fn into_event(self, default_id: String, now: &str) -> Event {
-        let op = self.op.unwrap_or_else(|| "insert".to_string());
-        let subject = self.subject.unwrap_or_else(|| format!("weir.{}.{op}", crate::subject::token(&self.entity)));
-        Event {
+        let mut event = Event {
             id: self.id.unwrap_or(default_id),
             source: self.source.unwrap_or_else(|| "http".to_string()),
             key: self.key.as_ref().map(text_of),
             time: self.time.unwrap_or_else(|| now.to_string()),
-            subject,
+            subject: String::new(),
             headers: self.headers.iter().map(|(k, v)| (k.clone(), text_of(v))).collect(),
             data: self.data.unwrap_or_else(|| json!({})).to_string().into_bytes(),
             old: self.old.map(|old| old.to_string().into_bytes()),
             position: self.position,
             entity: self.entity,
-            op,
-        }
+            op: self.op.unwrap_or_else(|| "insert".to_string()),
+        };
+        // The subject a route without one gives the event in the gateway, by the same template.
+        event.subject = match self.subject {
+            Some(subject) => subject,
+            None => {
+                use crate::pipeline::{DEFAULT_POSTGRES_SUBJECT, DEFAULT_SUBJECT, SubjectTemplate};
+                let template = if event.source == "postgres" { DEFAULT_POSTGRES_SUBJECT } else { DEFAULT_SUBJECT };
+                SubjectTemplate::parse(template).map_or_else(|_| String::new(), |template| template.render(&event))
+            }
+        };
+        event
     }
 }
 
@@ -156,6 +164,14 @@ mod tests {
         let error = parse_ndjson("{\"entity\":\"a\"}\n{\"op\":\"x\"}", "T").unwrap_err().to_string();
         assert!(error.starts_with("input line 2:"), "{error}");
         assert!(error.contains("entity"), "{error}");
+        // The gateway's default subjects: change capture's by schema and table; values sanitized.
+        let events = parse_ndjson(
+            "{\"entity\":\"public.orders\",\"source\":\"postgres\"}\n{\"entity\":\"x\",\"op\":\"a b\"}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(events[0].subject, "weir.public.orders.insert");
+        assert!(crate::subject::validate(&events[1].subject).is_ok(), "{}", events[1].subject);
     }
 
     #[test]
