@@ -441,6 +441,14 @@ async fn load_through_a_cut(name: &str, how: Cut, hold: Duration, extra: &str) -
     cut.send(()).unwrap();
     let written = writer.await.unwrap();
     let messages = stored(&nats, written.len()).await;
+    // The gateway's log says where a stalled recovery stopped.
+    assert!(
+        messages.len() >= written.len(),
+        "{} of {} changes stored in time; the gateway's log:\n{}",
+        messages.len(),
+        written.len(),
+        gateway.log()
+    );
     assert_exactly_once_in_order(&written, &messages, &capture.tables);
     assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
     let log = gateway.log();
