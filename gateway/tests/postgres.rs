@@ -386,10 +386,31 @@ enum Cut {
     Silent,
 }
 
+/// A connection to where the tests' PostgreSQL listens: its Unix socket (the default url's
+/// `host` is a directory) or its TCP address.
+async fn connect_upstream() -> Box<dyn Upstream> {
+    use tokio_postgres::config::Host;
+    let config = common::pg::postgres_config();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => Box::new(tokio::net::TcpStream::connect((host.as_str(), port)).await.unwrap()),
+        Some(Host::Unix(dir)) => {
+            Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.unwrap())
+        }
+        None => {
+            Box::new(tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}")).await.unwrap())
+        }
+    }
+}
+
+trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
 /// A TCP proxy to the machine's PostgreSQL. Sending on the returned channel cuts every
 /// connection open at that moment; the server's side stays open for `hold` — as after a network
 /// cut, which the server notices only at its `wal_sender_timeout` — then closes. Later
-/// connections pass normally.
+/// connections pass normally. Upstream it uses the tests' own way in (by default the Unix
+/// socket, where peer auth admits `root`; Debian's default asks TCP clients for a password).
 async fn cutting_proxy(cut_how: Cut, hold: Duration) -> (u16, tokio::sync::broadcast::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -399,7 +420,7 @@ async fn cutting_proxy(cut_how: Cut, hold: Duration) -> (u16, tokio::sync::broad
         while let Ok((mut client, _)) = listener.accept().await {
             let mut cut = cuts.subscribe();
             tokio::spawn(async move {
-                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", 5432)).await.unwrap();
+                let mut server = connect_upstream().await;
                 let was_cut = tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
                     _ = cut.recv() => true,
@@ -432,7 +453,7 @@ async fn load_through_a_cut(name: &str, how: Cut, hold: Duration, extra: &str) -
     let (port, cut) = cutting_proxy(how, hold).await;
     let config = capture
         .config(&nats, extra)
-        .replace(&common::pg::postgres_url(), &format!("host=127.0.0.1 port={port} user=root dbname=test"));
+        .replace(&common::pg::postgres_url(), &common::pg::postgres_url_at("127.0.0.1", port));
     let mut gateway = Gateway::start(&config);
     wait_ready(&gateway).await;
     let tables = capture.tables.clone();

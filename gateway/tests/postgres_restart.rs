@@ -161,6 +161,62 @@ impl Drop for ServerCertificate {
     }
 }
 
+/// A password for role `root` over TCP while a test runs, where the server asks TCP clients for
+/// one (Debian's default `pg_hba.conf`) and `root` has none; taken away again on drop. A comment
+/// on the role marks it, so one left behind by a killed run is known as ours and replaced.
+struct TcpPassword(Option<String>);
+
+const TEMPORARY_PASSWORD: &str = "weir test: temporary password, removed after the TLS test";
+
+impl TcpPassword {
+    async fn ensure(client: &tokio_postgres::Client, host: &str) -> TcpPassword {
+        let without = format!("host={host} port=5432 user=root dbname=test sslmode=disable");
+        if tokio_postgres::connect(&without, tokio_postgres::NoTls).await.is_ok() {
+            return TcpPassword(None);
+        }
+        let row = client
+            .query_one(
+                "SELECT rolpassword IS NOT NULL, shobj_description(oid, 'pg_authid') FROM pg_authid WHERE rolname = 'root'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (has_one, comment): (bool, Option<String>) = (row.get(0), row.get(1));
+        assert!(
+            !has_one || comment.as_deref() == Some(TEMPORARY_PASSWORD),
+            "role root needs a password over TCP and has one of its own, which this test cannot know; give it none, or let TCP clients in without one"
+        );
+        let mut random = [0u8; 16];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut random).unwrap();
+        let password = hex::encode(random);
+        client.batch_execute(&format!("COMMENT ON ROLE root IS '{TEMPORARY_PASSWORD}'")).await.unwrap();
+        client.batch_execute(&format!("ALTER ROLE root PASSWORD '{password}'")).await.unwrap();
+        TcpPassword(Some(password))
+    }
+
+    /// ` password=…` for a connection string, or nothing.
+    fn param(&self) -> String {
+        self.0.as_ref().map(|password| format!(" password={password}")).unwrap_or_default()
+    }
+}
+
+impl Drop for TcpPassword {
+    fn drop(&mut self) {
+        if self.0.is_none() {
+            return;
+        }
+        for sql in ["ALTER ROLE root PASSWORD NULL", "COMMENT ON ROLE root IS NULL"] {
+            let done = Command::new("psql")
+                .args(["-h", "/var/run/postgresql", "-U", "root", "-d", "test", "-c", sql])
+                .output()
+                .is_ok_and(|output| output.status.success());
+            if !done {
+                eprintln!("could not run `{sql}`: role root may keep a temporary password (the next run replaces it)");
+            }
+        }
+    }
+}
+
 /// A CA and a server certificate for localhost signed by it (PEM files), readable by the
 /// server's `postgres` user.
 fn server_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
@@ -203,6 +259,7 @@ async fn change_capture_over_verified_tls() {
     let (stranger_ca, _, _) = server_pki(stranger_dir.path());
     let client = connect().await;
     let installed = ServerCertificate::install(&client, &cert, &key).await;
+    let password = TcpPassword::ensure(&client, "localhost").await;
 
     let capture = Capture::new("tls", &[("a", "id bigint PRIMARY KEY")]).await;
     let table = &capture.tables[0];
@@ -210,7 +267,7 @@ async fn change_capture_over_verified_tls() {
     let over_tcp = |tls: &str| {
         capture.config(&nats, tls).replace(
             &format!("url = \"{}\"", common::pg::postgres_url()),
-            "url = \"host=localhost port=5432 user=root dbname=test\"",
+            &format!("url = \"host=localhost port=5432 user=root dbname=test{}\"", password.param()),
         )
     };
     let verified = over_tcp(&format!("tls = \"verify-full\"\ntls_ca_file = \"{}\"", ca.display()));

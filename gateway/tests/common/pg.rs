@@ -10,6 +10,29 @@ pub fn postgres_url() -> String {
     std::env::var("WEIR_TEST_POSTGRES").unwrap_or_else(|_| "host=/var/run/postgresql user=root dbname=test".into())
 }
 
+/// The tests' connection, parsed (key=value pairs or a URI).
+pub fn postgres_config() -> tokio_postgres::Config {
+    postgres_url().parse().expect("WEIR_TEST_POSTGRES is a valid connection string")
+}
+
+/// [`postgres_url`] over TCP to `host`:`port` (a proxy): the same user, database and password.
+pub fn postgres_url_at(host: &str, port: u16) -> String {
+    let config = postgres_config();
+    // libpq quoting: single quotes, with `\` and `'` escaped.
+    let quote = |value: &str| format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut url = format!("host={host} port={port}");
+    if let Some(user) = config.get_user() {
+        url.push_str(&format!(" user={}", quote(user)));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        url.push_str(&format!(" dbname={}", quote(dbname)));
+    }
+    if let Some(password) = config.get_password() {
+        url.push_str(&format!(" password={}", quote(&String::from_utf8_lossy(password))));
+    }
+    url
+}
+
 pub async fn connect() -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
         .await
