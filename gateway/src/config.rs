@@ -326,6 +326,12 @@ pub struct PluginConfig {
     /// Most calls running at once (each on an instance of its own).
     #[serde(default)]
     pub max_concurrent_calls: Option<usize>,
+    /// Failed events in a row that quarantine the plugin (0: never).
+    #[serde(default)]
+    pub quarantine_after: Option<u32>,
+    /// How long a quarantine lasts at first (doubled after each failed probe).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub quarantine_for: Option<Duration>,
 }
 
 impl PluginConfig {
@@ -340,6 +346,12 @@ impl PluginConfig {
         }
         if let Some(calls) = self.max_concurrent_calls {
             limits.max_concurrent_calls = calls;
+        }
+        if let Some(after) = self.quarantine_after {
+            limits.quarantine.after = after;
+        }
+        if let Some(duration) = self.quarantine_for {
+            limits.quarantine.duration = duration;
         }
         limits
     }
@@ -1027,6 +1039,16 @@ impl Config {
             if plugin.max_concurrent_calls == Some(0) {
                 problems.push(format!("{file}: [plugins.{name}] `max_concurrent_calls` must be at least 1"));
             }
+            if plugin.quarantine_for.is_some_and(|time| time > crate::plugin::health::LONGEST_QUARANTINE) {
+                problems.push(format!(
+                    "{file}: [plugins.{name}] `quarantine_for` must be at most 24h; to never quarantine the plugin, set `quarantine_after = 0`"
+                ));
+            }
+            if plugin.quarantine_for == Some(Duration::ZERO) {
+                problems.push(format!(
+                    "{file}: [plugins.{name}] `quarantine_for` must be longer than 0s; to never quarantine the plugin, set `quarantine_after = 0`"
+                ));
+            }
         }
         problems
     }
@@ -1183,5 +1205,17 @@ mod tests {
             lines.iter().any(|l| l.starts_with("weir.toml:8:11: route 1:") && l.contains("empty token")),
             "{error}"
         );
+    }
+
+    #[test]
+    fn quarantine_settings_reach_the_plugin_limits_and_zero_time_is_refused() {
+        let base = "[nats]\nurl = \"nats://x\"\n[plugins.p]\n";
+        let config = parse(&format!("{base}quarantine_after = 0\nquarantine_for = \"1m\"\n")).unwrap();
+        let limits = config.plugins.entries["p"].limits();
+        assert_eq!((limits.quarantine.after, limits.quarantine.duration), (0, Duration::from_secs(60)));
+        let defaults = parse(base).unwrap().plugins.entries["p"].limits();
+        assert_eq!((defaults.quarantine.after, defaults.quarantine.duration), (50, Duration::from_secs(10)));
+        let error = parse(&format!("{base}quarantine_for = \"0s\"\n")).unwrap_err();
+        assert!(error.contains("[plugins.p] `quarantine_for` must be longer than 0s; to never quarantine"), "{error}");
     }
 }

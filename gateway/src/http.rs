@@ -4,7 +4,7 @@
 
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Message, Pipeline};
+use crate::pipeline::{Disposition, Message, Pipeline, Unavailability};
 use crate::sink::{Published, SendOrder, Sink, SinkError};
 use axum::Router;
 use axum::body::Body;
@@ -109,11 +109,13 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     extra: Option<Value>,
+    /// Seconds for `Retry-After` on `503` and `429`.
+    retry_after: u64,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), extra: None }
+        ApiError { status, code, message: message.into(), extra: None, retry_after: 1 }
     }
 }
 
@@ -123,7 +125,7 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, axum::Json(body)).into_response();
         match self.status {
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after));
             }
             StatusCode::UNAUTHORIZED => {
                 response
@@ -175,14 +177,36 @@ fn sink_error(error: SinkError) -> ApiError {
     }
 }
 
-fn plugin_unavailable(plugin: &str) -> ApiError {
-    let mut error = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "plugin_unavailable",
-        format!("plugin `{plugin}` is not loaded (its file was removed); nothing was stored, retry once it is back"),
-    );
-    error.extra = Some(json!({"plugin": plugin}));
-    error
+fn plugin_unavailable(plugin: &str, why: &Unavailability) -> ApiError {
+    match why {
+        Unavailability::Unloaded => {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "plugin_unavailable",
+                format!(
+                    "plugin `{plugin}` is not loaded (its file was removed); nothing was stored, retry once it is back"
+                ),
+            );
+            error.extra = Some(json!({"plugin": plugin}));
+            error
+        }
+        Unavailability::Quarantined(quarantine) => {
+            // Whole seconds, rounded up: a retry on time finds the quarantine over.
+            let seconds = quarantine.retry_after.as_secs() + u64::from(quarantine.retry_after.subsec_nanos() > 0);
+            let retry_after = seconds.max(1);
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "plugin_quarantined",
+                format!(
+                    "plugin `{plugin}` is quarantined because its events kept failing (last: {}); nothing was stored, retry in {retry_after} s",
+                    quarantine.last_error
+                ),
+            );
+            error.extra = Some(json!({"plugin": plugin, "retry_after_s": retry_after}));
+            error.retry_after = retry_after;
+            error
+        }
+    }
 }
 
 /// The HTTP app.
@@ -598,7 +622,9 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     // Per-key order: the key stripes are held while this batch sends (see `StripeOrder`).
     // Plugins run before they are taken: concurrent requests have no order between them, and
     // their plugin calls then overlap another batch's publishing.
-    let mut stripes: Vec<usize> = events.iter().filter_map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
+    let event_stripes: Vec<Option<usize>> =
+        events.iter().map(|e| e.key.as_ref().map(|k| stripe(&e.entity, k))).collect();
+    let mut stripes: Vec<usize> = event_stripes.iter().flatten().copied().collect();
     stripes.sort_unstable();
     stripes.dedup();
 
@@ -622,23 +648,30 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     // Every route's chain first; then everything is published in arrival order, in one run, so
     // events of one key keep their order even when an op sends them down different routes.
     let mut processed: Vec<(usize, usize, Disposition)> = Vec::with_capacity(count);
+    // Events a plugin that cannot run holds back, with the plugin and why.
+    let mut held: Vec<(usize, String, Unavailability)> = Vec::new();
     for (route, items) in routed {
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
         state.metrics.received_many("http", &state.pipeline.route(route).name, batch.len());
         let started = Instant::now();
         let dispositions = match state.pipeline.process(route, batch, &state.metrics).await {
             Ok(dispositions) => dispositions,
+            // The events not run are answered "retry"; the first may have run as a probe.
             Err(unavailable) => {
-                for position in positions {
-                    answers[position] = Some(Err(plugin_unavailable(&unavailable.plugin)));
+                for position in &positions[unavailable.done.len()..] {
+                    answers[*position] = Some(Err(plugin_unavailable(&unavailable.plugin, &unavailable.why)));
+                    held.push((*position, unavailable.plugin.clone(), unavailable.why.clone()));
                 }
-                continue;
+                unavailable.done
             }
         };
-        state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
+        if !dispositions.is_empty() {
+            state.metrics.chain_duration(&state.pipeline.route(route).name, started.elapsed());
+        }
         processed.extend(positions.into_iter().zip(dispositions).map(|(position, d)| (position, route, d)));
     }
     processed.sort_unstable_by_key(|(position, ..)| *position);
+    hold_later_events_of_held_keys(&held, &event_stripes, &mut processed, &mut answers);
     // The messages move out of the dispositions; each event's span says which are its own.
     let mut messages: Vec<Message> = Vec::new();
     let mut spans = Vec::with_capacity(processed.len());
@@ -902,6 +935,38 @@ fn start_runner(state: &Arc<AppState>) {
     if let Ok(permit) = state.coalescer.runners.clone().try_acquire_owned() {
         tokio::spawn(run_waiting(state.clone(), permit));
     }
+}
+
+/// Per-key order when part of a batch is held back (a plugin unloaded or quarantined): a later
+/// event of a held event's key, on any route, is not stored before it; it gets the same "retry"
+/// answer. (Keys are compared by stripe: a rare collision holds an event back needlessly, which
+/// costs its sender a retry and nothing else.)
+fn hold_later_events_of_held_keys(
+    held: &[(usize, String, Unavailability)],
+    event_stripes: &[Option<usize>],
+    processed: &mut Vec<(usize, usize, Disposition)>,
+    answers: &mut [Option<Result<Answer, ApiError>>],
+) {
+    if held.is_empty() {
+        return;
+    }
+    let mut first_held: HashMap<usize, &(usize, String, Unavailability)> = HashMap::new();
+    for entry in held {
+        if let Some(stripe) = event_stripes[entry.0] {
+            first_held
+                .entry(stripe)
+                .and_modify(|first| *first = if entry.0 < first.0 { entry } else { first })
+                .or_insert(entry);
+        }
+    }
+    processed.retain(|(position, ..)| {
+        let Some(first) = event_stripes[*position].and_then(|stripe| first_held.get(&stripe)) else { return true };
+        if first.0 > *position {
+            return true;
+        }
+        answers[*position] = Some(Err(plugin_unavailable(&first.1, &first.2)));
+        false
+    });
 }
 
 fn stripe(entity: &str, key: &str) -> usize {
@@ -1402,10 +1467,18 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         results: Vec<LineResult>,
     }
     let status = if all_accepted { StatusCode::ACCEPTED } else { StatusCode::MULTI_STATUS };
-    let retry = results.iter().any(|result| result.status == StatusCode::SERVICE_UNAVAILABLE.as_u16());
+    // The longest wait any `503` line asks for (a quarantined plugin's), at least a second.
+    let retry = results
+        .iter()
+        .filter(|result| result.status == StatusCode::SERVICE_UNAVAILABLE.as_u16())
+        .map(|result| match &result.body {
+            AnswerBody::Json(body) => body["error"]["retry_after_s"].as_u64().unwrap_or(1),
+            AnswerBody::Stored(_) => 1,
+        })
+        .max();
     let mut response = (status, axum::Json(BatchAnswer { results })).into_response();
-    if retry {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let Some(seconds) = retry {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
     response
 }

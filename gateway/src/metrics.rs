@@ -32,6 +32,8 @@ pub struct Metrics {
     nats_connected: Gauge,
     plugin_reloads: Family<Labels, Counter>,
     plugin_loaded: Family<Labels, Gauge>,
+    plugin_quarantined: Family<Labels, Gauge>,
+    plugin_quarantines: Family<Labels, Counter>,
     pg_changes: Family<Labels, Counter>,
     pg_truncates_skipped: Family<Labels, Counter>,
     pg_connected: Gauge,
@@ -60,6 +62,8 @@ impl Metrics {
             nats_connected: Gauge::default(),
             plugin_reloads: Family::default(),
             plugin_loaded: Family::default(),
+            plugin_quarantined: Family::default(),
+            plugin_quarantines: Family::default(),
             pg_changes: Family::default(),
             pg_truncates_skipped: Family::default(),
             pg_connected: Gauge::default(),
@@ -117,6 +121,16 @@ impl Metrics {
             "plugin_loaded",
             "1 while a version of the plugin is serving, by plugin",
             metrics.plugin_loaded.clone(),
+        );
+        registry.register(
+            "plugin_quarantined",
+            "1 while the serving version of the plugin is quarantined (its events held back), by plugin",
+            metrics.plugin_quarantined.clone(),
+        );
+        registry.register(
+            "plugin_quarantines",
+            "Times a plugin was quarantined, a failed probe renewing it included, by plugin",
+            metrics.plugin_quarantines.clone(),
         );
         if !postgres {
             return Metrics { registry, ..metrics };
@@ -210,6 +224,19 @@ impl Metrics {
     /// Whether a version of `plugin` is serving.
     pub fn set_plugin_loaded(&self, plugin: &str, loaded: bool) {
         self.plugin_loaded.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(loaded));
+    }
+
+    /// A plugin entered (or renewed) its quarantine, or left it.
+    pub fn plugin_quarantined(&self, plugin: &str, quarantined: bool) {
+        let labels = vec![("plugin", plugin.to_string())];
+        self.plugin_quarantined.get_or_create(&labels).set(i64::from(quarantined));
+        if quarantined {
+            self.plugin_quarantines.get_or_create(&labels).inc();
+        }
+    }
+    /// Whether the serving version of `plugin` is quarantined (a new version starts without).
+    pub fn set_plugin_quarantine_state(&self, plugin: &str, quarantined: bool) {
+        self.plugin_quarantined.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(quarantined));
     }
 
     /// The counter of row changes read from the slot for one table and op; callers keep it, so

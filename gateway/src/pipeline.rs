@@ -3,7 +3,8 @@
 
 use crate::config::{Config, Envelope, OnError, RouteConfig, SourceKind, WebhookConfig};
 use crate::event::Event;
-use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError, PluginSet, PluginSlot};
+use crate::plugin::health::{Change, Ticket};
+use crate::plugin::{ErrorKind, Outcome, Plugin, PluginError, PluginSet, PluginSlot, Quarantine};
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use std::sync::Arc;
 
@@ -245,14 +246,64 @@ pub enum Disposition {
     Failed { plugin: String, error: PluginError, dead_letter: Option<Message> },
 }
 
-/// A route's chain cannot run: one of its plugins has no serving version (its file was removed).
-/// The events come back untouched, so the source can answer "retry" or wait.
+/// A route's chain cannot run now: one of its plugins has no serving version (its file was
+/// removed) or is quarantined. The events not run come back untouched, so the source can answer
+/// "retry" or wait.
 #[derive(Debug)]
 pub struct Unavailable {
-    /// The plugin that is not loaded.
+    /// The plugin that cannot run.
     pub plugin: String,
-    /// The events, as they were handed in.
+    /// Why.
+    pub why: Unavailability,
+    /// The dispositions of the first events, which did run (a quarantine's probe): often none.
+    pub done: Vec<Disposition>,
+    /// The events after those, as they were handed in.
     pub events: Vec<Event>,
+}
+
+/// Why a plugin cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailability {
+    /// No version is loaded.
+    Unloaded,
+    /// Its events kept failing; it is held back for a while.
+    Quarantined(Quarantine),
+}
+
+/// Logs and counts a plugin's entering or leaving quarantine. A version that stopped serving
+/// while it ran is only logged: the metrics are the serving version's.
+fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metrics: &crate::metrics::Metrics) {
+    let serving = slot.current().is_some_and(|current| Arc::ptr_eq(&current, plugin));
+    let version = plugin.info().version_label();
+    match change {
+        Change::None => {}
+        Change::Quarantined { duration, failed_in_a_row, last_error } if serving => {
+            tracing::error!(
+                plugin = %plugin.name(),
+                %version,
+                failed_in_a_row,
+                last_error = %last_error,
+                "plugin quarantined for {duration:?}: its events keep failing, so routes using it hold events back (HTTP answers 503, change capture waits) instead of dead-lettering them; then one event probes it. Deploy a fixed plugin file to lift the quarantine at once"
+            );
+            metrics.plugin_quarantined(plugin.name(), true);
+        }
+        Change::Lifted if serving => {
+            tracing::info!(plugin = %plugin.name(), %version, "plugin handled its probe event; quarantine lifted");
+            metrics.plugin_quarantined(plugin.name(), false);
+        }
+        Change::Quarantined { last_error, .. } => {
+            tracing::warn!(plugin = %plugin.name(), %version, last_error = %last_error, "a replaced version of the plugin kept failing on the events it was finishing; the serving version is not affected");
+        }
+        Change::Lifted => {}
+    }
+}
+
+/// A chain allowed to run: its plugins' serving versions, and whether one runs as a probe.
+struct Admitted {
+    chain: Vec<Arc<Plugin>>,
+    /// Each place's ticket, to record its results under.
+    tickets: Vec<Ticket>,
+    probing: bool,
 }
 
 /// The routes and their plugin chains.
@@ -317,7 +368,12 @@ impl Pipeline {
 
     /// Runs `events`, which all match route `index`, through its chain: one disposition per
     /// event, in order. Plugins run on the calling task and yield at each epoch tick. The chain's
-    /// versions are taken once, so a reload meanwhile does not change plugins under the batch.
+    /// versions are taken once per run, so a reload meanwhile does not change plugins under it.
+    ///
+    /// While a plugin of the chain is unloaded or quarantined, nothing runs and the events come
+    /// back in [`Unavailable`]. When a quarantine's time is up, the first event alone runs as
+    /// the probe: if the plugin handles it, the rest follow at once; if not, the rest come back
+    /// held, after the probe's disposition.
     pub async fn process(
         &self,
         index: usize,
@@ -325,13 +381,62 @@ impl Pipeline {
         metrics: &crate::metrics::Metrics,
     ) -> Result<Vec<Disposition>, Unavailable> {
         let route = &self.routes[index];
+        let mut done = Vec::with_capacity(events.len());
+        while !events.is_empty() {
+            let admitted = match self.admit_chain(route) {
+                Ok(admitted) => admitted,
+                Err((plugin, why)) => return Err(Unavailable { plugin, why, done, events }),
+            };
+            let rest = if admitted.probing { events.split_off(1) } else { Vec::new() };
+            done.extend(self.run_chain(route, &admitted, events, metrics).await);
+            events = rest;
+        }
+        Ok(done)
+    }
+
+    /// The serving version of each plugin of `route`'s chain, when every one may run, and
+    /// whether one of them runs as a quarantine's probe. Nothing is taken unless all may run.
+    fn admit_chain(&self, route: &Route) -> Result<Admitted, (String, Unavailability)> {
         let mut chain = Vec::with_capacity(route.chain.len());
         for slot in &route.chain {
-            match slot.current() {
-                Some(plugin) => chain.push(plugin),
-                None => return Err(Unavailable { plugin: slot.name().to_string(), events }),
+            let Some(plugin) = slot.current() else {
+                return Err((slot.name().to_string(), Unavailability::Unloaded));
+            };
+            if let Err(quarantine) = plugin.health().check() {
+                return Err((slot.name().to_string(), Unavailability::Quarantined(quarantine)));
+            }
+            chain.push(plugin);
+        }
+        let mut tickets: Vec<Ticket> = Vec::with_capacity(chain.len());
+        for (index, plugin) in chain.iter().enumerate() {
+            // A plugin listed twice is admitted once; its later places run on an ordinary ticket.
+            if let Some(earlier) = chain[..index].iter().position(|earlier| Arc::ptr_eq(earlier, plugin)) {
+                tickets.push(tickets[earlier].ordinary());
+                continue;
+            }
+            match plugin.health().admit() {
+                Ok(ticket) => tickets.push(ticket),
+                // Another caller took the probe since the check: give back any taken here.
+                Err(quarantine) => {
+                    for (plugin, ticket) in chain.iter().zip(tickets) {
+                        plugin.health().release_probe(ticket);
+                    }
+                    return Err((plugin.name().to_string(), Unavailability::Quarantined(quarantine)));
+                }
             }
         }
+        let probing = tickets.iter().any(Ticket::is_probe);
+        Ok(Admitted { chain, tickets, probing })
+    }
+
+    /// Runs `events` through `chain`, the serving versions of `route`'s plugins.
+    async fn run_chain(
+        &self,
+        route: &Route,
+        admitted: &Admitted,
+        mut events: Vec<Event>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Vec<Disposition> {
         for event in &mut events {
             let template = match &route.postgres_subject {
                 Some(template) if event.source == "postgres" => template,
@@ -347,10 +452,16 @@ impl Pipeline {
         let mut batch = events;
         let mut origins: Vec<usize> = (0..count).collect();
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
-        for plugin in &chain {
+        for ((plugin, slot), ticket) in admitted.chain.iter().zip(&route.chain).zip(&admitted.tickets) {
             let started = std::time::Instant::now();
-            let results = plugin.run(&batch).await;
+            let results: Vec<Result<Outcome, PluginError>> = plugin
+                .run(&batch)
+                .await
+                .into_iter()
+                .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
+                .collect();
             metrics.plugin_call_duration(plugin.name(), started.elapsed());
+            report_health(slot, plugin, plugin.health().record(*ticket, &results), metrics);
             let inputs = std::mem::take(&mut batch);
             if originals.is_empty() && route.on_error == OnError::Dlq {
                 originals = inputs;
@@ -360,8 +471,7 @@ impl Pipeline {
                 if verdicts[origin].is_some() {
                     continue;
                 }
-                let checked = result.and_then(|outcome| self.check_prefix(route, plugin, outcome));
-                match checked {
+                match result {
                     Ok(Outcome::Keep(event)) => {
                         next_origins.push(origin);
                         batch.push(event);
@@ -400,7 +510,7 @@ impl Pipeline {
         for (origin, event) in live {
             outputs[origin].push(to_message(route, event));
         }
-        Ok(verdicts
+        verdicts
             .into_iter()
             .zip(outputs)
             .map(|(verdict, messages)| match verdict {
@@ -408,7 +518,7 @@ impl Pipeline {
                 None if messages.is_empty() => Disposition::Dropped,
                 None => Disposition::Publish(messages),
             })
-            .collect())
+            .collect()
     }
 
     fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {

@@ -1780,6 +1780,21 @@ async fn wait_for_plugin(gateway: &Gateway, what: &str, done: impl Fn(&Value) ->
     }
 }
 
+/// A gateway whose plugin `live` is a copy of the bundled plugin `plugin`, in a directory watched
+/// every 100 ms; `rest` is the config after `[plugins]` (plugin sections, routes).
+fn live_plugin_gateway(nats: &Nats, plugin: &str, rest: &str) -> (tempfile::TempDir, std::path::PathBuf, Gateway) {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    replace_file(&common::plugin_path(plugin), &live);
+    let config = format!(
+        "[nats]\nurl = \"{url}\"\n[jetstream]\nstream = \"WEIR\"\nsubjects = [\"weir.>\"]\n[http]\nlisten = \"127.0.0.1:0\"\n[plugins]\ndir = \"{dir}\"\nwatch = \"100ms\"\n{rest}",
+        url = nats.url(),
+        dir = dir.path().display()
+    );
+    let gateway = Gateway::start(&config);
+    (dir, live, gateway)
+}
+
 fn version_of(path: &std::path::Path) -> String {
     use sha2::Digest;
     format!("sha256:{}", &hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))[..12])
@@ -1788,28 +1803,15 @@ fn version_of(path: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn plugins_are_swapped_while_running_and_a_broken_file_is_refused() {
     let nats = Nats::start();
-    let dir = tempfile::tempdir().unwrap();
-    let live = dir.path().join("live.wasm");
-    replace_file(&common::plugin_path("noop"), &live);
-    let gateway = Gateway::start(&format!(
+    let (dir, live, gateway) = live_plugin_gateway(
+        &nats,
+        "noop",
         r#"
-[nats]
-url = "{url}"
-[jetstream]
-stream = "WEIR"
-subjects = ["weir.>"]
-[http]
-listen = "127.0.0.1:0"
-[plugins]
-dir = "{dir}"
-watch = "100ms"
 [[routes]]
-match = {{ entity = "users" }}
+match = { entity = "users" }
 plugins = ["live"]
 "#,
-        url = nats.url(),
-        dir = dir.path().display()
-    ));
+    );
     let body = r#"{"name":"Ann","email":"ann@example.com"}"#;
     let (status, answer, _) = post(&gateway, "/v1/events/users", body, &[]).await;
     assert_eq!(status, 202, "{answer}");
@@ -1875,6 +1877,149 @@ plugins = ["live"]
     .await;
 }
 
+/// Waits until `/readyz` shows plugin `live` quarantined or not.
+async fn wait_for_quarantine(gateway: &Gateway, quarantined: bool) -> Value {
+    let what = if quarantined { "quarantined" } else { "out of quarantine" };
+    wait_for_plugin(gateway, what, |p| p["quarantine"].is_object() == quarantined).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_whose_events_keep_failing_is_quarantined_and_its_events_held_back_not_dead_lettered() {
+    let nats = Nats::start();
+    let (_dir, live, gateway) = live_plugin_gateway(
+        &nats,
+        "fixture-panic-every-10th",
+        r#"
+[plugins.live]
+quarantine_after = 5
+quarantine_for = "3s"
+[[routes]]
+match = { entity = "poison", op = ["insert"] }
+plugins = ["live"]
+[[routes]]
+match = { entity = "*" }
+"#,
+    );
+    let poison = r#"{"seq":10}"#;
+    let good = r#"{"seq":1}"#;
+    let fail_five_in_a_row = || async {
+        for _ in 0..5 {
+            let (status, body, _) = post(&gateway, "/v1/events/poison", poison, &[]).await;
+            assert_eq!((status, body["error"]["kind"].as_str()), (202, Some("trap")), "{body}");
+        }
+    };
+
+    // Four failures, then a handled event: the count starts again.
+    for _ in 0..4 {
+        post(&gateway, "/v1/events/poison", poison, &[]).await;
+    }
+    let (status, body, _) = post(&gateway, "/v1/events/poison", good, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    // Five in a row: each dead-lettered, then the plugin is quarantined and a good event is held
+    // back (503, nothing stored, Retry-After up to the quarantine's 3 s); other routes go on.
+    fail_five_in_a_row().await;
+    let (status, body, headers) = post(&gateway, "/v1/events/poison", good, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("plugin_quarantined")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("trap"), "{body}");
+    let retry = retry_after(&headers);
+    assert!((1..=3).contains(&retry), "{retry}");
+    let (status, batch, headers) = ndjson(&gateway, &[good]).await;
+    assert_eq!(status, 207);
+    assert!((1..=3).contains(&retry_after(&headers)), "{headers:?}");
+    assert_eq!(batch["results"][0]["error"]["code"], "plugin_quarantined", "{batch}");
+    let (status, body, _) = post(&gateway, "/v1/events/users", good, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    // A later event of a held event's key is held too, though its route has no plugin; another
+    // key's goes through.
+    let lines = concat!(
+        "{\"entity\":\"poison\",\"key\":\"k\",\"data\":{\"seq\":1}}\n",
+        "{\"entity\":\"poison\",\"key\":\"k\",\"op\":\"delete\"}\n",
+        "{\"entity\":\"poison\",\"key\":\"other\",\"op\":\"delete\"}\n",
+    );
+    let (status, batch) = post_batch(&gateway, lines).await;
+    assert_eq!(status, 207, "{batch}");
+    let codes: Vec<Option<&str>> =
+        batch["results"].as_array().unwrap().iter().map(|r| r["error"]["code"].as_str()).collect();
+    assert_eq!(codes, [Some("plugin_quarantined"), Some("plugin_quarantined"), None], "{batch}");
+    let (status, ready) = readiness(&gateway).await;
+    assert_eq!(status, 200, "other routes keep working: {ready}");
+    assert!(ready["plugin_status"]["live"]["quarantine"]["last_error"].as_str().unwrap().contains("trap"), "{ready}");
+    assert_metrics(
+        &gateway,
+        &["weir_plugin_quarantined{plugin=\"live\"} 1", "weir_plugin_quarantines_total{plugin=\"live\"} 1"],
+    )
+    .await;
+
+    // Past the 3 s, the first event of the next batch probes the plugin alone. It fails: that
+    // one is dead-lettered, the rest held back for twice as long.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, batch, headers) = ndjson(&gateway, &[poison, good, good]).await;
+    assert_eq!(status, 207, "{batch}");
+    assert_eq!(
+        (batch["results"][0]["status"].as_u64(), batch["results"][0]["error"]["kind"].as_str()),
+        (Some(202), Some("trap")),
+        "{batch}"
+    );
+    for line in 1..3 {
+        assert_eq!(batch["results"][line]["error"]["code"], "plugin_quarantined", "{batch}");
+    }
+    assert!((5..=6).contains(&retry_after(&headers)), "the quarantine doubled: {headers:?}");
+
+    // A fixed file lifts it at once.
+    replace_file(&common::plugin_path("noop"), &live);
+    wait_for_quarantine(&gateway, false).await;
+    let (status, body, _) = post(&gateway, "/v1/events/poison", poison, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body["error"].is_null(), "{body}");
+
+    // The failing version again: quarantined, then a probe that succeeds lifts it and the rest
+    // of its batch runs at once (the poison among them dead-lettered as usual).
+    replace_file(&common::plugin_path("fixture-panic-every-10th"), &live);
+    wait_for_plugin(&gateway, "the failing version back", |p| {
+        p["version"] == version_of(&common::plugin_path("fixture-panic-every-10th")).as_str()
+    })
+    .await;
+    fail_five_in_a_row().await;
+    wait_for_quarantine(&gateway, true).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, batch, _) = ndjson(&gateway, &[good, poison, good]).await;
+    assert_eq!(status, 202, "{batch}");
+    assert_eq!(batch["results"][1]["error"]["kind"], "trap", "{batch}");
+    wait_for_quarantine(&gateway, false).await;
+    assert_metrics(
+        &gateway,
+        &["weir_plugin_quarantined{plugin=\"live\"} 0", "weir_plugin_quarantines_total{plugin=\"live\"} 3"],
+    )
+    .await;
+
+    // Every failure is a dead letter, every held-back event stored nothing.
+    let subjects: Vec<String> = nats.messages("WEIR").await.iter().map(|m| m.subject.to_string()).collect();
+    let count = |subject: &str| subjects.iter().filter(|s| *s == subject).count();
+    assert_eq!(count("weir.dlq.poison"), 4 + 5 + 1 + 5 + 1, "{subjects:?}");
+    assert_eq!(count("weir.poison.insert"), 1 + 1 + 2, "{subjects:?}");
+    assert_eq!(count("weir.users.insert"), 1, "{subjects:?}");
+    assert_eq!(count("weir.poison.delete"), 1, "only the other key's: {subjects:?}");
+    assert_eq!(subjects.len(), 22, "{subjects:?}");
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
+    headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Posts one NDJSON line per `data`, each for entity `poison`: status, body and headers.
+async fn ndjson(gateway: &Gateway, data: &[&str]) -> (u16, Value, reqwest::header::HeaderMap) {
+    let lines: String = data.iter().map(|data| format!("{{\"entity\":\"poison\",\"data\":{data}}}\n")).collect();
+    let response = client()
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    (status, response.json().await.unwrap(), headers)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn line_breaks_in_entities_and_keys_never_reach_nats_headers() {
     let nats = Nats::start();
@@ -1899,31 +2044,18 @@ async fn line_breaks_in_entities_and_keys_never_reach_nats_headers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_already_running_finishes_on_the_old_version() {
     let nats = Nats::start();
-    let dir = tempfile::tempdir().unwrap();
-    let live = dir.path().join("live.wasm");
-    replace_file(&common::plugin_path("fixture-infinite-loop"), &live);
-    let old_version = version_of(&live);
-    let gateway = Gateway::start(&format!(
+    let (_dir, live, gateway) = live_plugin_gateway(
+        &nats,
+        "fixture-infinite-loop",
         r#"
-[nats]
-url = "{url}"
-[jetstream]
-stream = "WEIR"
-subjects = ["weir.>"]
-[http]
-listen = "127.0.0.1:0"
-[plugins]
-dir = "{dir}"
-watch = "100ms"
 [plugins.live]
 timeout_ms = 6000
 [[routes]]
-match = {{ entity = "users" }}
+match = { entity = "users" }
 plugins = ["live"]
 "#,
-        url = nats.url(),
-        dir = dir.path().display()
-    ));
+    );
+    let old_version = version_of(&common::plugin_path("fixture-infinite-loop"));
     // A request held inside the old version (it spins until its 6 s limit): it has most of a
     // second to arrive before the swap, and the swap 5 s to be seen while it still runs.
     let url = gateway.url("/v1/events/users");

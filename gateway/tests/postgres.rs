@@ -1210,6 +1210,40 @@ async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
     capture.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantined_plugin_pauses_change_capture_until_a_probe_succeeds() {
+    let capture = Capture::new("quarantine", &[("a", "id bigint PRIMARY KEY, seq int")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let extra = "\n[[routes]]\nplugins = [\"fixture_panic_every_10th\"]\n\n[plugins.fixture_panic_every_10th]\nquarantine_after = 3\nquarantine_for = \"2s\"\n";
+    let gateway = Gateway::start(&capture.config(&nats, extra));
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    // Three changes the plugin fails on, each in a transaction of its own: dead-lettered, and the
+    // plugin quarantined.
+    for id in 1..=3 {
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({id}, {})", id * 10)).await.unwrap();
+    }
+    assert_eq!(stored(&nats, 3).await.len(), 3);
+    log_says(&gateway, "plugin quarantined for").await;
+    // Changes read meanwhile wait for the probe; none is dead-lettered or skipped.
+    for id in 4..=8 {
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({id}, {id})")).await.unwrap();
+    }
+    let messages = stored(&nats, 8).await;
+    log_says(&gateway, "plugin quarantined; change capture waits").await;
+    log_says(&gateway, "quarantine lifted").await;
+    let dead = messages.iter().filter(|(subject, ..)| subject.starts_with("weir.dlq.")).count();
+    let ids: Vec<i64> = messages
+        .iter()
+        .filter(|(subject, ..)| !subject.starts_with("weir.dlq."))
+        .map(|(_, _, event)| event["data"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!((dead, ids), (3, (4..=8).collect::<Vec<_>>()), "{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
 async fn stream_count(nats: &Nats) -> u64 {
     let context = async_nats::jetstream::new(nats.client().await);
     context.get_stream("WEIR").await.unwrap().info().await.unwrap().state.messages

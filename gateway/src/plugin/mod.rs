@@ -13,11 +13,13 @@
 
 pub(crate) mod bindings;
 mod cache;
+pub mod health;
 mod host;
 pub mod inspect;
 pub mod registry;
 
 pub use cache::CompileCache;
+pub use health::{Health, Quarantine, QuarantinePolicy};
 pub use inspect::{PluginInfo, SdkStamp, World};
 pub use registry::{PluginSet, PluginSlot};
 
@@ -65,6 +67,8 @@ pub struct Limits {
     /// most this many plus `max_idle_instances` instances are alive, and host memory stays
     /// bounded by them times `memory` however many requests come in at once.
     pub max_concurrent_calls: usize,
+    /// When failing events quarantine the plugin, and for how long.
+    pub quarantine: QuarantinePolicy,
 }
 
 /// Default of [`Limits::max_concurrent_calls`]: two per core (a call may wait on the host), at
@@ -84,6 +88,7 @@ impl Default for Limits {
             recycle_memory: 96 << 20,
             max_idle_instances: 4,
             max_concurrent_calls: default_concurrent_calls(),
+            quarantine: QuarantinePolicy::default(),
         }
     }
 }
@@ -301,6 +306,7 @@ impl PluginRuntime {
             pre,
             engine: self.engine.clone(),
             config: config.to_string(),
+            health: Health::new(limits.quarantine, limits.timeout),
             limits,
             idle: Mutex::new(Vec::new()),
             calls,
@@ -404,6 +410,7 @@ pub struct Plugin {
     /// Room for calls running at once (`max_concurrent_calls`).
     calls: tokio::sync::Semaphore,
     stats: Stats,
+    health: Health,
 }
 
 impl Plugin {
@@ -425,6 +432,11 @@ impl Plugin {
     /// Instance life-cycle counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// This version's failure record and quarantine.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Starts the clock of one call: the plugin is checked at the next epoch tick.

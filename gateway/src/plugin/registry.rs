@@ -112,6 +112,7 @@ impl PluginSlot {
                     tracing::warn!(plugin = %self.name, file = %self.file.display(), "plugin file removed; the plugin is unloaded and routes using it answer 503 until the file is back");
                     metrics.plugin_reload(&self.name, "removed");
                     metrics.set_plugin_loaded(&self.name, false);
+                    metrics.set_plugin_quarantine_state(&self.name, false);
                 }
                 Some(format!("file {} does not exist", self.file.display()))
             }
@@ -132,9 +133,14 @@ impl PluginSlot {
                         // Touched or copied over with the same bytes: nothing to swap.
                         if old.as_deref() != Some(plugin.info().version_label().as_str()) {
                             tracing::info!(plugin = %self.name, from = old.as_deref().unwrap_or("none"), to = %plugin.info().version_label(), "plugin reloaded; events already running finish on the old version");
+                            let lifted = before.as_ref().is_some_and(|old| old.health().quarantine().is_some());
                             self.current.store(Some(Arc::new(plugin)));
                             metrics.plugin_reload(&self.name, "loaded");
                             metrics.set_plugin_loaded(&self.name, true);
+                            metrics.set_plugin_quarantine_state(&self.name, false);
+                            if lifted {
+                                tracing::info!(plugin = %self.name, "the new version is not quarantined; its events run again");
+                            }
                         }
                         None
                     }
@@ -212,19 +218,29 @@ impl PluginSet {
         self.slots.values()
     }
 
-    /// Reports each plugin's state in `metrics` (`weir_plugin_loaded`).
+    /// Reports each plugin's state in `metrics` (`weir_plugin_loaded`, `weir_plugin_quarantined`).
     pub fn report(&self, metrics: &Metrics) {
         for slot in self.slots.values() {
             metrics.set_plugin_loaded(slot.name(), slot.current.load().is_some());
+            let quarantined = slot.current().is_some_and(|plugin| plugin.health().quarantine().is_some());
+            metrics.set_plugin_quarantine_state(slot.name(), quarantined);
         }
     }
 
-    /// Per plugin: the serving version and, when the newest file is not serving, why.
+    /// Per plugin: the serving version, its quarantine if any, and, when the newest file is not
+    /// serving, why.
     pub fn status(&self) -> Value {
         let mut status = serde_json::Map::new();
         for slot in self.slots.values() {
-            let version = slot.current().map(|plugin| plugin.info().version_label());
+            let current = slot.current();
+            let version = current.as_ref().map(|plugin| plugin.info().version_label());
             let mut entry = json!({"loaded": version.is_some(), "version": version});
+            if let Some(quarantine) = current.and_then(|plugin| plugin.health().quarantine()) {
+                entry["quarantine"] = json!({
+                    "retry_after_ms": u64::try_from(quarantine.retry_after.as_millis()).unwrap_or(u64::MAX),
+                    "last_error": quarantine.last_error,
+                });
+            }
             if let Some(problem) = &slot.watched().problem {
                 entry["problem"] = json!(problem);
             }

@@ -8,7 +8,7 @@ use super::{SourceStatus, connection};
 use crate::config::{PostgresConfig, TruncateMode};
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Pipeline};
+use crate::pipeline::{Disposition, Pipeline, Unavailability};
 use crate::sink::Sink;
 use futures::StreamExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
@@ -580,8 +580,8 @@ impl PostgresSource {
         }
     }
 
-    /// Runs a route's chain; while one of its plugins is unloaded (file removed), waits for it to
-    /// come back: reading pauses, nothing is skipped.
+    /// Runs a route's chain; while one of its plugins is unloaded (file removed) or quarantined,
+    /// waits for it to come back: reading pauses, nothing is skipped.
     async fn process_when_available(
         &self,
         route: usize,
@@ -589,6 +589,8 @@ impl PostgresSource {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Vec<Disposition>, Failure> {
         let mut warned = false;
+        // Dispositions of the events run so far (a quarantine's probes), in order.
+        let mut done = Vec::new();
         loop {
             match self.pipeline.process(route, events, &self.metrics).await {
                 Ok(dispositions) => {
@@ -596,11 +598,21 @@ impl PostgresSource {
                     if warned {
                         self.status.paused.store(false, Ordering::Relaxed);
                     }
-                    return Ok(dispositions);
+                    done.extend(dispositions);
+                    return Ok(done);
                 }
                 Err(unavailable) => {
+                    done.extend(unavailable.done);
                     if !warned {
-                        tracing::warn!(plugin = %unavailable.plugin, route = %self.pipeline.route(route).name, "plugin not loaded; change capture waits for its file to come back");
+                        let route = &self.pipeline.route(route).name;
+                        match &unavailable.why {
+                            Unavailability::Unloaded => {
+                                tracing::warn!(plugin = %unavailable.plugin, %route, "plugin not loaded; change capture waits for its file to come back");
+                            }
+                            Unavailability::Quarantined(quarantine) => {
+                                tracing::warn!(plugin = %unavailable.plugin, %route, last_error = %quarantine.last_error, "plugin quarantined; change capture waits (nothing is skipped) until a probe call succeeds or a fixed file is deployed");
+                            }
+                        }
                         warned = true;
                     }
                     self.status.paused.store(true, Ordering::Relaxed);
