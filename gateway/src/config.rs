@@ -911,8 +911,17 @@ impl Config {
         if self.nats.url.is_none() && self.nats.urls.is_empty() {
             problems.push(format!("{file}: [nats] needs `url` (e.g. \"nats://127.0.0.1:4222\")"));
         }
-        if self.nats.token.is_some() && (self.nats.user.is_some() || self.nats.creds_file.is_some()) {
-            problems.push(format!("{file}: [nats] sets more than one of `token`, `user`, `creds_file`; choose one"));
+        // The client takes one way to authenticate; a second would be ignored without a word.
+        let ways = [
+            self.nats.token.is_some(),
+            self.nats.user.is_some(),
+            self.nats.creds_file.is_some(),
+            self.nats.nkey.is_some(),
+        ];
+        if ways.iter().filter(|set| **set).count() > 1 {
+            problems.push(format!(
+                "{file}: [nats] sets more than one of `token`, `user`, `creds_file`, `nkey`; choose one"
+            ));
         }
         if self.nats.user.is_some() != self.nats.password.is_some() {
             problems.push(format!("{file}: [nats] `user` and `password` go together"));
@@ -1205,6 +1214,18 @@ mod tests {
             lines.iter().any(|l| l.starts_with("weir.toml:8:11: route 1:") && l.contains("empty token")),
             "{error}"
         );
+    }
+
+    #[test]
+    fn two_ways_to_authenticate_to_nats_are_refused() {
+        for pair in [
+            "user = \"u\"\npassword = \"p\"\nnkey = \"SU\"",
+            "creds_file = \"c\"\nnkey = \"SU\"",
+            "user = \"u\"\npassword = \"p\"\ncreds_file = \"c\"",
+        ] {
+            let error = parse(&format!("[nats]\nurl = \"nats://x\"\n{pair}\n")).unwrap_err();
+            assert!(error.contains("sets more than one of `token`, `user`, `creds_file`, `nkey`"), "{pair}: {error}");
+        }
     }
 
     #[test]
