@@ -273,6 +273,9 @@ pub enum Unavailability {
 /// Logs and counts a plugin's entering or leaving quarantine. A version that stopped serving
 /// while it ran is only logged: the metrics are the serving version's.
 fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metrics: &crate::metrics::Metrics) {
+    if change == Change::None {
+        return;
+    }
     let serving = slot.current().is_some_and(|current| Arc::ptr_eq(&current, plugin));
     let version = plugin.info().version_label();
     match change {
@@ -381,17 +384,26 @@ impl Pipeline {
         metrics: &crate::metrics::Metrics,
     ) -> Result<Vec<Disposition>, Unavailable> {
         let route = &self.routes[index];
-        let mut done = Vec::with_capacity(events.len());
-        while !events.is_empty() {
+        // The dispositions of probes run so far; usually none, and then the chain's own are
+        // handed back as they are.
+        let mut done = Vec::new();
+        loop {
             let admitted = match self.admit_chain(route) {
                 Ok(admitted) => admitted,
                 Err((plugin, why)) => return Err(Unavailable { plugin, why, done, events }),
             };
-            let rest = if admitted.probing { events.split_off(1) } else { Vec::new() };
+            if !admitted.probing || events.len() <= 1 {
+                let ran = self.run_chain(route, &admitted, events, metrics).await;
+                if done.is_empty() {
+                    return Ok(ran);
+                }
+                done.extend(ran);
+                return Ok(done);
+            }
+            let rest = events.split_off(1);
             done.extend(self.run_chain(route, &admitted, events, metrics).await);
             events = rest;
         }
-        Ok(done)
     }
 
     /// The serving version of each plugin of `route`'s chain, when every one may run, and

@@ -9,6 +9,7 @@
 
 use super::PluginError;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest a quarantine grows to by doubling, unless `quarantine_for` is longer.
@@ -93,6 +94,9 @@ struct Record {
 /// Longest quarantine, so times never overflow (`quarantine_for` is validated to stay below).
 pub const LONGEST_QUARANTINE: Duration = Duration::from_secs(24 * 3600);
 
+/// [`Health::clean`] when the record is not healthy with a count of zero.
+const NOT_CLEAN: u64 = u64::MAX;
+
 /// One plugin version's record of failures.
 #[derive(Debug)]
 pub struct Health {
@@ -100,6 +104,10 @@ pub struct Health {
     /// Allowed for a probe call, on top of [`PROBE_GRACE`].
     call_timeout: Duration,
     record: Mutex<Record>,
+    /// The generation while healthy with no failure counted, else [`NOT_CLEAN`]: the common
+    /// case (every call admitted, every result good) reads this and takes no lock, so the two
+    /// workers never wait on each other, nor on one the scheduler took the core from.
+    clean: AtomicU64,
 }
 
 impl Health {
@@ -107,11 +115,25 @@ impl Health {
     pub fn new(mut policy: QuarantinePolicy, call_timeout: Duration) -> Health {
         policy.duration = policy.duration.min(LONGEST_QUARANTINE);
         let record = Record { state: State::Healthy { failed_in_a_row: 0 }, generation: 0 };
-        Health { policy, call_timeout: call_timeout.min(LONGEST_QUARANTINE), record: Mutex::new(record) }
+        Health {
+            policy,
+            call_timeout: call_timeout.min(LONGEST_QUARANTINE),
+            record: Mutex::new(record),
+            clean: AtomicU64::new(0),
+        }
     }
 
     fn record_guard(&self) -> std::sync::MutexGuard<'_, Record> {
         self.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Mirrors `record` into [`Health::clean`]; called under the lock after every change.
+    fn publish(&self, record: &Record) {
+        let clean = match record.state {
+            State::Healthy { failed_in_a_row: 0 } => record.generation,
+            _ => NOT_CLEAN,
+        };
+        self.clean.store(clean, Ordering::Release);
     }
 
     /// `Err` while a call may not run: quarantined and the time not up, or a probe under way.
@@ -129,13 +151,21 @@ impl Health {
 
     /// Whether a call may run now, without taking the probe.
     pub fn check(&self) -> Result<(), Quarantine> {
-        Self::held(&self.record_guard().state, Instant::now())
+        if self.clean.load(Ordering::Acquire) != NOT_CLEAN {
+            return Ok(());
+        }
+        let record = self.record_guard();
+        Self::held(&record.state, Instant::now())
     }
 
     /// Lets a call run, with the ticket to [`Health::record`] its results under; the ticket says
     /// whether this call is the probe (the quarantine's time is up). `Err` while the plugin is
     /// held back.
     pub fn admit(&self) -> Result<Ticket, Quarantine> {
+        let clean = self.clean.load(Ordering::Acquire);
+        if clean != NOT_CLEAN {
+            return Ok(Ticket { generation: clean, probe: false });
+        }
         let now = Instant::now();
         let mut record = self.record_guard();
         Self::held(&record.state, now)?;
@@ -147,20 +177,25 @@ impl Health {
         };
         record.state = State::Probing { deadline: now + self.call_timeout + PROBE_GRACE, duration, last_error };
         record.generation += 1;
+        self.publish(&record);
         Ok(Ticket { generation: record.generation, probe: true })
     }
 
     /// Gives back a probe that was admitted but not run (the chain could not run after all, or
     /// an earlier plugin left it no event), so the next caller can take it.
     pub fn release_probe(&self, ticket: Ticket) {
+        if !ticket.probe {
+            return;
+        }
         let mut record = self.record_guard();
-        if !ticket.probe || ticket.generation != record.generation {
+        if ticket.generation != record.generation {
             return;
         }
         if let State::Probing { duration, last_error, .. } = &record.state {
             let (duration, last_error) = (*duration, last_error.clone());
             record.state = State::Quarantined { until: Instant::now(), duration, last_error };
             record.generation += 1;
+            self.publish(&record);
         }
     }
 
@@ -176,10 +211,21 @@ impl Health {
             self.release_probe(ticket);
             return Change::None;
         }
+        // Healthy, nothing counted, nothing to count: no change.
+        if !ticket.probe && self.clean.load(Ordering::Acquire) == ticket.generation && results.iter().all(Result::is_ok)
+        {
+            return Change::None;
+        }
         let mut record = self.record_guard();
         if ticket.generation != record.generation {
             return Change::None;
         }
+        let change = self.settle(&mut record, ticket, results);
+        self.publish(&record);
+        change
+    }
+
+    fn settle<T>(&self, record: &mut Record, ticket: Ticket, results: &[Result<T, PluginError>]) -> Change {
         let now = Instant::now();
         match (&mut record.state, ticket.probe) {
             (State::Probing { duration, .. }, true) => {
@@ -229,6 +275,9 @@ impl Health {
 
     /// The quarantine in force, if any (a probe under way counts).
     pub fn quarantine(&self) -> Option<Quarantine> {
+        if self.clean.load(Ordering::Acquire) != NOT_CLEAN {
+            return None;
+        }
         let record = self.record_guard();
         match &record.state {
             State::Healthy { .. } => None,
