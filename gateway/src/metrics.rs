@@ -226,15 +226,13 @@ impl Metrics {
         self.plugin_loaded.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(loaded));
     }
 
-    /// A plugin entered (or renewed) its quarantine, or left it.
-    pub fn plugin_quarantined(&self, plugin: &str, quarantined: bool) {
-        let labels = vec![("plugin", plugin.to_string())];
-        self.plugin_quarantined.get_or_create(&labels).set(i64::from(quarantined));
-        if quarantined {
-            self.plugin_quarantines.get_or_create(&labels).inc();
-        }
+    /// A plugin entered (or renewed) its quarantine.
+    pub fn plugin_quarantine_began(&self, plugin: &str) {
+        self.set_plugin_quarantine_state(plugin, true);
+        self.plugin_quarantines.get_or_create(&vec![("plugin", plugin.to_string())]).inc();
     }
-    /// Whether the serving version of `plugin` is quarantined (a new version starts without).
+    /// Whether the serving version of `plugin` is quarantined (a new version starts without, and
+    /// a quarantine lifts).
     pub fn set_plugin_quarantine_state(&self, plugin: &str, quarantined: bool) {
         self.plugin_quarantined.get_or_create(&vec![("plugin", plugin.to_string())]).set(i64::from(quarantined));
     }

@@ -288,11 +288,11 @@ fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metric
                 last_error = %last_error,
                 "plugin quarantined for {duration:?}: its events keep failing, so routes using it hold events back (HTTP answers 503, change capture waits) instead of dead-lettering them; then one event probes it. Deploy a fixed plugin file to lift the quarantine at once"
             );
-            metrics.plugin_quarantined(plugin.name(), true);
+            metrics.plugin_quarantine_began(plugin.name());
         }
         Change::Lifted if serving => {
             tracing::info!(plugin = %plugin.name(), %version, "plugin handled its probe event; quarantine lifted");
-            metrics.plugin_quarantined(plugin.name(), false);
+            metrics.set_plugin_quarantine_state(plugin.name(), false);
         }
         Change::Quarantined { last_error, .. } => {
             tracing::warn!(plugin = %plugin.name(), %version, last_error = %last_error, "a replaced version of the plugin kept failing on the events it was finishing; the serving version is not affected");
@@ -301,12 +301,18 @@ fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metric
     }
 }
 
-/// A chain allowed to run: its plugins' serving versions, and whether one runs as a probe.
+/// A chain allowed to run: its plugins' serving versions, each with its ticket.
 struct Admitted {
     chain: Vec<Arc<Plugin>>,
     /// Each place's ticket, to record its results under.
     tickets: Vec<Ticket>,
-    probing: bool,
+}
+
+impl Admitted {
+    /// Whether one of the plugins runs as a quarantine's probe.
+    fn probing(&self) -> bool {
+        self.tickets.iter().any(Ticket::is_probe)
+    }
 }
 
 /// The routes and their plugin chains.
@@ -392,7 +398,7 @@ impl Pipeline {
                 Ok(admitted) => admitted,
                 Err((plugin, why)) => return Err(Unavailable { plugin, why, done, events }),
             };
-            if !admitted.probing || events.len() <= 1 {
+            if !admitted.probing() || events.len() <= 1 {
                 let ran = self.run_chain(route, &admitted, events, metrics).await;
                 if done.is_empty() {
                     return Ok(ran);
@@ -406,8 +412,8 @@ impl Pipeline {
         }
     }
 
-    /// The serving version of each plugin of `route`'s chain, when every one may run, and
-    /// whether one of them runs as a quarantine's probe. Nothing is taken unless all may run.
+    /// The serving version of each plugin of `route`'s chain with its ticket, when every one may
+    /// run. Nothing is taken unless all may run.
     fn admit_chain(&self, route: &Route) -> Result<Admitted, (String, Unavailability)> {
         let mut chain = Vec::with_capacity(route.chain.len());
         for slot in &route.chain {
@@ -437,8 +443,7 @@ impl Pipeline {
                 }
             }
         }
-        let probing = tickets.iter().any(Ticket::is_probe);
-        Ok(Admitted { chain, tickets, probing })
+        Ok(Admitted { chain, tickets })
     }
 
     /// Runs `events` through `chain`, the serving versions of `route`'s plugins.

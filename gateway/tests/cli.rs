@@ -159,12 +159,17 @@ fn bundled_plugins_pass_their_behaviour_cases() {
     }
 }
 
-#[test]
-fn failing_cases_show_a_readable_diff_and_fail() {
+/// A golden-cases file holding `text`, in a directory of its own (kept while the guard lives).
+fn cases_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let cases = dir.path().join("cases.toml");
-    std::fs::write(
-        &cases,
+    std::fs::write(&cases, text).unwrap();
+    (dir, cases)
+}
+
+#[test]
+fn failing_cases_show_a_readable_diff_and_fail() {
+    let (_dir, cases) = cases_file(
         r#"
 [[case]]
 name = "expects a field the plugin does not add"
@@ -181,8 +186,7 @@ name = "passes"
 input = { entity = "orders", data = { id = 3 } }
 expect = { outcome = "keep", data = { id = 3 }, subject = "weir.orders.insert" }
 "#,
-    )
-    .unwrap();
+    );
     let output = run(&["plugin", "test", plugin_path("noop").to_str().unwrap(), "--cases", cases.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     let stdout = text(&output.stdout);
@@ -197,18 +201,14 @@ expect = { outcome = "keep", data = { id = 3 }, subject = "weir.orders.insert" }
 
 #[test]
 fn golden_cases_without_a_config_take_the_command_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let cases = dir.path().join("cases.toml");
-    std::fs::write(
-        &cases,
+    let (_dir, cases) = cases_file(
         r#"
 [[case]]
 name = "redacts"
 input = { entity = "users", data = { email = "ann@example.com" } }
 expect = { outcome = "keep" }
 "#,
-    )
-    .unwrap();
+    );
     let redact = plugin_path("redact");
     let args = ["plugin", "test", redact.to_str().unwrap(), "--cases", cases.to_str().unwrap()];
     let without = run(&args);
