@@ -926,6 +926,11 @@ impl Config {
         if self.nats.user.is_some() != self.nats.password.is_some() {
             problems.push(format!("{file}: [nats] `user` and `password` go together"));
         }
+        if let Some(tls) = &self.nats.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            problems.push(format!("{file}: [nats.tls] `cert_file` and `key_file` go together: set both or neither"));
+        }
         if let Some(js) = &self.jetstream {
             if js.stream.is_empty() || js.stream.contains(['.', '*', '>', ' ', '/', '\\']) {
                 problems.push(format!(
@@ -938,6 +943,11 @@ impl Config {
             }
             if js.max_in_flight == 0 {
                 problems.push(format!("{file}: [jetstream] `max_in_flight` must be at least 1"));
+            }
+            if js.duplicate_window.is_zero() {
+                problems.push(format!(
+                    "{file}: [jetstream] `duplicate_window` must be longer than 0s: it is how long a repeated event id is stored once and its answer remembered (e.g. \"2m\")"
+                ));
             }
         }
         if self.http.max_in_flight == 0 {
@@ -1028,6 +1038,20 @@ impl Config {
                 && let Err(error) = crate::pipeline::SubjectTemplate::parse(subject.get_ref())
             {
                 problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
+            }
+            if let Some(prefix) = &route.allowed_prefix {
+                let template = route.subject.as_ref().map_or("weir.{entity}.{op}", |s| s.get_ref().as_str());
+                if let Err(error) = crate::subject::validate(prefix) {
+                    problems.push(format!(
+                        "{file}: route {}: `allowed_prefix` must be whole subject tokens, like \"shop\" or \"shop.orders\": {error}",
+                        index + 1
+                    ));
+                } else if !crate::subject::template_can_start_with(template, prefix) {
+                    problems.push(format!(
+                        "{file}: route {}: the route's subject `{template}` never falls under `allowed_prefix` `{prefix}`, so every event a plugin keeps would fail; make them agree",
+                        index + 1
+                    ));
+                }
             }
         }
         // A replay inside the tolerance but past the window would be taken as a new event.
@@ -1127,6 +1151,26 @@ mod tests {
         assert!(error.starts_with("weir.toml:5:1: unknown field `timeout`"), "{error}");
         let error = parse(&format!("{MINIMAL}[[routes]]\nmatch = {{ entity = \"a\", kind = \"b\" }}\n")).unwrap_err();
         assert!(error.starts_with("weir.toml:4:") && error.contains("unknown field `kind`"), "{error}");
+    }
+
+    #[test]
+    fn settings_that_would_quietly_break_delivery_are_refused() {
+        let error = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nduplicate_window = \"0s\"\n")).unwrap_err();
+        assert!(error.contains("[jetstream] `duplicate_window` must be longer than 0s"), "{error}");
+        let error = parse(&format!("{MINIMAL}[nats.tls]\ncert_file = \"c.pem\"\n")).unwrap_err();
+        assert!(error.contains("[nats.tls] `cert_file` and `key_file` go together"), "{error}");
+        let route = |rest: &str| format!("{MINIMAL}[[routes]]\n{rest}\n");
+        let error = parse(&route("allowed_prefix = \"shop.\"")).unwrap_err();
+        assert!(error.contains("route 1: `allowed_prefix` must be whole subject tokens"), "{error}");
+        let error = parse(&route("allowed_prefix = \"shop\"")).unwrap_err();
+        assert!(
+            error.contains(
+                "route 1: the route's subject `weir.{entity}.{op}` never falls under `allowed_prefix` `shop`"
+            ),
+            "{error}"
+        );
+        assert!(parse(&route("allowed_prefix = \"shop\"\nsubject = \"shop.{entity}\"")).is_ok());
+        assert!(parse(&route("allowed_prefix = \"weir.orders\"")).is_ok(), "`{{entity}}` can be `orders`");
     }
 
     #[test]

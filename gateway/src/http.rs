@@ -69,8 +69,20 @@ pub struct AppState {
 }
 
 enum Remembered {
-    InFlight { fingerprint: [u8; 32] },
-    Done { fingerprint: [u8; 32], status: StatusCode, body: AnswerBody, expires: Instant },
+    InFlight {
+        fingerprint: [u8; 32],
+    },
+    /// Abandoned by its client mid-way: may or may not be stored.
+    Unsettled {
+        fingerprint: [u8; 32],
+        expires: Instant,
+    },
+    Done {
+        fingerprint: [u8; 32],
+        status: StatusCode,
+        body: AnswerBody,
+        expires: Instant,
+    },
 }
 
 impl AppState {
@@ -175,6 +187,24 @@ fn sink_error(error: SinkError) -> ApiError {
             format!("{error}, or lower [http] max_body; nothing was stored"),
         ),
     }
+}
+
+/// The answer for an event whose messages were not all stored: `stored` of `total` were. In
+/// core NATS mode nothing removes a second copy, so no retry is promised to store once.
+fn store_failure(error: SinkError, stored: usize, total: usize, core: bool) -> ApiError {
+    let text = error.to_string();
+    let unknown = matches!(error, SinkError::Timeout);
+    let mut failure = sink_error(error);
+    if core && unknown {
+        failure.message = format!(
+            "{text}; it may or may not have been delivered, and in core NATS mode nothing removes a second copy: retry only if a duplicate is acceptable"
+        );
+    } else if stored > 0 {
+        failure.message = format!(
+            "{text}: {stored} of this event's {total} messages were stored, the rest not; retry with the same event id (Idempotency-Key, or a batch line's `id`) to store the rest once"
+        );
+    }
+    failure
 }
 
 fn plugin_unavailable(plugin: &str, why: &Unavailability) -> ApiError {
@@ -705,10 +735,13 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let mut published = 0;
         let id = &ids[position];
         // Whether this event had something to store, and if so whether all of it was stored.
+        let total = span.len();
+        let outcomes: Vec<Result<Published, SinkError>> = stored[span].iter_mut().filter_map(Option::take).collect();
+        let stored_count = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
         let stored_here: Option<Result<Vec<Published>, SinkError>> =
-            (!span.is_empty()).then(|| stored[span].iter_mut().filter_map(Option::take).collect());
+            (total > 0).then(|| outcomes.into_iter().collect());
         let answer = match (stored_here, disposition) {
-            (Some(Err(error)), _) => Err(sink_error(error)),
+            (Some(Err(error)), _) => Err(store_failure(error, stored_count, total, state.sink.jetstream().is_none())),
             (Some(Ok(stored)), Disposition::Publish(_)) => {
                 published += stored.len();
                 Ok(Answer {
@@ -845,6 +878,8 @@ struct Coalescer {
 struct Waiting {
     event: Event,
     answer: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
+    /// The idempotency key and request fingerprint to remember the answer under.
+    remember: Option<(String, [u8; 32])>,
 }
 
 /// Most batches of coalesced requests that run at once: one per core, so plugins can use every
@@ -854,9 +889,11 @@ fn coalesce_runners() -> usize {
 }
 
 /// Runs one single-event request's event, batched with whatever other requests are waiting.
-async fn submit(state: &Arc<AppState>, event: Event) -> Result<Answer, ApiError> {
+/// With `remember`, its answer is remembered under that idempotency key by the runner, so a
+/// client that goes away meanwhile still finds it when it retries.
+async fn submit(state: &Arc<AppState>, event: Event, remember: Option<(String, [u8; 32])>) -> Result<Answer, ApiError> {
     let (answer, answered) = tokio::sync::oneshot::channel();
-    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting { event, answer });
+    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting { event, answer, remember });
     // A task of its own: a client that goes away must not abandon the others' events.
     start_runner(state);
     answered.await.unwrap_or_else(|_| {
@@ -919,9 +956,17 @@ fn by_route(state: &AppState, batch: Vec<Waiting>) -> Vec<Vec<Waiting>> {
 
 /// Runs one group of coalesced requests and answers each.
 async fn run_group(state: &Arc<AppState>, group: Vec<Waiting>) {
-    let (events, answers): (Vec<Event>, Vec<_>) = group.into_iter().map(|w| (w.event, w.answer)).unzip();
+    let mut events = Vec::with_capacity(group.len());
+    let mut answers = Vec::with_capacity(group.len());
+    for waiting in group {
+        events.push(waiting.event);
+        answers.push((waiting.answer, waiting.remember));
+    }
     let results = ingest(state, events).await;
-    for (answer, result) in answers.into_iter().zip(results) {
+    for ((answer, key), result) in answers.into_iter().zip(results) {
+        if let Some((key, fingerprint)) = key {
+            remember(state, &key, fingerprint, &result);
+        }
         // The request may be gone (client disconnected); its event was still processed.
         let _ = answer.send(result);
     }
@@ -1130,7 +1175,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
             Err(error) => return error.into_response(),
         };
     if !client_chose_id {
-        return answer_response(submit(&state, event).await);
+        return answer_response(submit(&state, event, None).await);
     }
     // An Idempotency-Key, a CloudEvent's id or a webhook's delivery id.
     let idempotency_key = event.id.clone();
@@ -1147,13 +1192,9 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     if let Some(answer) = remembered(&state, &idempotency_key, fingerprint) {
         return answer_response(answer);
     }
-    // If the client goes away mid-request, hyper drops this future: the guard then forgets the
-    // in-flight mark, so a retry is processed instead of being answered 409 forever.
-    let guard = InFlightGuard { state: &state, keys: vec![idempotency_key] };
-    let answer = submit(&state, event).await;
-    remember(&state, &guard.keys[0], fingerprint, &answer);
-    guard.disarm();
-    answer_response(answer)
+    // Queued before this future can be dropped (no await between the mark and the queue): the
+    // runner then remembers the answer, or forgets the mark, even if the client goes away.
+    answer_response(submit(&state, event, Some((idempotency_key, fingerprint))).await)
 }
 
 /// Answers remembered by idempotency key, and when each expires in the order they were
@@ -1176,7 +1217,9 @@ impl Memory {
         while self.expiry.front().is_some_and(|(expires, _)| *expires <= now) {
             let Some((expires, key)) = self.expiry.pop_front() else { break };
             // Unless remembered again since (a later expiry).
-            if matches!(self.entries.get(&key), Some(Remembered::Done { expires: at, .. }) if *at <= expires) {
+            if matches!(self.entries.get(&key),
+                Some(Remembered::Done { expires: at, .. } | Remembered::Unsettled { expires: at, .. }) if *at <= expires)
+            {
                 self.entries.remove(&key);
             }
         }
@@ -1212,14 +1255,17 @@ fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<
     }
 }
 
-/// Removes the `InFlight` idempotency marks of a request that ends without an answer.
+/// Settles the `InFlight` idempotency marks of a request that ends without an answer (its
+/// client went away): its events may or may not be stored, so the keys stay taken by that
+/// request for the usual time. The same request again is processed (JetStream stores it once);
+/// a different one under the key gets `422`.
 struct InFlightGuard<'a> {
     state: &'a AppState,
     keys: Vec<String>,
 }
 
 impl InFlightGuard<'_> {
-    /// Every key's answer is remembered (or forgotten): nothing left to clear.
+    /// Every key's answer is remembered (or forgotten): nothing left to settle.
     fn disarm(mut self) {
         self.keys.clear();
     }
@@ -1230,10 +1276,13 @@ impl Drop for InFlightGuard<'_> {
         if self.keys.is_empty() {
             return;
         }
+        let expires = Instant::now() + self.state.settings.idempotency_ttl;
         let mut memory = self.state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
-            if matches!(memory.entries.get(key), Some(Remembered::InFlight { .. })) {
-                memory.entries.remove(key);
+            if let Some(Remembered::InFlight { fingerprint }) = memory.entries.get(key) {
+                let fingerprint = *fingerprint;
+                memory.entries.insert(key.clone(), Remembered::Unsettled { fingerprint, expires });
+                memory.expiry.push_back((expires, key.clone()));
             }
         }
     }
@@ -1267,6 +1316,10 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resu
                 return Some(Err(key_reused()));
             }
             Some(Ok(Answer { status: *status, body: body.clone() }))
+        }
+        // The same request again goes ahead (and is stored once); another is refused.
+        Some(Remembered::Unsettled { fingerprint: seen, expires }) if *expires >= now && *seen != fingerprint => {
+            Some(Err(key_reused()))
         }
         Some(Remembered::InFlight { fingerprint: seen }) => {
             if *seen != fingerprint {
@@ -1354,6 +1407,9 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     let mut own_ids: HashMap<String, ([u8; 32], usize)> = HashMap::new();
     // Lines repeating an earlier line of this batch: (slot, the earlier line's slot).
     let mut repeats: Vec<(usize, usize)> = Vec::new();
+    // A client that goes away mid-batch (hyper then drops this handler) abandons its events
+    // where they are, so their sends give their room in the ack window back at once; their
+    // keys are left unsettled (see `InFlightGuard`).
     let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
     for (index, raw) in body.split(|&byte| byte == b'\n').enumerate() {
         let line_number = index + 1;
@@ -1562,6 +1618,20 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_store_says_what_a_retry_does() {
+        let timeout = store_failure(SinkError::Timeout, 0, 1, false);
+        assert_eq!(timeout.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(timeout.message.contains("to have it stored once"), "{}", timeout.message);
+        let core = store_failure(SinkError::Timeout, 0, 1, true);
+        assert!(core.message.contains("nothing removes a second copy") && !core.message.contains("stored once"));
+        let gone = store_failure(SinkError::Disconnected, 0, 1, true);
+        assert!(gone.message.ends_with("nothing was stored, retry"), "{}", gone.message);
+        let partly = store_failure(SinkError::Full("max_msgs".into()), 2, 3, false);
+        assert!(partly.message.contains("2 of this event's 3 messages were stored"), "{}", partly.message);
+        assert!(!partly.message.contains("nothing was stored"), "{}", partly.message);
+    }
 
     #[test]
     fn remembered_answers_expire_in_order_unless_remembered_again() {

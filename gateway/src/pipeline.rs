@@ -302,6 +302,13 @@ fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metric
 }
 
 /// A chain allowed to run: its plugins' serving versions, each with its ticket.
+/// Events a plugin quarantined by their failures did not run, as they came in.
+struct Held {
+    plugin: String,
+    why: Unavailability,
+    events: Vec<Event>,
+}
+
 struct Admitted {
     chain: Vec<Arc<Plugin>>,
     /// Each place's ticket, to record its results under.
@@ -399,15 +406,23 @@ impl Pipeline {
                 Err((plugin, why)) => return Err(Unavailable { plugin, why, done, events }),
             };
             if !admitted.probing() || events.len() <= 1 {
-                let ran = self.run_chain(route, &admitted, events, metrics).await;
-                if done.is_empty() {
+                let (ran, held) = self.run_chain(route, &admitted, events, metrics).await;
+                if done.is_empty() && held.is_none() {
                     return Ok(ran);
                 }
                 done.extend(ran);
-                return Ok(done);
+                return match held {
+                    Some(held) => Err(Unavailable { plugin: held.plugin, why: held.why, done, events: held.events }),
+                    None => Ok(done),
+                };
             }
             let rest = events.split_off(1);
-            done.extend(self.run_chain(route, &admitted, events, metrics).await);
+            let (ran, held) = self.run_chain(route, &admitted, events, metrics).await;
+            done.extend(ran);
+            if let Some(mut held) = held {
+                held.events.extend(rest);
+                return Err(Unavailable { plugin: held.plugin, why: held.why, done, events: held.events });
+            }
             events = rest;
         }
     }
@@ -446,14 +461,17 @@ impl Pipeline {
         Ok(Admitted { chain, tickets })
     }
 
-    /// Runs `events` through `chain`, the serving versions of `route`'s plugins.
+    /// Runs `events` through `chain`, the serving versions of `route`'s plugins: the
+    /// dispositions of the first events, and the rest as they came in when a plugin was
+    /// quarantined by failures among them (it stopped running them; see
+    /// [`Plugin::run_stopping`]).
     async fn run_chain(
         &self,
         route: &Route,
         admitted: &Admitted,
         mut events: Vec<Event>,
         metrics: &crate::metrics::Metrics,
-    ) -> Vec<Disposition> {
+    ) -> (Vec<Disposition>, Option<Held>) {
         for event in &mut events {
             let template = match &route.postgres_subject {
                 Some(template) if event.source == "postgres" => template,
@@ -461,29 +479,52 @@ impl Pipeline {
             };
             event.subject = template.render(event);
         }
-        let count = events.len();
-        // Dead letters carry the event as it came in: the first plugin's inputs, kept once that
-        // plugin has run (plugins borrow their inputs, so nothing is copied for this).
+        let mut count = events.len();
+        // Dead letters carry the event as it came in, and held events go back as they came in:
+        // the first plugin's inputs, kept once that plugin has run (plugins borrow their inputs,
+        // so nothing is copied for this).
         let mut originals: Vec<Event> = Vec::new();
+        let mut held: Option<(String, Unavailability)> = None;
         // The next plugin's inputs, and which input event each descends from.
         let mut batch = events;
         let mut origins: Vec<usize> = (0..count).collect();
         let mut verdicts: Vec<Option<Disposition>> = vec![None; count];
         for ((plugin, slot), ticket) in admitted.chain.iter().zip(&route.chain).zip(&admitted.tickets) {
             let started = std::time::Instant::now();
+            // Everything dropped or failed before this plugin: no call to count.
+            let called = !batch.is_empty();
+            let stop_after = if ticket.is_probe() { None } else { plugin.health().failures_to_quarantine() };
             let results: Vec<Result<Outcome, PluginError>> = plugin
-                .run(&batch)
+                .run_stopping(&batch, stop_after)
                 .await
                 .into_iter()
                 .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
                 .collect();
-            metrics.plugin_call_duration(plugin.name(), started.elapsed());
+            if called {
+                metrics.plugin_call_duration(plugin.name(), started.elapsed());
+            }
             report_health(slot, plugin, plugin.health().record(*ticket, &results), metrics);
             let inputs = std::mem::take(&mut batch);
-            if originals.is_empty() && route.on_error == OnError::Dlq {
+            if let Some(&first_held) = origins.get(results.len()) {
+                // The plugin stopped: the input its first unrun event descends from, and every
+                // later one, are held back whole (per-key order), with what earlier plugins did.
+                let why = match plugin.health().check() {
+                    Err(quarantine) => quarantine,
+                    Ok(()) => Quarantine {
+                        retry_after: std::time::Duration::from_secs(1),
+                        last_error: "its events kept failing".into(),
+                    },
+                };
+                held = Some((plugin.name().to_string(), Unavailability::Quarantined(why)));
+                count = first_held;
+                verdicts.truncate(count);
+                origins.truncate(origins.partition_point(|origin| *origin < count));
+            }
+            if originals.is_empty() {
                 originals = inputs;
             }
             let mut next_origins = Vec::with_capacity(origins.len());
+            // (After a stop, `origins` holds only the inputs before the first held one.)
             for (origin, result) in std::mem::take(&mut origins).into_iter().zip(results) {
                 if verdicts[origin].is_some() {
                     continue;
@@ -527,7 +568,7 @@ impl Pipeline {
         for (origin, event) in live {
             outputs[origin].push(to_message(route, event));
         }
-        verdicts
+        let dispositions = verdicts
             .into_iter()
             .zip(outputs)
             .map(|(verdict, messages)| match verdict {
@@ -535,7 +576,9 @@ impl Pipeline {
                 None if messages.is_empty() => Disposition::Dropped,
                 None => Disposition::Publish(messages),
             })
-            .collect()
+            .collect();
+        let held = held.map(|(plugin, why)| Held { plugin, why, events: originals.split_off(count) });
+        (dispositions, held)
     }
 
     fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {
@@ -608,7 +651,8 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &PluginSet) -> anyho
         name,
         source: config.matcher.source,
         entity: config.matcher.entity.clone(),
-        ops: config.matcher.op.clone(),
+        // Events' ops are lowercase: `INSERT` in a config means `insert`.
+        ops: config.matcher.op.iter().map(|op| op.to_ascii_lowercase()).collect(),
         chain,
         subject,
         postgres_subject,
@@ -869,6 +913,16 @@ mod tests {
         assert!(SubjectTemplate::parse("a..b").unwrap_err().contains("empty token"));
         assert!(SubjectTemplate::parse("a.x{op}").unwrap_err().contains("not a placeholder"));
         assert!(SubjectTemplate::parse("a.*").unwrap_err().contains("wildcard"));
+    }
+
+    #[test]
+    fn ops_in_a_route_match_whatever_their_case() {
+        let text = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[[routes]]\nmatch = { op = [\"INSERT\", \"Update\"] }\n";
+        let config = crate::config::Config::parse(text, "weir.toml").unwrap();
+        let pipeline = Pipeline::new(&config, Arc::new(PluginSet::empty())).unwrap();
+        assert_eq!(pipeline.route_for(&event("orders", "insert")), Some(0));
+        assert_eq!(pipeline.route_for(&event("orders", "update")), Some(0));
+        assert_eq!(pipeline.route_for(&event("orders", "delete")), None);
     }
 
     #[test]

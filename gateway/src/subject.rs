@@ -83,15 +83,31 @@ pub fn template_overlaps(template: &str, pattern: &str) -> bool {
     made.next().is_none()
 }
 
+/// Whether some subject `template` can make starts with the literal tokens of `prefix` (a
+/// `{…}` token can be any one).
+pub fn template_can_start_with(template: &str, prefix: &str) -> bool {
+    let mut made = template.split('.');
+    prefix.split('.').all(|wanted| made.next().is_some_and(|token| token.contains('{') || token == wanted))
+}
+
 /// `template` with every placeholder token made `x`: a subject it can produce.
 pub fn template_sample(template: &str) -> String {
     template.split('.').map(|token| if token.contains('{') { "x" } else { token }).collect::<Vec<_>>().join(".")
 }
 
+/// Longest token made from data, in characters. A longer value (a 5 KB key) keeps its first
+/// [`LONG_TOKEN_KEEPS`] characters and gains a hash of the whole: a subject made of a few such
+/// tokens stays far inside NATS's 4 KiB protocol line, past which the server drops the
+/// connection, and two long values that share a beginning still get different subjects.
+pub const MAX_TOKEN_CHARS: usize = 128;
+/// What a shortened token keeps of its value, before `-` and 16 hex digits of its SHA-256.
+pub const LONG_TOKEN_KEEPS: usize = 64;
+
 /// Turns arbitrary text into one safe subject token: characters other than ASCII letters,
-/// digits, `-` and `_` become `_`; empty text becomes `_`.
+/// digits, `-` and `_` become `_`; empty text becomes `_`; text longer than
+/// [`MAX_TOKEN_CHARS`] is shortened (see there).
 pub fn token(text: &str) -> String {
-    let mut token = String::with_capacity(text.len().max(1));
+    let mut token = String::with_capacity(text.len().clamp(1, MAX_TOKEN_CHARS));
     push_token(&mut token, text);
     token
 }
@@ -101,7 +117,18 @@ pub fn push_token(subject: &mut String, text: &str) {
     if text.is_empty() {
         subject.push('_');
     }
-    subject.extend(text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }));
+    let safe = |c: char| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' };
+    // Counted only up to the limit: almost every value is short.
+    if text.chars().nth(MAX_TOKEN_CHARS).is_none() {
+        subject.extend(text.chars().map(safe));
+        return;
+    }
+    use sha2::Digest;
+    subject.extend(text.chars().take(LONG_TOKEN_KEEPS).map(safe));
+    subject.push('-');
+    for byte in &sha2::Sha256::digest(text.as_bytes())[..8] {
+        subject.push_str(&format!("{byte:02x}"));
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +180,11 @@ mod tests {
         assert!(!template_overlaps("weir.dlq.{entity}", "weir.public.>"));
         assert!(!template_overlaps("audit.{entity}", "weir.>"));
         assert_eq!(template_sample("weir.dlq.{entity}"), "weir.dlq.x");
+        assert!(template_can_start_with("shop.{entity}.{op}", "shop"));
+        assert!(template_can_start_with("shop.{entity}.{op}", "shop.orders.insert"));
+        assert!(template_can_start_with("{entity}.{op}", "audit"));
+        assert!(!template_can_start_with("weir.{entity}.{op}", "shop"));
+        assert!(!template_can_start_with("shop.{entity}", "shop.orders.insert"));
     }
 
     #[test]
@@ -166,5 +198,20 @@ mod tests {
         push_token(&mut subject, "");
         push_token(&mut subject, "a b");
         assert_eq!(subject, "weir._a_b");
+    }
+
+    #[test]
+    fn long_values_become_bounded_tokens_that_still_differ() {
+        let at_limit = "k".repeat(MAX_TOKEN_CHARS);
+        assert_eq!(token(&at_limit), at_limit, "a value at the limit is kept whole");
+        let long = format!("{}{}", "k".repeat(5000), "a.b");
+        let shortened = token(&long);
+        assert_eq!(shortened.len(), LONG_TOKEN_KEEPS + 1 + 16);
+        assert!(shortened.starts_with(&"k".repeat(LONG_TOKEN_KEEPS)));
+        assert_eq!(validate(&format!("weir.{shortened}")), Ok(()));
+        assert_ne!(token(&format!("{}{}", "k".repeat(5000), "a.c")), shortened, "the hash covers the whole value");
+        assert_eq!(token(&long), shortened, "the same value always takes the same subject");
+        // Multi-byte characters count once each.
+        assert_eq!(token(&"é".repeat(MAX_TOKEN_CHARS)), "_".repeat(MAX_TOKEN_CHARS));
     }
 }

@@ -2042,6 +2042,120 @@ async fn line_breaks_in_entities_and_keys_never_reach_nats_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_long_key_in_a_subject_is_shortened_and_does_not_cut_the_gateway_off_nats() {
+    // Past NATS's 4 KiB protocol line the server drops the connection, failing every client's
+    // in-flight events: a key of 5000 characters must not get there.
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(&nats, r#"subject = "weir.{entity}.{key}""#));
+    let long_key = "k".repeat(5000);
+    let response = client()
+        .put(gateway.url(&format!("/v1/events/keys/{long_key}")))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202, "{}", gateway.log());
+    let line = json!({"entity": "keys", "key": format!("{long_key}x"), "data": {}}).to_string();
+    let (status, body) = post_batch(&gateway, line).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, ..) = post(&gateway, "/v1/events/keys", "{}", &[("weir-key", "short")]).await;
+    assert_eq!(status, 202, "{}", gateway.log());
+    let messages = nats.messages("WEIR").await;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 3, "{subjects:?}");
+    for subject in &subjects[..2] {
+        let token = subject.strip_prefix("weir.keys.").unwrap();
+        assert!(token.starts_with(&"k".repeat(64)) && token.len() == 64 + 1 + 16, "{subject}");
+    }
+    assert_ne!(subjects[0], subjects[1], "two long keys with one beginning take different subjects");
+    assert_eq!(subjects[2], "weir.keys.short");
+    assert_eq!(header(&messages[0], "Weir-Key"), Some(long_key.as_str()), "the header keeps the whole key");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_gives_up_finds_its_idempotency_key_remembered_when_it_retries() {
+    let nats = Nats::start();
+    let gateway = Gateway::start(&config(
+        &nats,
+        "plugins = [\"fixture_sleepy\"]\n\n[plugins.fixture_sleepy]\ntimeout_ms = 10000",
+    ));
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let first = json!({"sleep_ms": 1500, "v": "A"}).to_string();
+    let gone = impatient
+        .post(gateway.url("/v1/events/naps"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "nap-1")
+        .body(first.clone())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up before its answer: {gone:?}");
+    let line = |data: &str| format!(r#"{{"entity": "naps", "id": "nap-2", "data": {data}}}"#);
+    let gone = impatient
+        .post(gateway.url("/v1/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(line(&first))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up before its answer: {gone:?}");
+    // The single request's event is still processed and stored (it may share its batch with
+    // other requests'); the batch's are abandoned where they were, giving their room in the
+    // ack window back, and may or may not be stored (here, in the plugin: not).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nats.messages("WEIR").await.is_empty() {
+        assert!(Instant::now() < deadline, "the abandoned single event was not stored: {}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The retries with another body are refused, as if the clients had heard their answers.
+    let other = json!({"sleep_ms": 1, "v": "B"}).to_string();
+    let (status, body, _) = post(&gateway, "/v1/events/naps", &other, &[("idempotency-key", "nap-1")]).await;
+    assert_eq!(status, 422, "{body}");
+    let (_, body) = post_batch(&gateway, line(&other)).await;
+    assert_eq!(body["results"][0]["status"], 422, "{body}");
+    // The same requests get the answer the client missed, or are processed again (once stored).
+    let (status, body, _) = post(&gateway, "/v1/events/naps", &first, &[("idempotency-key", "nap-1")]).await;
+    assert_eq!((status, &body["published"][0]["duplicate"]), (202, &json!(false)), "{body}");
+    let (_, body) = post_batch(&gateway, line(&first)).await;
+    assert_eq!(body["results"][0]["status"], 202, "{body}");
+    let messages = nats.messages("WEIR").await;
+    let stored: Vec<Value> =
+        messages.iter().map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap()["data"]["v"].clone()).collect();
+    assert_eq!(stored, [json!("A"), json!("A")]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_batch_of_failing_events_is_held_back_once_they_quarantine_the_plugin() {
+    let nats = Nats::start();
+    let (_dir, _live, gateway) = live_plugin_gateway(
+        &nats,
+        "fixture-panic-every-10th",
+        r#"
+[plugins.live]
+quarantine_after = 5
+quarantine_for = "30s"
+[[routes]]
+match = { entity = "poison" }
+plugins = ["live"]
+"#,
+    );
+    let poison = [r#"{"seq":10}"#; 40];
+    let (status, batch, headers) = ndjson(&gateway, &poison).await;
+    assert_eq!(status, 207, "{batch}");
+    let results = batch["results"].as_array().unwrap();
+    let outcomes: Vec<(u64, Option<&str>)> =
+        results.iter().map(|r| (r["status"].as_u64().unwrap(), r["error"]["code"].as_str())).collect();
+    // The five failures that quarantine the plugin are dead-lettered; the other 35 are held
+    // back for a retry, not dead-lettered one by one.
+    assert_eq!(outcomes[..5], [(202, None); 5], "{batch}");
+    assert!(results[..5].iter().all(|r| r["error"]["kind"] == "trap"), "{batch}");
+    assert_eq!(outcomes[5..], [(503, Some("plugin_quarantined")); 35], "{batch}");
+    assert!(retry_after(&headers) >= 1, "{headers:?}");
+    let stored = nats.messages("WEIR").await;
+    assert_eq!(stored.len(), 5, "only the five dead letters: {}", gateway.log());
+    assert!(stored.iter().all(|m| m.subject.as_str() == "weir.dlq.poison"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_batch_already_running_finishes_on_the_old_version() {
     let nats = Nats::start();
     let (_dir, live, gateway) = live_plugin_gateway(

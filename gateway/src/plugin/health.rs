@@ -273,6 +273,22 @@ impl Health {
         }
     }
 
+    /// How many more failed events in a row would quarantine the plugin: a caller with many
+    /// events to run may stop there and hold the rest back. `None` when none would (quarantine
+    /// is off, or already in force).
+    pub fn failures_to_quarantine(&self) -> Option<u32> {
+        if self.policy.after == 0 {
+            return None;
+        }
+        if self.clean.load(Ordering::Acquire) != NOT_CLEAN {
+            return Some(self.policy.after);
+        }
+        match self.record_guard().state {
+            State::Healthy { failed_in_a_row } => Some(self.policy.after.saturating_sub(failed_in_a_row).max(1)),
+            _ => None,
+        }
+    }
+
     /// The quarantine in force, if any (a probe under way counts).
     pub fn quarantine(&self) -> Option<Quarantine> {
         if self.clean.load(Ordering::Acquire) != NOT_CLEAN {

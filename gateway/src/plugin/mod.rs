@@ -602,9 +602,17 @@ impl Plugin {
     /// inputs are borrowed (the caller keeps them, e.g. for dead letters); a filter's kept event
     /// is a copy.
     pub async fn run(&self, events: &[Event]) -> Vec<Result<Outcome, PluginError>> {
+        self.run_stopping(events, None).await
+    }
+
+    /// [`Plugin::run`], but once `stop_after` events in a row have failed (the number that
+    /// quarantines the plugin), the rest are not run: the results end there, and the caller
+    /// holds those events back instead of dead-lettering every one of a large batch.
+    pub async fn run_stopping(&self, events: &[Event], stop_after: Option<u32>) -> Vec<Result<Outcome, PluginError>> {
         if events.is_empty() {
             return Vec::new();
         }
+        let limit = stop_after.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX).max(1));
         match self.call(events).await {
             Ok(raw) => self.outcomes(events, raw),
             Err(error) if events.len() > 1 && error.kind != ErrorKind::StartFailed => {
@@ -612,11 +620,22 @@ impl Plugin {
                 // A few at once (each on an instance of its own), so several events that each
                 // run to the time limit do not add up their waits.
                 use futures::StreamExt as _;
+                // Collected first: a lazy map here makes the future not `Send` (a closure
+                // lifetime the compiler cannot generalise).
                 let reruns: Vec<_> = events.iter().map(|event| self.run_one(event)).collect();
-                let results: Vec<_> = futures::stream::iter(reruns).buffered(RERUN_CONCURRENCY).collect().await;
+                let mut reruns = futures::stream::iter(reruns).buffered(RERUN_CONCURRENCY);
+                let mut results = Vec::with_capacity(events.len());
+                let mut failed_in_a_row = 0;
+                while let Some(result) = reruns.next().await {
+                    failed_in_a_row = if result.is_err() { failed_in_a_row + 1 } else { 0 };
+                    results.push(result);
+                    if failed_in_a_row >= limit {
+                        break;
+                    }
+                }
                 results
             }
-            Err(error) => events.iter().map(|_| Err(error.clone())).collect(),
+            Err(error) => (0..limit.min(events.len())).map(|_| Err(error.clone())).collect(),
         }
     }
 

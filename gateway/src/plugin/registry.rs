@@ -170,6 +170,12 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
+    /// No plugins, for tests of routes that use none.
+    #[cfg(test)]
+    pub(crate) fn empty() -> PluginSet {
+        PluginSet { slots: BTreeMap::new() }
+    }
+
     /// Loads every plugin the config names (in routes or in its own section). Every problem is
     /// collected, one line per plugin: the gateway starts only with all of them loaded.
     pub fn load(runtime: &PluginRuntime, config: &Config) -> Result<PluginSet, Vec<String>> {
