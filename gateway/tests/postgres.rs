@@ -781,6 +781,54 @@ async fn a_slot_in_use_or_gone_stops_the_gateway_instead_of_skipping_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slot_re_created_behind_the_gateways_back_is_refused_until_the_operator_accepts_it() {
+    let capture = Capture::new("reborn", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    // Stopped gracefully and killed: neither leaves the slot ahead of what the gateway marked.
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (1, 1)")).await.unwrap();
+    assert_eq!(stored(&nats, 1).await.len(), 1, "{}", gateway.log());
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+    let gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (2, 2)")).await.unwrap();
+    assert_eq!(stored(&nats, 2).await.len(), 2, "{}", gateway.log());
+    // Long enough for the marker to be written and the slot confirmed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(gateway); // SIGKILL
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+
+    // While it is down, a change, then the slot dropped and made again: that change is not in it.
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (3, 3)")).await.unwrap();
+    capture.cleanup_slot().await;
+    client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&capture.name]).await.unwrap();
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (4, 4)")).await.unwrap();
+    let mut refused = Gateway::start(&config);
+    let status = refused.wait_exit(Duration::from_secs(30)).expect("the gateway stops");
+    assert!(!status.success());
+    assert!(refused.log().contains("it was dropped and re-created, or moved"), "{}", refused.log());
+    assert_eq!(nats.messages("WEIR").await.len(), 2, "nothing read from the new slot");
+
+    // The operator accepts the loss by purging the marker, as the message says: the slot is
+    // adopted where it is.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let markers = js.get_stream("weir_postgres_slots").await.unwrap();
+    markers.purge().filter(format!("weir_postgres_slots.*.{}", capture.name)).await.unwrap();
+    let gateway = Gateway::start(&config);
+    let messages = stored(&nats, 3).await;
+    let ids: Vec<i64> = messages.iter().map(|(_, _, event)| event["data"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 4], "{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn weir_check_reports_server_settings_and_tables_with_fixes() {
     let capture =
         Capture::new("check", &[("keyed", "id bigint PRIMARY KEY, n bigint"), ("keyless", "id bigint, n bigint")])
@@ -1043,16 +1091,33 @@ async fn a_graceful_stop_leaves_the_slot_at_the_last_stored_change() {
     let messages = stored(&nats, 100).await;
     let position = messages.last().unwrap().2["position"].as_str().unwrap().to_string();
     assert!(gateway.terminate().success(), "{}", gateway.log());
-    let (confirmed, past): (String, bool) = connect()
-        .await
-        .query_one(
-            "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-            &[&capture.name, &position],
-        )
-        .await
-        .map(|row| (row.get(0), row.get(1)))
-        .unwrap();
+    let (confirmed, past) = slot_reached(&capture.name, &position).await;
     assert!(past, "the slot stayed at {confirmed}, before the last stored change at {position}");
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_capture_waits_for_a_plugin_still_leaves_the_slot_at_the_last_stored_change() {
+    // The stop an operator makes to deploy a fixed plugin: capture is waiting for it then.
+    let capture = Capture::new("waitstop", &[("a", "id bigint PRIMARY KEY")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    // With a long status interval nothing reaches the server while running: the stop must.
+    let (_dir, live, config) = live_noop_config(&capture, &nats, "status_interval = \"10s\"");
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} SELECT g FROM generate_series(1, 100) g")).await.unwrap();
+    let messages = stored(&nats, 100).await;
+    let position = messages.last().unwrap().2["position"].as_str().unwrap().to_string();
+
+    unplug(&gateway, &live).await;
+    client.batch_execute(&format!("INSERT INTO {table} VALUES (101)")).await.unwrap();
+    log_says(&gateway, "change capture waits for its file to come back").await;
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+    let (confirmed, past) = slot_reached(&capture.name, &position).await;
+    assert!(past, "the slot stayed at {confirmed}, before the last stored change at {position}");
+    assert_eq!(nats.messages("WEIR").await.len(), 100, "nothing passed without the plugin");
     capture.cleanup().await;
 }
 
@@ -1174,29 +1239,58 @@ async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     capture.cleanup().await;
 }
 
+/// A config whose one route runs plugin `live`, a copy of the no-op plugin in a watched
+/// directory of its own: the directory and the plugin's file.
+fn live_noop_config(
+    capture: &Capture,
+    nats: &Nats,
+    postgres_extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.wasm");
+    std::fs::copy(common::plugin_path("noop"), &live).unwrap();
+    let config = capture
+        .config(nats, &format!("{postgres_extra}\n\n[[routes]]\nplugins = [\"live\"]\n"))
+        .replace("dir = \"{plugins}\"", &format!("dir = \"{}\"\nwatch = \"100ms\"", dir.path().display()));
+    (dir, live, config)
+}
+
+/// Removes the plugin file `live` and waits until the gateway has unloaded it.
+async fn unplug(gateway: &Gateway, live: &std::path::Path) {
+    std::fs::remove_file(live).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reqwest::get(gateway.url("/readyz")).await.unwrap().json::<Value>().await.unwrap()["plugins"] != false {
+        assert!(Instant::now() < deadline, "the plugin was not unloaded:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The slot's confirmed position, and whether it is at or past `position`.
+async fn slot_reached(slot: &str, position: &str) -> (String, bool) {
+    connect()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &position],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
     let capture = Capture::new("unplugged", &[("a", "id bigint PRIMARY KEY")]).await;
     let table = capture.table("a");
     let nats = Nats::start();
-    let dir = tempfile::tempdir().unwrap();
-    let live = dir.path().join("live.wasm");
-    std::fs::copy(common::plugin_path("noop"), &live).unwrap();
-    let config = capture
-        .config(&nats, "\n[[routes]]\nplugins = [\"live\"]\n")
-        .replace("dir = \"{plugins}\"", &format!("dir = \"{}\"\nwatch = \"100ms\"", dir.path().display()));
+    let (_dir, live, config) = live_noop_config(&capture, &nats, "");
     let gateway = Gateway::start(&config);
     wait_ready(&gateway).await;
     let client = connect().await;
     client.batch_execute(&format!("INSERT INTO {table} VALUES (1)")).await.unwrap();
     assert_eq!(stored(&nats, 1).await.len(), 1);
 
-    std::fs::remove_file(&live).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while reqwest::get(gateway.url("/readyz")).await.unwrap().json::<Value>().await.unwrap()["plugins"] != false {
-        assert!(Instant::now() < deadline, "the plugin was not unloaded:\n{}", gateway.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    unplug(&gateway, &live).await;
     for id in 2..=40 {
         client.batch_execute(&format!("INSERT INTO {table} VALUES ({id})")).await.unwrap();
     }

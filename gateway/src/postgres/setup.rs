@@ -71,26 +71,50 @@ pub enum Start {
     Snapshot,
 }
 
-/// The record, in stream [`SLOT_BUCKET`], that this gateway created or adopted the slot.
+/// The record, in stream [`SLOT_BUCKET`], that this gateway created or adopted the slot, and how
+/// far it may confirm it (`confirmed`). The gateway writes that position before it moves the
+/// slot there, so the slot can never be legitimately ahead of it: a slot found further on at
+/// start was dropped and re-created, or moved, by something else, and changes may be missing.
 pub struct SlotMarker {
     jetstream: async_nats::jetstream::Context,
     key: String,
+    /// What was last written (or read at start): a new `confirmed` keeps the rest.
+    record: std::sync::Mutex<serde_json::Value>,
 }
 
 impl SlotMarker {
-    /// Records the slot: `how` it came to be used, from which position, and the state of its
-    /// snapshot (`none`, `pending` or `done`).
+    /// Records the slot: `how` it came to be used, from which position (which it may also be
+    /// confirmed at), and the state of its snapshot (`none`, `pending` or `done`).
     pub async fn write(&self, at: &Lsn, how: &str, snapshot: &str) -> Result<(), Failure> {
-        let value = serde_json::json!({
-            "how": how, "at": at.to_string(), "snapshot": snapshot, "time": crate::http::now_rfc3339()
-        });
+        let at = at.to_string();
+        self.publish(serde_json::json!({"how": how, "at": at, "snapshot": snapshot, "confirmed": at})).await
+    }
+
+    /// Records that the slot may be confirmed up to `lsn`; only then may it be.
+    pub async fn allow_confirming(&self, lsn: Lsn) -> Result<(), Failure> {
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        record["confirmed"] = lsn.to_string().into();
+        self.publish(record).await
+    }
+
+    /// How far the record allows the slot to be confirmed (records of weir versions before
+    /// 2026-12 do not say).
+    pub fn confirmable(&self) -> Option<Lsn> {
+        let record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        record["confirmed"].as_str().and_then(|text| Lsn::parse(text).ok())
+    }
+
+    async fn publish(&self, mut record: serde_json::Value) -> Result<(), Failure> {
+        record["time"] = crate::http::now_rfc3339().into();
         let failed = |e: String| retry(anyhow::anyhow!("cannot write {} to stream {SLOT_BUCKET}: {e}", self.key));
         let ack = self
             .jetstream
-            .publish(self.key.clone(), value.to_string().into())
+            .publish(self.key.clone(), record.to_string().into())
             .await
             .map_err(|e| failed(e.to_string()))?;
-        ack.await.map(|_| ()).map_err(|e| failed(e.to_string()))
+        ack.await.map_err(|e| failed(e.to_string()))?;
+        *self.record.lock().unwrap_or_else(|p| p.into_inner()) = record;
+        Ok(())
     }
 }
 
@@ -146,7 +170,12 @@ pub async fn prepare(
             other => break other,
         }
     };
-    let record = SlotMarker { jetstream: jetstream.clone(), key: marker_key.clone() };
+    let recorded = marker.as_ref().and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok());
+    let record = SlotMarker {
+        jetstream: jetstream.clone(),
+        key: marker_key.clone(),
+        record: std::sync::Mutex::new(recorded.unwrap_or_default()),
+    };
     let snapshot_pending = marker
         .as_ref()
         .is_some_and(|m| serde_json::from_slice::<serde_json::Value>(m).is_ok_and(|v| v["snapshot"] == "pending"));
@@ -211,6 +240,18 @@ pub async fn prepare(
                 .as_deref()
                 .and_then(|text| Lsn::parse(text).ok())
                 .ok_or_else(|| fatal(format!("replication slot `{}` has no confirmed position", config.slot)))?;
+            if let Some(allowed) = record.confirmable()
+                && confirmed > allowed
+            {
+                return Err(fatal(format!(
+                    "replication slot `{}` is confirmed at {confirmed}, past {allowed}, the furthest this gateway \
+                     confirmed it: it was dropped and re-created, or moved, by something else, so changes in \
+                     between may be missing. If you know none are (or accept the loss), purge {marker_key} from \
+                     stream {SLOT_BUCKET} (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start \
+                     again: the slot is then adopted where it is",
+                    config.slot
+                )));
+            }
             if marker.is_none() {
                 record.write(&confirmed, "adopted", "none").await?;
             }

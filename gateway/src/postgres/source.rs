@@ -14,7 +14,7 @@ use futures::StreamExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
@@ -26,6 +26,22 @@ pub enum Failure {
     /// Stop the gateway: continuing could skip changes (slot lost, missing or taken).
     Fatal(anyhow::Error),
 }
+
+/// Longest wait for the control connection's queries: over a network gone silent they would
+/// otherwise wait for TCP to give up (about 15 minutes on Linux).
+const CONTROL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// `work` (queries over the control connection), or a reconnect when it takes over `patience`.
+async fn answered_in_time<T>(patience: Duration, work: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::time::timeout(patience, work).await.unwrap_or_else(|_| {
+        Err(retry(anyhow::anyhow!(
+            "PostgreSQL did not answer the control connection's queries within {patience:?}; the network may have gone silent"
+        )))
+    })
+}
+
+/// How long a stop waits to mark the last stored position before letting the slot go.
+const LAST_MARK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Batches' worth of replication messages read ahead of the one being stored.
 const READ_AHEAD_BATCHES: usize = 4;
@@ -66,6 +82,55 @@ pub struct PostgresSource {
     /// Whether this process has streamed from the slot: a reconnect then waits for a slot still
     /// held by its own cut-off connection instead of stopping.
     streamed: std::sync::atomic::AtomicBool,
+    marks: Arc<Marks>,
+}
+
+/// How far the slot may be confirmed. Every position is recorded in the slot's marker
+/// ([`super::setup::SlotMarker`]) before the slot is moved there; [`keep_marker`] writes it,
+/// at most once per [`MARK_EVERY`].
+#[derive(Default)]
+struct Marks {
+    /// The furthest position whose changes are all stored: to be confirmed.
+    wanted: AtomicU64,
+    /// The furthest position the marker allows.
+    marked: AtomicU64,
+    wanted_moved: tokio::sync::Notify,
+    marked_moved: tokio::sync::Notify,
+}
+
+/// How often the marker is written while changes are stored: the slot is confirmed this much
+/// later (status updates go out every `status_interval` anyway), for one small JetStream write
+/// a second.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes the furthest stored position to the marker whenever it moves, then lets it be confirmed.
+async fn keep_marker(marker: Arc<super::setup::SlotMarker>, marks: Arc<Marks>) {
+    loop {
+        let wanted = marks.wanted.load(Ordering::Relaxed);
+        if wanted <= marks.marked.load(Ordering::Relaxed) {
+            marks.wanted_moved.notified().await;
+            continue;
+        }
+        match marker.allow_confirming(Lsn::from(wanted)).await {
+            Ok(()) => {
+                marks.marked.fetch_max(wanted, Ordering::Relaxed);
+                marks.marked_moved.notify_one();
+            }
+            Err(Failure::Retry(error) | Failure::Fatal(error)) => {
+                tracing::debug!(error = %format!("{error:#}"), "the slot's marker could not be written; the slot is confirmed once it is");
+            }
+        }
+        tokio::time::sleep(MARK_EVERY).await;
+    }
+}
+
+/// Aborts the task when dropped: a session's helper ends with the session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Refreshes the replication metrics every few seconds, with the slot's retained WAL read over
@@ -225,7 +290,15 @@ impl PostgresSource {
         metrics: Arc<Metrics>,
         status: Arc<SourceStatus>,
     ) -> PostgresSource {
-        PostgresSource { config, pipeline, sink, metrics, status, streamed: std::sync::atomic::AtomicBool::new(false) }
+        PostgresSource {
+            config,
+            pipeline,
+            sink,
+            metrics,
+            status,
+            streamed: std::sync::atomic::AtomicBool::new(false),
+            marks: Arc::default(),
+        }
     }
 
     /// Runs until `shutdown` turns true (returns `Ok`) or a fatal problem (returns `Err`);
@@ -269,8 +342,13 @@ impl PostgresSource {
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let control = within_connect_time(super::setup::connect_control(&self.config)).await?;
         let resuming = self.streamed.load(Ordering::Relaxed);
-        let (start, marker) = super::setup::prepare(&self.config, &control, &self.sink, resuming).await?;
-        let mut types = super::setup::load_types(&control).await.map_err(retry)?;
+        let (start, marker) =
+            answered_in_time(CONTROL_PATIENCE * 2, super::setup::prepare(&self.config, &control, &self.sink, resuming))
+                .await?;
+        let marker = Arc::new(marker);
+        let mut types =
+            answered_in_time(CONTROL_PATIENCE, async { super::setup::load_types(&control).await.map_err(retry) })
+                .await?;
         let start = match start {
             super::setup::Start::Resume(lsn) => lsn,
             super::setup::Start::Snapshot => self.snapshot(&control, &types, &marker, shutdown).await?,
@@ -287,6 +365,9 @@ impl PostgresSource {
         self.status.connected.store(true, Ordering::Relaxed);
         self.streamed.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
+        self.marks.wanted.store(start.as_u64(), Ordering::Relaxed);
+        self.marks.marked.store(marker.confirmable().unwrap_or(start).max(start).as_u64(), Ordering::Relaxed);
+        let marking = AbortOnDrop(tokio::spawn(keep_marker(marker.clone(), self.marks.clone())));
         tracing::info!(slot = %self.config.slot, from = %start, "PostgreSQL change capture streaming");
 
         let mut relations: HashMap<u32, Table> = HashMap::new();
@@ -294,83 +375,119 @@ impl PostgresSource {
         let mut batch = Batch::default();
         let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
         let mut storing = Storing::default();
-        loop {
-            let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.changed() => None,
-                Some(stored) = storing.batches.next(), if !storing.batches.is_empty() => {
-                    let commit = stored?;
-                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
-                    continue;
-                }
-                event = stream.recv() => Some(event),
-                error = &mut server_gone => return Err(retry(error)),
-                _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {
-                    self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
-                    continue;
-                }
-            };
-            let Some(event) = next else {
-                // Shutting down: the batches being stored are finished (their sleeps end at
-                // shutdown); nothing half-read is confirmed, the slot replays it next time.
-                while let Some(Ok(commit)) = storing.batches.next().await {
-                    self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
-                }
-                let _ = stream.shutdown().await;
-                self.confirm_on_the_way_out(&control).await;
-                return Ok(());
-            };
-            let event = match event {
-                Ok(Some(event)) => event,
-                Ok(None) => return Err(retry(anyhow::anyhow!("the replication stream ended"))),
-                Err(error) => return Err(retry(error)),
-            };
-            match event {
-                ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
-                    let position = final_lsn.to_string();
-                    transaction = Some(Transaction {
-                        id_prefix: format!("{}:{position}:", self.config.slot),
-                        position,
-                        time: pg_time(commit_time_micros),
-                        index: 0,
-                    });
-                }
-                ReplicationEvent::Commit { end_lsn, .. } => {
-                    transaction = None;
-                    batch.commit = Some(end_lsn);
-                    if batch.events.is_empty() && storing.batches.is_empty() {
-                        // Nothing to store (all filtered by the publication): confirm now.
-                        self.confirm(&stream, end_lsn);
-                        batch.commit = None;
+        // `Ok` when asked to stop; the stop's own work follows below, also when a stop cut a
+        // wait short (a plugin, NATS) and so ended the loop with an error.
+        let streaming = async {
+            loop {
+                let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => None,
+                    Some(stored) = storing.batches.next(), if !storing.batches.is_empty() => {
+                        let commit = stored?;
+                        self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
+                        continue;
                     }
-                }
-                ReplicationEvent::XLogData { data, .. } => {
-                    let message = pgoutput::decode(data).map_err(|e| Failure::Fatal(e.into()))?;
-                    self.apply(message, &control, &mut types, &mut relations, transaction.as_mut(), &mut batch).await?;
-                    if batch.events.len() >= self.config.max_batch {
+                    () = self.marks.marked_moved.notified() => {
+                        self.confirm_marked(&stream);
+                        continue;
+                    }
+                    event = stream.recv() => Some(event),
+                    error = &mut server_gone => return Err(retry(error)),
+                    _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {
                         self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
+                        continue;
                     }
-                }
-                ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
-                    let now_micros = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_micros() as i64 - (PG_EPOCH_OFFSET as i64) * 1_000_000);
-                    self.status.lag_micros.store((now_micros - server_time_micros).max(0), Ordering::Relaxed);
-                    self.status.server_lsn.store(wal_end.as_u64(), Ordering::Relaxed);
-                    // Caught up with nothing in flight: confirm the server's position, so a quiet
-                    // publication on a busy database does not pin WAL.
-                    if transaction.is_none()
-                        && batch.events.is_empty()
-                        && batch.commit.is_none()
-                        && storing.batches.is_empty()
-                    {
-                        self.confirm(&stream, wal_end);
+                };
+                let Some(event) = next else { return Ok(()) };
+                let event = match event {
+                    Ok(Some(event)) => event,
+                    Ok(None) => return Err(retry(anyhow::anyhow!("the replication stream ended"))),
+                    Err(error) => return Err(retry(error)),
+                };
+                match event {
+                    ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                        let position = final_lsn.to_string();
+                        transaction = Some(Transaction {
+                            id_prefix: format!("{}:{position}:", self.config.slot),
+                            position,
+                            time: pg_time(commit_time_micros),
+                            index: 0,
+                        });
                     }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        transaction = None;
+                        batch.commit = Some(end_lsn);
+                        if batch.events.is_empty() && storing.batches.is_empty() {
+                            // Nothing to store (all filtered by the publication): confirm now.
+                            self.confirm(&stream, end_lsn);
+                            batch.commit = None;
+                        }
+                    }
+                    ReplicationEvent::XLogData { data, wal_end, .. } => {
+                        // The server's WAL end also comes with the data (0 inside a transaction):
+                        // during a catch-up, keepalives are rare and the lag would read as none.
+                        self.status.server_lsn.fetch_max(wal_end.as_u64(), Ordering::Relaxed);
+                        let message = pgoutput::decode(data).map_err(|e| Failure::Fatal(e.into()))?;
+                        // A table's shape and a new type are looked up over the control connection,
+                        // which the watchdog cannot watch while this runs. (Rows ask it nothing.)
+                        let asks_the_server = matches!(message, Message::Relation(_) | Message::Type { .. });
+                        let applying =
+                            self.apply(message, &control, &mut types, &mut relations, transaction.as_mut(), &mut batch);
+                        if asks_the_server {
+                            answered_in_time(CONTROL_PATIENCE, applying).await?;
+                        } else {
+                            applying.await?;
+                        }
+                        if batch.events.len() >= self.config.max_batch {
+                            self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
+                        }
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
+                        let now_micros = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_micros() as i64 - (PG_EPOCH_OFFSET as i64) * 1_000_000);
+                        self.status.lag_micros.store((now_micros - server_time_micros).max(0), Ordering::Relaxed);
+                        self.status.server_lsn.fetch_max(wal_end.as_u64(), Ordering::Relaxed);
+                        // Caught up with nothing in flight: confirm the server's position, so a quiet
+                        // publication on a busy database does not pin WAL.
+                        if transaction.is_none()
+                            && batch.events.is_empty()
+                            && batch.commit.is_none()
+                            && storing.batches.is_empty()
+                        {
+                            self.confirm(&stream, wal_end);
+                        }
+                    }
+                    ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                 }
-                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
+        };
+        match streaming.await {
+            Ok(()) => {}
+            Err(Failure::Retry(_)) if *shutdown.borrow() => {}
+            Err(failure) => return Err(failure),
         }
+        // Shutting down: the batches being stored are finished (their sleeps end at shutdown);
+        // nothing half-read is confirmed, the slot replays it next time.
+        while let Some(Ok(commit)) = storing.batches.next().await {
+            self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
+        }
+        // The last stored position is marked here, after the marker's own writer has stopped
+        // (one connection keeps the writes in order; an older one landing last would make the
+        // next start refuse the slot).
+        drop(marking);
+        let wanted = self.marks.wanted.load(Ordering::Relaxed);
+        if wanted > self.marks.marked.load(Ordering::Relaxed)
+            && let Ok(Ok(())) =
+                tokio::time::timeout(LAST_MARK_TIMEOUT, marker.allow_confirming(Lsn::from(wanted))).await
+        {
+            self.marks.marked.fetch_max(wanted, Ordering::Relaxed);
+            self.confirm_marked(&stream);
+        }
+        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(CONTROL_PATIENCE, self.confirm_on_the_way_out(&control)).await;
+        Ok(())
     }
 
     /// Turns one decoded message into events (or relation/type bookkeeping).
@@ -906,7 +1023,13 @@ impl PostgresSource {
         reader.batch_execute("COMMIT").await.map_err(retry)?;
         // A gated session that never started streaming does not answer a graceful stop.
         exporter.abort();
-        marker.write(&start, "created", "done").await?;
+        // Retried in place: left `pending`, the next start would take the whole snapshot again.
+        let mut pause = Duration::from_millis(200);
+        while let Err(Failure::Retry(error) | Failure::Fatal(error)) = marker.write(&start, "created", "done").await {
+            tracing::warn!(error = %format!("{error:#}"), retry_in = ?pause, "the snapshot is stored but could not be marked done; retrying");
+            sleep_unless_shut_down(pause, shutdown, "marking the snapshot done").await?;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
         tracing::info!(slot = %self.config.slot, rows = index, "snapshot done; streaming changes");
         Ok(start)
     }
@@ -996,10 +1119,21 @@ impl PostgresSource {
         Ok(())
     }
 
+    /// Everything before `lsn` is stored: confirmed to the server as far as the marker allows,
+    /// and the rest once it does.
     fn confirm(&self, stream: &ReplicationClient, lsn: Lsn) {
-        if lsn.as_u64() > self.status.confirmed_lsn.load(Ordering::Relaxed) {
-            stream.update_applied_lsn(lsn);
-            self.status.confirmed_lsn.store(lsn.as_u64(), Ordering::Relaxed);
+        if self.marks.wanted.fetch_max(lsn.as_u64(), Ordering::Relaxed) < lsn.as_u64() {
+            self.marks.wanted_moved.notify_one();
+        }
+        self.confirm_marked(stream);
+    }
+
+    /// Confirms what is stored, up to what the marker allows.
+    fn confirm_marked(&self, stream: &ReplicationClient) {
+        let allowed = self.marks.wanted.load(Ordering::Relaxed).min(self.marks.marked.load(Ordering::Relaxed));
+        if allowed > self.status.confirmed_lsn.load(Ordering::Relaxed) {
+            stream.update_applied_lsn(Lsn::from(allowed));
+            self.status.confirmed_lsn.store(allowed, Ordering::Relaxed);
         }
     }
 }
