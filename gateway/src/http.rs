@@ -199,6 +199,10 @@ fn store_failure(error: SinkError, stored: usize, total: usize, core: bool) -> A
         failure.message = format!(
             "{text}; it may or may not have been delivered, and in core NATS mode nothing removes a second copy: retry only if a duplicate is acceptable"
         );
+    } else if stored > 0 && core {
+        failure.message = format!(
+            "{text}: {stored} of this event's {total} messages were sent, the rest not; in core NATS mode a retry sends every one again"
+        );
     } else if stored > 0 {
         failure.message = format!(
             "{text}: {stored} of this event's {total} messages were stored, the rest not; retry with the same event id (Idempotency-Key, or a batch line's `id`) to store the rest once"
@@ -736,10 +740,9 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let id = &ids[position];
         // Whether this event had something to store, and if so whether all of it was stored.
         let total = span.len();
-        let outcomes: Vec<Result<Published, SinkError>> = stored[span].iter_mut().filter_map(Option::take).collect();
-        let stored_count = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+        let stored_count = stored[span.clone()].iter().filter(|outcome| matches!(outcome, Some(Ok(_)))).count();
         let stored_here: Option<Result<Vec<Published>, SinkError>> =
-            (total > 0).then(|| outcomes.into_iter().collect());
+            (total > 0).then(|| stored[span].iter_mut().filter_map(Option::take).collect());
         let answer = match (stored_here, disposition) {
             (Some(Err(error)), _) => Err(store_failure(error, stored_count, total, state.sink.jetstream().is_none())),
             (Some(Ok(stored)), Disposition::Publish(_)) => {
@@ -878,8 +881,9 @@ struct Coalescer {
 struct Waiting {
     event: Event,
     answer: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
-    /// The idempotency key and request fingerprint to remember the answer under.
-    remember: Option<(String, [u8; 32])>,
+    /// The idempotency key (its mark, settled if the event is never answered) and the
+    /// request's fingerprint, to remember the answer under.
+    claim: Option<(InFlightGuard, [u8; 32])>,
 }
 
 /// Most batches of coalesced requests that run at once: one per core, so plugins can use every
@@ -891,9 +895,13 @@ fn coalesce_runners() -> usize {
 /// Runs one single-event request's event, batched with whatever other requests are waiting.
 /// With `remember`, its answer is remembered under that idempotency key by the runner, so a
 /// client that goes away meanwhile still finds it when it retries.
-async fn submit(state: &Arc<AppState>, event: Event, remember: Option<(String, [u8; 32])>) -> Result<Answer, ApiError> {
+async fn submit(
+    state: &Arc<AppState>,
+    event: Event,
+    claim: Option<(InFlightGuard, [u8; 32])>,
+) -> Result<Answer, ApiError> {
     let (answer, answered) = tokio::sync::oneshot::channel();
-    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting { event, answer, remember });
+    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting { event, answer, claim });
     // A task of its own: a client that goes away must not abandon the others' events.
     start_runner(state);
     answered.await.unwrap_or_else(|_| {
@@ -960,12 +968,13 @@ async fn run_group(state: &Arc<AppState>, group: Vec<Waiting>) {
     let mut answers = Vec::with_capacity(group.len());
     for waiting in group {
         events.push(waiting.event);
-        answers.push((waiting.answer, waiting.remember));
+        answers.push((waiting.answer, waiting.claim));
     }
     let results = ingest(state, events).await;
-    for ((answer, key), result) in answers.into_iter().zip(results) {
-        if let Some((key, fingerprint)) = key {
-            remember(state, &key, fingerprint, &result);
+    for ((answer, claim), result) in answers.into_iter().zip(results) {
+        if let Some((guard, fingerprint)) = claim {
+            remember(state, &guard.keys[0], fingerprint, &result);
+            guard.disarm();
         }
         // The request may be gone (client disconnected); its event was still processed.
         let _ = answer.send(result);
@@ -1192,9 +1201,10 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     if let Some(answer) = remembered(&state, &idempotency_key, fingerprint) {
         return answer_response(answer);
     }
-    // Queued before this future can be dropped (no await between the mark and the queue): the
-    // runner then remembers the answer, or forgets the mark, even if the client goes away.
-    answer_response(submit(&state, event, Some((idempotency_key, fingerprint))).await)
+    // The mark goes with the event to the runner, which remembers the answer even if the client
+    // has gone away (and should the event never be answered, the guard settles the mark).
+    let guard = InFlightGuard { state: state.clone(), keys: vec![idempotency_key] };
+    answer_response(submit(&state, event, Some((guard, fingerprint))).await)
 }
 
 /// Answers remembered by idempotency key, and when each expires in the order they were
@@ -1225,6 +1235,14 @@ impl Memory {
         }
     }
 
+    /// Leaves `key` bound to the request with `fingerprint` for `ttl`, with no answer to give:
+    /// whether it is stored is not known.
+    fn unsettle(&mut self, key: &str, fingerprint: [u8; 32], ttl: Duration) {
+        let expires = Instant::now() + ttl;
+        self.entries.insert(key.to_string(), Remembered::Unsettled { fingerprint, expires });
+        self.expiry.push_back((expires, key.to_string()));
+    }
+
     /// Whether `key` may be added (it is there already, or there is room).
     fn has_room_for(&self, key: &str) -> bool {
         self.entries.len() < MAX_REMEMBERED || self.entries.contains_key(key)
@@ -1249,40 +1267,41 @@ fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<
             memory.entries.insert(key.to_string(), Remembered::Done { fingerprint, status, body, expires });
             memory.expiry.push_back((expires, key.to_string()));
         }
-        _ => {
+        Some(_) => {
             memory.entries.remove(key);
         }
+        // A failure: the same request again is processed, but the key stays bound to it (an
+        // earlier attempt of it may be stored).
+        None => memory.unsettle(key, fingerprint, state.settings.idempotency_ttl),
     }
 }
 
-/// Settles the `InFlight` idempotency marks of a request that ends without an answer (its
-/// client went away): its events may or may not be stored, so the keys stay taken by that
-/// request for the usual time. The same request again is processed (JetStream stores it once);
-/// a different one under the key gets `422`.
-struct InFlightGuard<'a> {
-    state: &'a AppState,
+/// Settles the `InFlight` idempotency marks of events that end without an answer (a batch's
+/// client went away; a runner that never answered): they may or may not be stored, so the keys
+/// stay bound to their requests for the usual time. The same request again is processed
+/// (JetStream stores it once); a different one under the key gets `422`.
+struct InFlightGuard {
+    state: Arc<AppState>,
     keys: Vec<String>,
 }
 
-impl InFlightGuard<'_> {
+impl InFlightGuard {
     /// Every key's answer is remembered (or forgotten): nothing left to settle.
     fn disarm(mut self) {
         self.keys.clear();
     }
 }
 
-impl Drop for InFlightGuard<'_> {
+impl Drop for InFlightGuard {
     fn drop(&mut self) {
         if self.keys.is_empty() {
             return;
         }
-        let expires = Instant::now() + self.state.settings.idempotency_ttl;
         let mut memory = self.state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
             if let Some(Remembered::InFlight { fingerprint }) = memory.entries.get(key) {
                 let fingerprint = *fingerprint;
-                memory.entries.insert(key.clone(), Remembered::Unsettled { fingerprint, expires });
-                memory.expiry.push_back((expires, key.clone()));
+                memory.unsettle(key, fingerprint, self.state.settings.idempotency_ttl);
             }
         }
     }
@@ -1410,7 +1429,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
     // A client that goes away mid-batch (hyper then drops this handler) abandons its events
     // where they are, so their sends give their room in the ack window back at once; their
     // keys are left unsettled (see `InFlightGuard`).
-    let mut guard = InFlightGuard { state: &state, keys: Vec::new() };
+    let mut guard = InFlightGuard { state: state.clone(), keys: Vec::new() };
     for (index, raw) in body.split(|&byte| byte == b'\n').enumerate() {
         let line_number = index + 1;
         // Checked per line: one bad byte fails its own line, not the batch.
@@ -1631,6 +1650,8 @@ mod tests {
         let partly = store_failure(SinkError::Full("max_msgs".into()), 2, 3, false);
         assert!(partly.message.contains("2 of this event's 3 messages were stored"), "{}", partly.message);
         assert!(!partly.message.contains("nothing was stored"), "{}", partly.message);
+        let core_partly = store_failure(SinkError::Disconnected, 1, 2, true);
+        assert!(core_partly.message.contains("a retry sends every one again"), "{}", core_partly.message);
     }
 
     #[test]

@@ -301,7 +301,19 @@ fn report_health(slot: &PluginSlot, plugin: &Arc<Plugin>, change: Change, metric
     }
 }
 
-/// A chain allowed to run: its plugins' serving versions, each with its ticket.
+/// How many of `results` to take: all, or up to the `limit`-th failure in a row.
+fn end_at_failures_in_a_row<T, E>(results: &[Result<T, E>], limit: u32) -> usize {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+    let mut in_a_row = 0;
+    for (index, result) in results.iter().enumerate() {
+        in_a_row = if result.is_err() { in_a_row + 1 } else { 0 };
+        if in_a_row >= limit {
+            return index + 1;
+        }
+    }
+    results.len()
+}
+
 /// Events a plugin quarantined by their failures did not run, as they came in.
 struct Held {
     plugin: String,
@@ -309,6 +321,7 @@ struct Held {
     events: Vec<Event>,
 }
 
+/// A chain allowed to run: its plugins' serving versions, each with its ticket.
 struct Admitted {
     chain: Vec<Arc<Plugin>>,
     /// Each place's ticket, to record its results under.
@@ -494,27 +507,45 @@ impl Pipeline {
             // Everything dropped or failed before this plugin: no call to count.
             let called = !batch.is_empty();
             let stop_after = if ticket.is_probe() { None } else { plugin.health().failures_to_quarantine() };
-            let results: Vec<Result<Outcome, PluginError>> = plugin
+            let mut results: Vec<Result<Outcome, PluginError>> = plugin
                 .run_stopping(&batch, stop_after)
                 .await
                 .into_iter()
                 .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
                 .collect();
+            // Failures of single events in a call that ran (a bad subject, an output limit)
+            // count too: what comes after the one that quarantines the plugin is not taken.
+            if let Some(limit) = stop_after {
+                results.truncate(end_at_failures_in_a_row(&results, limit));
+            }
             if called {
                 metrics.plugin_call_duration(plugin.name(), started.elapsed());
             }
             report_health(slot, plugin, plugin.health().record(*ticket, &results), metrics);
+            let mut quarantined = None;
+            if results.len() < batch.len() {
+                match plugin.health().check() {
+                    Err(quarantine) => quarantined = Some(quarantine),
+                    // Not quarantined after all (a success elsewhere reset the count meanwhile):
+                    // the rest run too.
+                    Ok(()) => {
+                        let rest: Vec<Result<Outcome, PluginError>> = plugin
+                            .run(&batch[results.len()..])
+                            .await
+                            .into_iter()
+                            .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
+                            .collect();
+                        report_health(slot, plugin, plugin.health().record(*ticket, &rest), metrics);
+                        results.extend(rest);
+                    }
+                }
+            }
             let inputs = std::mem::take(&mut batch);
-            if let Some(&first_held) = origins.get(results.len()) {
+            if let Some(why) = quarantined
+                && let Some(&first_held) = origins.get(results.len())
+            {
                 // The plugin stopped: the input its first unrun event descends from, and every
                 // later one, are held back whole (per-key order), with what earlier plugins did.
-                let why = match plugin.health().check() {
-                    Err(quarantine) => quarantine,
-                    Ok(()) => Quarantine {
-                        retry_after: std::time::Duration::from_secs(1),
-                        last_error: "its events kept failing".into(),
-                    },
-                };
                 held = Some((plugin.name().to_string(), Unavailability::Quarantined(why)));
                 count = first_held;
                 verdicts.truncate(count);
@@ -646,6 +677,14 @@ fn build_route(index: usize, config: &RouteConfig, plugins: &PluginSet) -> anyho
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(prefix) = &config.allowed_prefix
+        && !crate::subject::template_can_start_with(template, prefix)
+    {
+        tracing::warn!(
+            route = %name,
+            "the route's subject `{template}` never falls under its allowed_prefix `{prefix}`: an event a plugin keeps without moving it under the prefix fails as `invalid-subject`"
+        );
+    }
     Ok(Route {
         allowed_prefix: config.allowed_prefix.clone().unwrap_or_else(|| subject.literal_prefix()),
         name,
@@ -923,6 +962,15 @@ mod tests {
         assert_eq!(pipeline.route_for(&event("orders", "insert")), Some(0));
         assert_eq!(pipeline.route_for(&event("orders", "update")), Some(0));
         assert_eq!(pipeline.route_for(&event("orders", "delete")), None);
+    }
+
+    #[test]
+    fn a_batch_is_taken_up_to_the_failure_that_quarantines() {
+        let results: Vec<Result<(), ()>> = vec![Err(()), Ok(()), Err(()), Err(()), Err(()), Ok(())];
+        assert_eq!(end_at_failures_in_a_row(&results, 3), 5);
+        assert_eq!(end_at_failures_in_a_row(&results, 4), 6);
+        assert_eq!(end_at_failures_in_a_row(&results, 1), 1);
+        assert_eq!(end_at_failures_in_a_row::<(), ()>(&[], 2), 0);
     }
 
     #[test]

@@ -1287,7 +1287,17 @@ async fn a_concurrent_request_with_the_same_key_gets_409_and_a_failed_one_can_be
     assert_eq!(second, 409, "the first is still running");
     assert_eq!(first.await.unwrap(), 500, "the plugin timed out on a reject route");
     // A failure is not remembered: the retry runs again (and fails again the same way).
-    assert_eq!(send(url).await, 500);
+    assert_eq!(send(url.clone()).await, 500);
+    // The key stays bound to that request: another one under it is refused.
+    let other = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", "same-key")
+        .body(r#"{"other":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 422);
     assert!(nats.messages("WEIR").await.is_empty());
 }
 
@@ -2125,10 +2135,18 @@ async fn a_client_that_gives_up_finds_its_idempotency_key_remembered_when_it_ret
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_batch_of_failing_events_is_held_back_once_they_quarantine_the_plugin() {
+    // Whether the batch's call fails (a trap: re-run event by event) or single events of a call
+    // that ran fail (a bad subject).
+    held_back_after_the_quarantining_failure("fixture-panic-every-10th", r#"{"seq":10}"#, "trap").await;
+    held_back_after_the_quarantining_failure("fixture-invalid-subject", r#"{"subject":"a..b"}"#, "invalid-subject")
+        .await;
+}
+
+async fn held_back_after_the_quarantining_failure(plugin: &str, data: &str, kind: &str) {
     let nats = Nats::start();
     let (_dir, _live, gateway) = live_plugin_gateway(
         &nats,
-        "fixture-panic-every-10th",
+        plugin,
         r#"
 [plugins.live]
 quarantine_after = 5
@@ -2138,8 +2156,7 @@ match = { entity = "poison" }
 plugins = ["live"]
 "#,
     );
-    let poison = [r#"{"seq":10}"#; 40];
-    let (status, batch, headers) = ndjson(&gateway, &poison).await;
+    let (status, batch, headers) = ndjson(&gateway, &[data; 40]).await;
     assert_eq!(status, 207, "{batch}");
     let results = batch["results"].as_array().unwrap();
     let outcomes: Vec<(u64, Option<&str>)> =
@@ -2147,7 +2164,7 @@ plugins = ["live"]
     // The five failures that quarantine the plugin are dead-lettered; the other 35 are held
     // back for a retry, not dead-lettered one by one.
     assert_eq!(outcomes[..5], [(202, None); 5], "{batch}");
-    assert!(results[..5].iter().all(|r| r["error"]["kind"] == "trap"), "{batch}");
+    assert!(results[..5].iter().all(|r| r["error"]["kind"] == kind), "{batch}");
     assert_eq!(outcomes[5..], [(503, Some("plugin_quarantined")); 35], "{batch}");
     assert!(retry_after(&headers) >= 1, "{headers:?}");
     let stored = nats.messages("WEIR").await;

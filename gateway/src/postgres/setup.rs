@@ -143,14 +143,6 @@ pub async fn prepare(
         .await
         .map_err(|e| retry(anyhow::anyhow!("cannot create JetStream stream {SLOT_BUCKET}: {e}")))?;
     let marker_key = format!("{SLOT_BUCKET}.{system}.{}", config.slot);
-    let marker = match markers.get_last_raw_message_by_subject(&marker_key).await {
-        Ok(message) => Some(message.payload),
-        Err(error) if error.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => None,
-        Err(error) => {
-            return Err(retry(anyhow::anyhow!("cannot read {marker_key} from stream {SLOT_BUCKET}: {error}")));
-        }
-    };
-
     // A gateway killed a moment ago may still hold the slot until the server notices.
     let mut attempts = 0;
     let slot = loop {
@@ -170,6 +162,16 @@ pub async fn prepare(
             other => break other,
         }
     };
+    // Read after the slot is free: a gateway stopping a moment ago writes the marker before it
+    // moves the slot, so an older read could be behind the slot and refuse it wrongly.
+    let marker = match markers.get_last_raw_message_by_subject(&marker_key).await {
+        Ok(message) => Some(message.payload),
+        Err(error) if error.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => None,
+        Err(error) => {
+            return Err(retry(anyhow::anyhow!("cannot read {marker_key} from stream {SLOT_BUCKET}: {error}")));
+        }
+    };
+
     let recorded = marker.as_ref().and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok());
     let record = SlotMarker {
         jetstream: jetstream.clone(),

@@ -105,6 +105,7 @@ const MARK_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes the furthest stored position to the marker whenever it moves, then lets it be confirmed.
 async fn keep_marker(marker: Arc<super::setup::SlotMarker>, marks: Arc<Marks>) {
+    let mut failed_in_a_row = 0u32;
     loop {
         let wanted = marks.wanted.load(Ordering::Relaxed);
         if wanted <= marks.marked.load(Ordering::Relaxed) {
@@ -113,11 +114,19 @@ async fn keep_marker(marker: Arc<super::setup::SlotMarker>, marks: Arc<Marks>) {
         }
         match marker.allow_confirming(Lsn::from(wanted)).await {
             Ok(()) => {
+                failed_in_a_row = 0;
                 marks.marked.fetch_max(wanted, Ordering::Relaxed);
                 marks.marked_moved.notify_one();
             }
             Err(Failure::Retry(error) | Failure::Fatal(error)) => {
-                tracing::debug!(error = %format!("{error:#}"), "the slot's marker could not be written; the slot is confirmed once it is");
+                failed_in_a_row += 1;
+                // Once a minute while it lasts: a marker that cannot be written holds the slot
+                // (and the server's WAL) where it is.
+                if failed_in_a_row % 60 == 3 {
+                    tracing::warn!(error = %format!("{error:#}"), failed_in_a_row, "the slot's marker in stream weir_postgres_slots cannot be written, so the slot is not confirmed and the server keeps WAL for it; see the error");
+                } else {
+                    tracing::debug!(error = %format!("{error:#}"), "the slot's marker could not be written; the slot is confirmed once it is");
+                }
             }
         }
         tokio::time::sleep(MARK_EVERY).await;
@@ -365,6 +374,9 @@ impl PostgresSource {
         self.status.connected.store(true, Ordering::Relaxed);
         self.streamed.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
+        // Raised from here by what this server says (another server, after a restore or a
+        // failover, may be behind the last one).
+        self.status.server_lsn.store(start.as_u64(), Ordering::Relaxed);
         self.marks.wanted.store(start.as_u64(), Ordering::Relaxed);
         self.marks.marked.store(marker.confirmable().unwrap_or(start).max(start).as_u64(), Ordering::Relaxed);
         let marking = AbortOnDrop(tokio::spawn(keep_marker(marker.clone(), self.marks.clone())));
@@ -640,6 +652,9 @@ impl PostgresSource {
                             self.confirm(stream, commit);
                         }
                     }
+                    // Stored batches are confirmed as the marker allows also while this one
+                    // waits (for a quarantined plugin, say: minutes).
+                    () = self.marks.marked_moved.notified() => self.confirm_marked(stream),
                     _ = async {
                         if let Some(sent) = newest_sent.as_mut() {
                             let _ = sent.await;
