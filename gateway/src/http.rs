@@ -464,7 +464,12 @@ fn single_event(
     // A CloudEvent's `id`, `source` and `type`, in either mode.
     let mut cloud: Option<[Option<String>; 3]> = None;
     if media == "application/cloudevents+json" {
-        let envelope: Value = serde_json::from_slice(body).map_err(bad_json)?;
+        // Checked strictly first: parsed into a map, a repeated key would be dropped unseen.
+        let text = std::str::from_utf8(body).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not UTF-8: {error}"))
+        })?;
+        crate::strict_json::check(text).map_err(bad_json)?;
+        let envelope: Value = serde_json::from_str(text).map_err(bad_json)?;
         let attribute = |name: &str| envelope.get(name).and_then(Value::as_str).map(str::to_string);
         if envelope.get("specversion").and_then(Value::as_str) != Some("1.0") || attribute("id").is_none() {
             return Err(ApiError::new(
@@ -483,7 +488,7 @@ fn single_event(
             let text = std::str::from_utf8(body).map_err(|error| {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not UTF-8: {error}"))
             })?;
-            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(bad_json)?;
+            crate::strict_json::check(text).map_err(bad_json)?;
         }
     } else {
         return Err(ApiError::new(
@@ -586,7 +591,7 @@ fn cloudevent_data(envelope: &Value) -> Result<Vec<u8>, ApiError> {
         .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
         .ok_or_else(|| refuse("`data_base64` is not base64".into()))?;
     let text = std::str::from_utf8(&bytes).ok();
-    match text.map(serde_json::from_str::<serde::de::IgnoredAny>) {
+    match text.map(crate::strict_json::check) {
         Some(Ok(_)) => Ok(bytes),
         _ => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -1452,6 +1457,9 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             }
             if line.data.as_ref().is_some_and(|raw| nests_too_deep(raw.get().as_bytes())) {
                 return Err(too_deep_message());
+            }
+            if let Some(Err(error)) = line.data.as_ref().map(|raw| crate::strict_json::check(raw.get())) {
+                return Err(format!("`data` is not accepted: {error}"));
             }
             if line.id.as_deref().is_some_and(|id| !valid_event_id(id)) {
                 return Err("`id` must be 1–255 printable characters".to_string());

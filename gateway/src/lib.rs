@@ -3,8 +3,9 @@
 //!
 //! The `weir` binary is a thin CLI over this library: [`config`] reads the config file,
 //! [`http`] is the HTTP source, [`pipeline`] routes events through plugin chains, [`plugin`] is
-//! the sandboxed runtime, [`sink`] publishes to NATS, [`metrics`] counts it all, [`run`] wires
-//! it together, and [`cli`] holds the command implementations.
+//! the sandboxed runtime, [`sink`] publishes to NATS, [`strict_json`] checks incoming JSON,
+//! [`metrics`] counts it all, [`run`] wires it together, and [`cli`] holds the command
+//! implementations.
 
 pub mod cli;
 pub mod config;
@@ -16,4 +17,5 @@ pub mod plugin;
 pub mod postgres;
 pub mod run;
 pub mod sink;
+pub mod strict_json;
 pub mod subject;

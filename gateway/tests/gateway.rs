@@ -381,6 +381,24 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let (_, body) = post_batch(&gateway, deep_lines).await;
     assert_eq!(body["results"][0]["status"], 400, "{body}");
 
+    // A key twice in one object (consumers would disagree on which one counts), in a single
+    // event, a batch line's data and a CloudEvent.
+    let twice = r#"{"email":"a@x","nested":{"role":"user","role":"admin"}}"#;
+    let (status, body, _) = post(&gateway, "/v1/events/users", twice, &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_json")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(r#"the key "role" appears twice"#), "{body}");
+    let (_, body) = post_batch(&gateway, format!("{{\"entity\":\"users\",\"data\":{twice}}}\n")).await;
+    assert_eq!(body["results"][0]["status"], 400, "{body}");
+    let cloudevent = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data":{twice}}}"#);
+    let response = client()
+        .post(gateway.url("/v1/events/users"))
+        .header("content-type", "application/cloudevents+json")
+        .body(cloudevent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+
     let not_utf8 = client()
         .post(gateway.url("/v1/events/users"))
         .header("content-type", "application/json")
