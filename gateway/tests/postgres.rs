@@ -828,25 +828,53 @@ async fn a_slot_re_created_behind_the_gateways_back_is_refused_until_the_operato
     capture.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn weir_check_reports_server_settings_and_tables_with_fixes() {
-    let capture =
-        Capture::new("check", &[("keyed", "id bigint PRIMARY KEY, n bigint"), ("keyless", "id bigint, n bigint")])
-            .await;
-    let nats = Nats::start();
-    let mut config = capture.config(&nats, "").replace("{plugins}", &common::plugins_dir().display().to_string());
-    config = config.replace("tables = [", "tables = [\"public.weir_t_no_such_table\", ");
+/// `weir check` on `config`: its exit code and what it printed.
+fn weir_check(config: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config.replace("{plugins}", &common::plugins_dir().display().to_string())).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["check", "--config"])
         .arg(&path)
         .env("WEIR_CACHE_DIR", common::cache_dir())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{text}");
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_that_differs_from_the_configured_tables_is_reported() {
+    // Made by an earlier config with one table; `b` was added to `tables` since.
+    let capture = Capture::new("pubdiff", &[("a", "id bigint PRIMARY KEY"), ("b", "id bigint PRIMARY KEY")]).await;
+    connect()
+        .await
+        .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", capture.name, capture.tables[0]))
+        .await
+        .unwrap();
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    let (code, text) = weir_check(&config);
+    assert_eq!(code, Some(1), "{text}");
+    let missing = format!("publication {} does not include public.{}", capture.name, capture.tables[1]);
+    assert!(
+        text.lines().any(|l| l.starts_with("error ") && l.contains(&missing) && l.contains("ALTER PUBLICATION")),
+        "{text}"
+    );
+    let gateway = Gateway::start(&config);
+    log_says(&gateway, &missing).await;
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weir_check_reports_server_settings_and_tables_with_fixes() {
+    let capture =
+        Capture::new("check", &[("keyed", "id bigint PRIMARY KEY, n bigint"), ("keyless", "id bigint, n bigint")])
+            .await;
+    let nats = Nats::start();
+    let config = capture.config(&nats, "").replace("tables = [", "tables = [\"public.weir_t_no_such_table\", ");
+    let (code, text) = weir_check(&config);
+    assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("ok    wal_level = logical"), "{text}");
     assert!(text.contains("ok    role root may replicate"), "{text}");
     assert!(text.contains(&format!("ok    table public.{} (primary key)", capture.table("keyed"))), "{text}");

@@ -296,6 +296,10 @@ async fn ensure_publication(config: &PostgresConfig, client: &tokio_postgres::Cl
         .await
         .map_err(retry)?;
     if existing.is_some() {
+        // Weir creates the publication from `tables` but never alters one that exists.
+        for difference in publication_differences(config, client).await.map_err(retry)? {
+            tracing::warn!("{difference}");
+        }
         return Ok(());
     }
     let scope = if config.tables.is_empty() {
@@ -354,6 +358,68 @@ pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the primary key of table {oid}: {e}"))?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// How an existing publication differs from `[postgres] tables`, each with the statement that
+/// makes them agree: a table added to `tables` after the publication was made is otherwise never
+/// captured, without a word.
+async fn publication_differences(
+    config: &PostgresConfig,
+    client: &tokio_postgres::Client,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let publication = &config.publication;
+    let Some(row) =
+        client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[publication]).await?
+    else {
+        return Ok(Vec::new());
+    };
+    let all_tables: bool = row.get(0);
+    let name = quote(publication);
+    if config.tables.is_empty() {
+        return Ok(if all_tables {
+            Vec::new()
+        } else {
+            vec![format!(
+                "publication {publication} lists tables, but [postgres] `tables` is empty (every table): only the listed ones are captured; to capture every table: DROP PUBLICATION {name}; CREATE PUBLICATION {name} FOR ALL TABLES"
+            )]
+        });
+    }
+    if all_tables {
+        return Ok(vec![format!(
+            "publication {publication} is FOR ALL TABLES, but [postgres] `tables` lists some: every table's changes are captured; to capture only those, drop the publication (DROP PUBLICATION {name}) and let weir create it"
+        )]);
+    }
+    let published: Vec<String> = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[publication],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let wanted: Vec<String> =
+        config.tables.iter().map(|t| if t.contains('.') { t.clone() } else { format!("public.{t}") }).collect();
+    let missing: Vec<&String> = wanted.iter().filter(|table| !published.contains(table)).collect();
+    let extra: Vec<&String> = published.iter().filter(|table| !wanted.contains(table)).collect();
+    let names = |tables: &[&String]| tables.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ");
+    let quoted = |tables: &[&String]| tables.iter().map(|t| quoted_table(t)).collect::<Vec<_>>().join(", ");
+    let mut differences = Vec::new();
+    if !missing.is_empty() {
+        differences.push(format!(
+            "publication {publication} does not include {}, which [postgres] `tables` lists: their changes are not captured; add them: ALTER PUBLICATION {name} ADD TABLE {}",
+            names(&missing),
+            quoted(&missing)
+        ));
+    }
+    if !extra.is_empty() {
+        differences.push(format!(
+            "publication {publication} also includes {}, which [postgres] `tables` does not list: their changes are captured too; to stop that: ALTER PUBLICATION {name} DROP TABLE {}",
+            names(&extra),
+            quoted(&extra)
+        ));
+    }
+    Ok(differences)
 }
 
 /// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
@@ -457,7 +523,13 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
         }
     }
     match client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&config.publication]).await {
-        Ok(Some(_)) => println!("ok    publication {} exists", config.publication),
+        Ok(Some(_)) => match publication_differences(config, &client).await {
+            Ok(differences) if differences.is_empty() => {
+                println!("ok    publication {} exists and matches `tables`", config.publication);
+            }
+            Ok(differences) => problems.extend(differences),
+            Err(error) => problems.push(format!("cannot read the publication's tables: {error}")),
+        },
         Ok(None) => println!("note  publication {} does not exist yet; `weir run` creates it", config.publication),
         Err(error) => problems.push(format!("cannot read publications: {error}")),
     }
