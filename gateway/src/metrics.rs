@@ -158,7 +158,7 @@ impl Metrics {
         );
         registry.register(
             "postgres_lag_seconds",
-            "How far the stream runs behind the server's clock",
+            "Age of the changes being read while the stream is behind (now minus their commit time); 0 once caught up",
             metrics.pg_lag_seconds.clone(),
         );
         registry.register(
@@ -256,7 +256,9 @@ impl Metrics {
         self.pg_connected.set(i64::from(status.connected.load(Ordering::Relaxed)));
         self.pg_confirmed_lsn.set(i64::try_from(confirmed).unwrap_or(i64::MAX));
         self.pg_lag_bytes.set(i64::try_from(server.saturating_sub(confirmed)).unwrap_or(i64::MAX));
-        self.pg_lag_seconds.set(status.lag_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let reading = status.reading_commit_micros.load(Ordering::Relaxed);
+        let behind = if reading == 0 { 0 } else { crate::postgres::now_pg_micros().saturating_sub(reading).max(0) };
+        self.pg_lag_seconds.set(behind as f64 / 1e6);
         if let Some(bytes) = retained_wal {
             self.pg_retained_wal_bytes.set(bytes);
         }

@@ -1283,6 +1283,23 @@ fn live_noop_config(
     (dir, live, config)
 }
 
+/// Waits (up to 40 s) until `weir_postgres_lag_seconds` satisfies `wanted`.
+async fn lag_reaches(gateway: &Gateway, wanted: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let text = reqwest::get(gateway.url("/metrics")).await.unwrap().text().await.unwrap();
+        let lag = text
+            .lines()
+            .find_map(|line| line.strip_prefix("weir_postgres_lag_seconds "))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        if lag.is_some_and(&wanted) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "weir_postgres_lag_seconds stayed at {lag:?}:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Removes the plugin file `live` and waits until the gateway has unloaded it.
 async fn unplug(gateway: &Gateway, live: &std::path::Path) {
     std::fs::remove_file(live).unwrap();
@@ -1324,10 +1341,13 @@ async fn a_removed_plugin_pauses_change_capture_and_nothing_is_skipped() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(nats.messages("WEIR").await.len(), 1, "nothing passes while the plugin is gone");
+    // The lag in seconds shows how old the waiting changes are, and grows.
+    lag_reaches(&gateway, |seconds| seconds >= 2.0).await;
 
     std::fs::copy(common::plugin_path("noop"), &live).unwrap();
     let ids: Vec<i64> = stored(&nats, 40).await.iter().map(|(_, _, e)| e["data"]["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, (1..=40).collect::<Vec<_>>(), "{}", gateway.log());
+    lag_reaches(&gateway, |seconds| seconds == 0.0).await;
     drop(gateway);
     capture.cleanup().await;
 }

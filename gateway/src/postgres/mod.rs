@@ -17,7 +17,7 @@ mod tls;
 
 pub use tls::close_tunnels;
 
-pub use source::PostgresSource;
+pub use source::{PostgresSource, now_pg_micros};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 
@@ -30,10 +30,11 @@ pub struct SourceStatus {
     pub paused: AtomicBool,
     /// The last position confirmed to the server (every change before it is stored).
     pub confirmed_lsn: AtomicU64,
-    /// The server's WAL end, from its last keepalive.
+    /// The server's WAL end, as it last said (with data or a keepalive).
     pub server_lsn: AtomicU64,
-    /// How far behind the server's clock the stream is, in microseconds.
-    pub lag_micros: AtomicI64,
+    /// The commit time (microseconds since PostgreSQL's epoch, 2000-01-01) of the transaction
+    /// being read while the stream is behind; 0 once the server has nothing more to send.
+    pub reading_commit_micros: AtomicI64,
     /// The source's own NATS connection, once made (it publishes apart from HTTP's).
     pub nats: std::sync::OnceLock<async_nats::Client>,
 }

@@ -60,6 +60,14 @@ fn ahead_failed() -> Failure {
 /// Seconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_OFFSET: u64 = 946_684_800;
 
+/// Now, in microseconds since PostgreSQL's epoch (how the server states times).
+pub fn now_pg_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
+        .saturating_sub(PG_EPOCH_OFFSET as i64 * 1_000_000)
+}
+
 /// The last instant RFC 3339 can write (9999-12-31T23:59:59.999999Z), in microseconds since
 /// PostgreSQL's epoch.
 const LAST_RFC3339_MICROS: i64 = (253_402_300_800 - PG_EPOCH_OFFSET as i64) * 1_000_000 - 1;
@@ -377,6 +385,7 @@ impl PostgresSource {
         // Raised from here by what this server says (another server, after a restore or a
         // failover, may be behind the last one).
         self.status.server_lsn.store(start.as_u64(), Ordering::Relaxed);
+        self.status.reading_commit_micros.store(0, Ordering::Relaxed);
         self.marks.wanted.store(start.as_u64(), Ordering::Relaxed);
         self.marks.marked.store(marker.confirmable().unwrap_or(start).max(start).as_u64(), Ordering::Relaxed);
         let marking = AbortOnDrop(tokio::spawn(keep_marker(marker.clone(), self.marks.clone())));
@@ -419,6 +428,8 @@ impl PostgresSource {
                 };
                 match event {
                     ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                        // How far behind the stream is: the age of what it reads now.
+                        self.status.reading_commit_micros.store(commit_time_micros.max(1), Ordering::Relaxed);
                         let position = final_lsn.to_string();
                         transaction = Some(Transaction {
                             id_prefix: format!("{}:{position}:", self.config.slot),
@@ -455,11 +466,7 @@ impl PostgresSource {
                             self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
                         }
                     }
-                    ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
-                        let now_micros = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |d| d.as_micros() as i64 - (PG_EPOCH_OFFSET as i64) * 1_000_000);
-                        self.status.lag_micros.store((now_micros - server_time_micros).max(0), Ordering::Relaxed);
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
                         self.status.server_lsn.fetch_max(wal_end.as_u64(), Ordering::Relaxed);
                         // Caught up with nothing in flight: confirm the server's position, so a quiet
                         // publication on a busy database does not pin WAL.
@@ -469,6 +476,8 @@ impl PostgresSource {
                             && storing.batches.is_empty()
                         {
                             self.confirm(&stream, wal_end);
+                            // The server sends one when it has sent everything: not behind.
+                            self.status.reading_commit_micros.store(0, Ordering::Relaxed);
                         }
                     }
                     ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
