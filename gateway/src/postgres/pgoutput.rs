@@ -205,6 +205,14 @@ pub fn decode(data: Bytes) -> Result<Message, DecodeError> {
             let relations = (0..count).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
             Message::Truncate { relations, cascade: options & 1 == 1, restart_identity: options & 2 == 2 }
         }
+        // Streamed (v2) and two-phase (v3) transactions: weir asks for protocol 1, so these
+        // never come; should one, skipping it would lose or mix up changes.
+        b'S' | b'E' | b'A' | b'c' | b'P' | b'K' | b'r' | b'p' => {
+            return Err(DecodeError(format!(
+                "message `{}` belongs to a streamed or two-phase transaction, which weir does not ask for",
+                tag as char
+            )));
+        }
         other => Message::Other(other),
     })
 }
@@ -212,6 +220,15 @@ pub fn decode(data: Bytes) -> Result<Message, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_of_streamed_transactions_are_refused_not_skipped() {
+        for tag in [b'S', b'E', b'A', b'c', b'P'] {
+            let error = decode(Bytes::from(vec![tag, 0, 0, 0, 1])).unwrap_err();
+            assert!(error.to_string().contains("streamed or two-phase"), "{error}");
+        }
+        assert_eq!(decode(Bytes::from_static(b"O")), Ok(Message::Other(b'O')));
+    }
 
     fn tuple(values: &[Option<&str>]) -> Vec<u8> {
         let mut out = (values.len() as u16).to_be_bytes().to_vec();

@@ -533,8 +533,12 @@ impl PostgresSource {
                 relations.insert(relation.oid, Table { relation, primary_key, entity, changes });
                 return Ok(());
             }
-            Message::Type { .. } => {
-                *types = super::setup::load_types(control).await.map_err(retry)?;
+            // Sent once a session for each custom type a table uses: `pg_type` is read again
+            // only for one not seen yet (a type made since the last read).
+            Message::Type { oid, .. } => {
+                if types.kind(oid).is_none() {
+                    *types = super::setup::load_types(control).await.map_err(retry)?;
+                }
                 return Ok(());
             }
             Message::Other(_) => return Ok(()),
