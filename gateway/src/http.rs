@@ -379,8 +379,8 @@ const DRAIN_FOR: Duration = Duration::from_secs(1);
 /// parsing with serde_json (limit 128, and the envelope adds a level) can read.
 const MAX_JSON_DEPTH: usize = 100;
 
-/// Whether JSON `text` nests arrays and objects deeper than [`MAX_JSON_DEPTH`]. (The parser
-/// that validates bodies skips values without a depth limit.)
+/// Whether JSON `text` nests arrays and objects deeper than [`MAX_JSON_DEPTH`] (the parser
+/// that validates bodies stops at serde_json's own limit, 128).
 fn nests_too_deep(text: &[u8]) -> bool {
     let mut depth = 0usize;
     let mut in_string = false;
@@ -1276,8 +1276,12 @@ fn remember(state: &AppState, key: &str, fingerprint: [u8; 32], answer: &Result<
             memory.entries.remove(key);
         }
         // A failure: the same request again is processed, but the key stays bound to it (an
-        // earlier attempt of it may be stored).
-        None => memory.unsettle(key, fingerprint, state.settings.idempotency_ttl),
+        // earlier attempt of it may be stored). Only a key this request marked: with the
+        // memory full, unmarked keys are not added.
+        None if matches!(memory.entries.get(key), Some(Remembered::InFlight { .. })) => {
+            memory.unsettle(key, fingerprint, state.settings.idempotency_ttl);
+        }
+        None => {}
     }
 }
 

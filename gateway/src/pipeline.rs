@@ -523,22 +523,25 @@ impl Pipeline {
             }
             report_health(slot, plugin, plugin.health().record(*ticket, &results), metrics);
             let mut quarantined = None;
-            if results.len() < batch.len() {
-                match plugin.health().check() {
-                    Err(quarantine) => quarantined = Some(quarantine),
-                    // Not quarantined after all (a success elsewhere reset the count meanwhile):
-                    // the rest run too.
-                    Ok(()) => {
-                        let rest: Vec<Result<Outcome, PluginError>> = plugin
-                            .run(&batch[results.len()..])
-                            .await
-                            .into_iter()
-                            .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
-                            .collect();
-                        report_health(slot, plugin, plugin.health().record(*ticket, &rest), metrics);
-                        results.extend(rest);
-                    }
+            while results.len() < batch.len() {
+                if let Err(quarantine) = plugin.health().check() {
+                    quarantined = Some(quarantine);
+                    break;
                 }
+                // Not quarantined after all (a success elsewhere reset the count meanwhile):
+                // the rest runs, under the same stop.
+                let stop_after = plugin.health().failures_to_quarantine();
+                let mut rest: Vec<Result<Outcome, PluginError>> = plugin
+                    .run_stopping(&batch[results.len()..], stop_after)
+                    .await
+                    .into_iter()
+                    .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
+                    .collect();
+                if let Some(limit) = stop_after {
+                    rest.truncate(end_at_failures_in_a_row(&rest, limit));
+                }
+                report_health(slot, plugin, plugin.health().record(*ticket, &rest), metrics);
+                results.extend(rest);
             }
             let inputs = std::mem::take(&mut batch);
             if let Some(why) = quarantined

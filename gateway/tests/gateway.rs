@@ -389,6 +389,11 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     assert!(body["error"]["message"].as_str().unwrap().contains(r#"the key "role" appears twice"#), "{body}");
     let (_, body) = post_batch(&gateway, format!("{{\"entity\":\"users\",\"data\":{twice}}}\n")).await;
     assert_eq!(body["results"][0]["status"], 400, "{body}");
+    // Values a plugin's JSON parser could not read: a lone surrogate, a number past f64's range.
+    for unreadable in [r#"{"s":"\ud83d"}"#.to_string(), format!(r#"{{"n":1{}}}"#, "0".repeat(60_000))] {
+        let (status, body, _) = post(&gateway, "/v1/events/users", &unreadable, &[]).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_json")), "{body}");
+    }
     let cloudevent = format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","data":{twice}}}"#);
     let response = client()
         .post(gateway.url("/v1/events/users"))

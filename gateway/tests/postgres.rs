@@ -844,11 +844,25 @@ fn weir_check(config: &str) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publication_that_differs_from_the_configured_tables_is_reported() {
-    // Made by an earlier config with one table; `b` was added to `tables` since.
-    let capture = Capture::new("pubdiff", &[("a", "id bigint PRIMARY KEY"), ("b", "id bigint PRIMARY KEY")]).await;
+    // Made by an earlier config with two tables, one partitioned (the publication lists its
+    // partition); `b` was added to `tables` since.
+    let capture = Capture::new(
+        "pubdiff",
+        &[
+            ("a", "id bigint PRIMARY KEY"),
+            ("b", "id bigint PRIMARY KEY"),
+            ("p", "id bigint PRIMARY KEY) PARTITION BY RANGE (id"),
+        ],
+    )
+    .await;
+    let (a, p) = (&capture.tables[0], &capture.tables[2]);
     connect()
         .await
-        .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", capture.name, capture.tables[0]))
+        .batch_execute(&format!(
+            "CREATE TABLE {p}_1 PARTITION OF {p} FOR VALUES FROM (0) TO (100); \
+             CREATE PUBLICATION {} FOR TABLE {a}, {p}",
+            capture.name
+        ))
         .await
         .unwrap();
     let nats = Nats::start();
@@ -860,6 +874,7 @@ async fn a_publication_that_differs_from_the_configured_tables_is_reported() {
         text.lines().any(|l| l.starts_with("error ") && l.contains(&missing) && l.contains("ALTER PUBLICATION")),
         "{text}"
     );
+    assert!(!text.contains(&format!("public.{p},")) && !text.contains("also includes"), "partitions are their table: {text}");
     let gateway = Gateway::start(&config);
     log_says(&gateway, &missing).await;
     drop(gateway);

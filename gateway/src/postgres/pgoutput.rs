@@ -207,7 +207,7 @@ pub fn decode(data: Bytes) -> Result<Message, DecodeError> {
         }
         // Streamed (v2) and two-phase (v3) transactions: weir asks for protocol 1, so these
         // never come; should one, skipping it would lose or mix up changes.
-        b'S' | b'E' | b'A' | b'c' | b'P' | b'K' | b'r' | b'p' => {
+        b'S' | b'E' | b'A' | b'c' | b'b' | b'P' | b'K' | b'r' | b'p' => {
             return Err(DecodeError(format!(
                 "message `{}` belongs to a streamed or two-phase transaction, which weir does not ask for",
                 tag as char

@@ -389,9 +389,17 @@ async fn publication_differences(
             "publication {publication} is FOR ALL TABLES, but [postgres] `tables` lists some: every table's changes are captured; to capture only those, drop the publication (DROP PUBLICATION {name}) and let weir create it"
         )]);
     }
+    // By partition root: without `publish_via_partition_root` the view lists a partitioned
+    // table's partitions, while `tables` names the table.
     let published: Vec<String> = client
         .query(
-            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT DISTINCT rn.nspname::text || '.' || r.relname::text \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             JOIN pg_class r ON r.oid = coalesce(pg_partition_root(c.oid), c.oid) \
+             JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             WHERE pt.pubname = $1",
             &[publication],
         )
         .await?
@@ -414,7 +422,7 @@ async fn publication_differences(
     }
     if !extra.is_empty() {
         differences.push(format!(
-            "publication {publication} also includes {}, which [postgres] `tables` does not list: their changes are captured too; to stop that: ALTER PUBLICATION {name} DROP TABLE {}",
+            "publication {publication} also includes {}, which [postgres] `tables` does not list: their changes are captured too; to stop that: ALTER PUBLICATION {name} DROP TABLE {} (or DROP TABLES IN SCHEMA, for a schema the publication names)",
             names(&extra),
             quoted(&extra)
         ));

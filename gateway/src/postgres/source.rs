@@ -128,8 +128,8 @@ async fn keep_marker(marker: Arc<super::setup::SlotMarker>, marks: Arc<Marks>) {
             }
             Err(Failure::Retry(error) | Failure::Fatal(error)) => {
                 failed_in_a_row += 1;
-                // Once a minute while it lasts: a marker that cannot be written holds the slot
-                // (and the server's WAL) where it is.
+                // Every 60th failure while it lasts (a minute or more apart): a marker that
+                // cannot be written holds the slot (and the server's WAL) where it is.
                 if failed_in_a_row % 60 == 3 {
                     tracing::warn!(error = %format!("{error:#}"), failed_in_a_row, "the slot's marker in stream weir_postgres_slots cannot be written, so the slot is not confirmed and the server keeps WAL for it; see the error");
                 } else {
@@ -722,6 +722,12 @@ impl PostgresSource {
             && let Some(commit) = batch.commit.take()
         {
             self.confirm(stream, commit);
+        }
+        // Everything the server has sent is stored: not behind (an idle server sends no
+        // keepalive to say so until new WAL comes).
+        let stored_to = self.marks.wanted.load(Ordering::Relaxed);
+        if all_stored && batch.events.is_empty() && stored_to >= self.status.server_lsn.load(Ordering::Relaxed) {
+            self.status.reading_commit_micros.store(0, Ordering::Relaxed);
         }
     }
 
