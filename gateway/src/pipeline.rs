@@ -506,42 +506,9 @@ impl Pipeline {
             let started = std::time::Instant::now();
             // Everything dropped or failed before this plugin: no call to count.
             let called = !batch.is_empty();
-            let stop_after = if ticket.is_probe() { None } else { plugin.health().failures_to_quarantine() };
-            let mut results: Vec<Result<Outcome, PluginError>> = plugin
-                .run_stopping(&batch, stop_after)
-                .await
-                .into_iter()
-                .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
-                .collect();
-            // Failures of single events in a call that ran (a bad subject, an output limit)
-            // count too: what comes after the one that quarantines the plugin is not taken.
-            if let Some(limit) = stop_after {
-                results.truncate(end_at_failures_in_a_row(&results, limit));
-            }
+            let (results, quarantined) = self.run_plugin(route, plugin, slot, *ticket, &batch, metrics).await;
             if called {
                 metrics.plugin_call_duration(plugin.name(), started.elapsed());
-            }
-            report_health(slot, plugin, plugin.health().record(*ticket, &results), metrics);
-            let mut quarantined = None;
-            while results.len() < batch.len() {
-                if let Err(quarantine) = plugin.health().check() {
-                    quarantined = Some(quarantine);
-                    break;
-                }
-                // Not quarantined after all (a success elsewhere reset the count meanwhile):
-                // the rest runs, under the same stop.
-                let stop_after = plugin.health().failures_to_quarantine();
-                let mut rest: Vec<Result<Outcome, PluginError>> = plugin
-                    .run_stopping(&batch[results.len()..], stop_after)
-                    .await
-                    .into_iter()
-                    .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
-                    .collect();
-                if let Some(limit) = stop_after {
-                    rest.truncate(end_at_failures_in_a_row(&rest, limit));
-                }
-                report_health(slot, plugin, plugin.health().record(*ticket, &rest), metrics);
-                results.extend(rest);
             }
             let inputs = std::mem::take(&mut batch);
             if let Some(why) = quarantined
@@ -613,6 +580,49 @@ impl Pipeline {
             .collect();
         let held = held.map(|(plugin, why)| Held { plugin, why, events: originals.split_off(count) });
         (dispositions, held)
+    }
+
+    /// Runs `batch` through one plugin of `route`: a result per event, in order, up to the
+    /// failure that quarantines the plugin, and then the quarantine (the rest is not run).
+    async fn run_plugin(
+        &self,
+        route: &Route,
+        plugin: &Arc<Plugin>,
+        slot: &PluginSlot,
+        ticket: Ticket,
+        batch: &[Event],
+        metrics: &crate::metrics::Metrics,
+    ) -> (Vec<Result<Outcome, PluginError>>, Option<Quarantine>) {
+        if batch.is_empty() {
+            // Gives a probe left with no event back.
+            report_health(slot, plugin, plugin.health().record::<Outcome>(ticket, &[]), metrics);
+            return (Vec::new(), None);
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        while results.len() < batch.len() {
+            // After a stop, not quarantined after all (a success elsewhere reset the count
+            // meanwhile): the rest runs, under the same stop.
+            if !results.is_empty()
+                && let Err(quarantine) = plugin.health().check()
+            {
+                return (results, Some(quarantine));
+            }
+            let stop_after = if ticket.is_probe() { None } else { plugin.health().failures_to_quarantine() };
+            let mut ran: Vec<Result<Outcome, PluginError>> = plugin
+                .run_stopping(&batch[results.len()..], stop_after)
+                .await
+                .into_iter()
+                .map(|result| result.and_then(|outcome| self.check_prefix(route, plugin, outcome)))
+                .collect();
+            // Failures of single events in a call that ran (a bad subject, an output limit)
+            // count too: what comes after the one that quarantines the plugin is not taken.
+            if let Some(limit) = stop_after {
+                ran.truncate(end_at_failures_in_a_row(&ran, limit));
+            }
+            report_health(slot, plugin, plugin.health().record(ticket, &ran), metrics);
+            results.extend(ran);
+        }
+        (results, None)
     }
 
     fn check_prefix(&self, route: &Route, plugin: &Plugin, outcome: Outcome) -> Result<Outcome, PluginError> {

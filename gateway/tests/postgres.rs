@@ -874,7 +874,10 @@ async fn a_publication_that_differs_from_the_configured_tables_is_reported() {
         text.lines().any(|l| l.starts_with("error ") && l.contains(&missing) && l.contains("ALTER PUBLICATION")),
         "{text}"
     );
-    assert!(!text.contains(&format!("public.{p},")) && !text.contains("also includes"), "partitions are their table: {text}");
+    assert!(
+        !text.contains(&format!("public.{p},")) && !text.contains("also includes"),
+        "partitions are their table: {text}"
+    );
     let gateway = Gateway::start(&config);
     log_says(&gateway, &missing).await;
     drop(gateway);
