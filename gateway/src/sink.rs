@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 mod acks;
@@ -73,6 +73,9 @@ pub struct Sink {
     client: async_nats::Client,
     jetstream: Option<JetStreamSink>,
     ack_timeout: Duration,
+    /// Counts the connections lost: PubAcks owed on a lost one never come, so a call waiting
+    /// for them stops at once instead of after `ack_timeout`.
+    lost: watch::Receiver<u64>,
 }
 
 /// JetStream publishing: the context for stream management, the router for PubAcks.
@@ -215,8 +218,9 @@ impl JetStreamSink {
     }
 }
 
-/// Connection options from `[nats]`.
-async fn options(nats: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+/// Connection options from `[nats]`; each lost connection is counted in `lost`.
+async fn options(nats: &NatsConfig, lost: watch::Sender<u64>) -> anyhow::Result<async_nats::ConnectOptions> {
+    let lost = Arc::new(lost);
     let mut options = match (&nats.token, &nats.user, &nats.password, &nats.creds_file, &nats.nkey) {
         (Some(token), ..) => async_nats::ConnectOptions::with_token(token.clone()),
         (None, Some(user), Some(password), ..) => {
@@ -246,11 +250,17 @@ async fn options(nats: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions
         // A connection that stops answering (packets lost, nothing closed) is given up after
         // three unanswered pings, ~15 s: sources then answer 503 at once instead of timing out.
         .ping_interval(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS event"),
+        .event_callback(move |event| {
+            let lost = lost.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        lost.send_modify(|count| *count += 1);
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
             }
         }))
 }
@@ -372,6 +382,12 @@ pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> V
 /// Connects a NATS client with the `[nats]` settings and waits up to `connect_timeout` for the
 /// first connection. (The client itself then reconnects forever.)
 pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {
+    Ok(connect_watched_client(config).await?.0)
+}
+
+/// [`connect_client`], with a count of the connections it lost since.
+async fn connect_watched_client(config: &Config) -> anyhow::Result<(async_nats::Client, watch::Receiver<u64>)> {
+    let (lost, lost_count) = watch::channel(0);
     let urls = server_list(&config.nats);
     let unreachable = || {
         anyhow::anyhow!(
@@ -382,13 +398,14 @@ pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Clien
     };
     let connecting = async {
         // With retry_on_initial_connect, `connect` returns before the connection is up.
-        let client = options(&config.nats).await?.connect(urls.clone()).await.map_err(anyhow::Error::from)?;
+        let client = options(&config.nats, lost).await?.connect(urls.clone()).await.map_err(anyhow::Error::from)?;
         while client.connection_state() != async_nats::connection::State::Connected {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok::<_, anyhow::Error>(client)
     };
-    tokio::time::timeout(config.nats.connect_timeout, connecting).await.map_err(|_| unreachable())?
+    let client = tokio::time::timeout(config.nats.connect_timeout, connecting).await.map_err(|_| unreachable())??;
+    Ok((client, lost_count))
 }
 
 impl Sink {
@@ -422,7 +439,7 @@ impl Sink {
     /// A sink with a connection of its own, for a source on a runtime of its own (its
     /// connection's task then runs beside it); the stream is left to [`Sink::connect`].
     pub async fn connect_publisher(config: &Config) -> anyhow::Result<Sink> {
-        let client = connect_client(config).await?;
+        let (client, lost) = connect_watched_client(config).await?;
         let (jetstream, ack_timeout) = match &config.jetstream {
             Some(js) => {
                 let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
@@ -441,7 +458,7 @@ impl Sink {
             }
             None => (None, Duration::from_secs(5)),
         };
-        Ok(Sink { client, jetstream, ack_timeout })
+        Ok(Sink { client, jetstream, ack_timeout, lost })
     }
 
     /// Whether the client is connected right now.
@@ -629,6 +646,9 @@ impl Sink {
     ) {
         let acks = &jetstream.acks;
         let call = acks.call_id();
+        // Only a connection lost from here on ends this attempt.
+        let mut lost = self.lost.clone();
+        lost.borrow_and_update();
         // Whatever of this call is still pending when it ends (or is dropped mid-way) is
         // abandoned, so its room in the window is never lost.
         let mut leftovers = acks.abandon_on_drop(call);
@@ -701,8 +721,10 @@ impl Sink {
             let sleep = tokio::time::sleep(self.ack_timeout);
             tokio::pin!(sleep);
             let mut last_answer = Instant::now();
+            // Until the client's event handler (which holds the sender) is gone.
+            let mut watching = true;
             loop {
-                tokio::select! {
+                let gone = tokio::select! {
                     biased;
                     answer = answers.recv() => {
                         let Some((index, answer)) = answer else {
@@ -741,28 +763,39 @@ impl Sink {
                             progress.failures.record(message, error);
                         }
                         progress.outcomes[index] = Some(outcome);
+                        continue;
                     }
+                    // PubAcks owed on a lost connection never come.
+                    changed = lost.changed(), if watching => match changed {
+                        Ok(()) => true,
+                        Err(_) => {
+                            watching = false;
+                            continue;
+                        }
+                    },
                     () = &mut sleep => {
                         let deadline = last_answer + self.ack_timeout;
                         if Instant::now() < deadline {
                             sleep.as_mut().reset(deadline);
                             continue;
                         }
-                        // NATS is gone or not acknowledging: stop sending; what is unanswered
-                        // may or may not be stored, and is sent again (deduplicated by its id).
-                        let mut progress = lock(progress);
-                        match progress.failures.stop {
-                            // Sends left unanswered are not known to be unstored, as "no leader" says.
-                            None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(SinkError::Timeout),
-                            Some(_) => {}
-                        }
-                        progress.failures.raise();
-                        drop(progress);
-                        acks.abandon(call);
-                        stopped.notify_one();
-                        break;
+                        false
                     }
+                };
+                // NATS is gone or not acknowledging: stop sending; what is unanswered may or may
+                // not be stored, and is sent again (deduplicated by its id).
+                let mut progress = lock(progress);
+                let unanswered = if gone { SinkError::Disconnected } else { SinkError::Timeout };
+                match progress.failures.stop {
+                    // Sends left unanswered are not known to be unstored, as "no leader" says.
+                    None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(unanswered),
+                    Some(_) => {}
                 }
+                progress.failures.raise();
+                drop(progress);
+                acks.abandon(call);
+                stopped.notify_one();
+                break;
             }
         };
         futures::join!(send_all, await_all);

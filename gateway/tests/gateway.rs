@@ -626,6 +626,60 @@ async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_for_its_puback_when_nats_dies_is_answered_at_once() {
+    // The PubAck owed on a lost connection never comes: waiting `ack_timeout` (20 s here) for
+    // it would hold the client for nothing.
+    let mut nats = Nats::start();
+    let gateway = std::sync::Arc::new(Gateway::start(
+        &config(&nats, "").replace("ack_timeout = \"1s\"", "ack_timeout = \"20s\""),
+    ));
+    let (status, _, _) = post(&gateway, "/v1/events/users", r#"{"n":1}"#, &[]).await;
+    assert_eq!(status, 202);
+    // A frozen server takes the send and answers nothing; then it dies.
+    let pid = nats.pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // A group stop is asynchronous: wait until every thread of the server is stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().all(|task| {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+    }) {
+        assert!(Instant::now() < deadline, "nats-server did not stop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiting = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            post(&gateway, "/v1/events/users", r#"{"n":2}"#, &[("idempotency-key", "in-flight")]).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if waiting.is_finished() {
+        panic!("answered while the server was frozen: {:?}\n{}", waiting.await.unwrap(), gateway.log());
+    }
+    let killed = Instant::now();
+    nats.stop();
+    let (status, body, headers) = waiting.await.unwrap();
+    let took = killed.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert!(took < Duration::from_secs(5), "answered {took:?} after NATS died:\n{}", gateway.log());
+    // The retry is stored once NATS is back.
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) =
+            post(&gateway, "/v1/events/users", r#"{"n":2}"#, &[("idempotency-key", "in-flight")]).await;
+        if status == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovered after NATS came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stored_ns(&nats).await, vec![1, 2], "stored once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_stream_leader_killed_under_load_in_a_cluster_loses_nothing_and_recovers() {
     // The gateway talks to a server that stays up: while a new leader is elected, nothing
     // answers for the stream's subjects there (the connection itself is not lost).
