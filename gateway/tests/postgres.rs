@@ -1206,6 +1206,31 @@ async fn sigterm_stops_change_capture_and_http_within_one_drain_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn change_capture_dials_the_urls_hostaddr_as_libpq_does() {
+    // `hostaddr` is the address to connect to; `host` only names the server (for TLS). A name
+    // that resolves nowhere must not matter, through the TLS tunnel (`prefer`, the default; the
+    // server answers "no TLS" on its socket behind the proxy) or without it.
+    let capture = Capture::new("hostaddr", &[("a", "id int PRIMARY KEY")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    let nats = Nats::start();
+    let (port, _cut) = cutting_proxy(Cut::Close, Duration::ZERO).await;
+    let url = format!("{} hostaddr=127.0.0.1", common::pg::postgres_url_at("weir-unresolvable.invalid", port));
+    for (row, tls) in [(1, ""), (2, "tls = \"disable\"")] {
+        let config = capture.config(&nats, tls).replace(&common::pg::postgres_url(), &url);
+        assert!(config.contains("hostaddr=127.0.0.1"), "{config}");
+        let mut gateway = Gateway::start(&config);
+        wait_ready(&gateway).await;
+        client.batch_execute(&format!("INSERT INTO {table} VALUES ({row})")).await.unwrap();
+        let messages = stored(&nats, row).await;
+        assert_eq!(messages.len(), row, "{tls:?}: the row was not stored\n{}", gateway.log());
+        assert_eq!(messages[row - 1].2["data"]["id"], row, "{tls:?}");
+        assert!(gateway.terminate().success(), "{}", gateway.log());
+    }
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_snapshot_reads_what_the_publication_sends() {
     // A row filter and a column list, a generated column, and an inheritance child the
     // publication lists itself: the snapshot must match what streaming sends.

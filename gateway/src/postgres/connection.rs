@@ -8,10 +8,13 @@ use tokio_postgres::config::Host;
 /// for the server), for the replication stream.
 pub async fn replication_config(config: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
     let parsed = super::tls::route(config).await?;
-    let host = match parsed.get_hosts().first() {
-        Some(Host::Tcp(name)) => name.clone(),
-        Some(Host::Unix(path)) => path.display().to_string(),
-        None => "/var/run/postgresql".to_string(),
+    // As libpq: `hostaddr` is dialled as given (the control connection does the same), a
+    // `host` name is looked up, and neither means the default Unix socket.
+    let host = match (parsed.get_hostaddrs().first(), parsed.get_hosts().first()) {
+        (Some(address), _) => address.to_string(),
+        (None, Some(Host::Tcp(name))) => name.clone(),
+        (None, Some(Host::Unix(path))) => path.display().to_string(),
+        (None, None) => "/var/run/postgresql".to_string(),
     };
     let port = parsed.get_ports().first().copied().unwrap_or(5432);
     // libpq's default user is the OS user.

@@ -378,7 +378,13 @@ impl PostgresSource {
             // Room to keep reading the slot while a batch or two is being stored.
             .with_buffer_size((READ_AHEAD_BATCHES * self.config.max_batch.max(2048)).min(READ_AHEAD_MAX))
             .with_application_name("weir");
-        let mut stream = within_connect_time(async { Ok(ReplicationClient::connect(replication).await?) }).await?;
+        let mut stream = within_connect_time(async {
+            let mut stream = ReplicationClient::connect(replication).await?;
+            // `connect` only starts the client's worker: ready once the server took START_REPLICATION.
+            stream.wait_started().await?;
+            Ok(stream)
+        })
+        .await?;
         self.status.connected.store(true, Ordering::Relaxed);
         self.streamed.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);

@@ -25,7 +25,37 @@ struct Plan {
     parsed: tokio_postgres::Config,
     mode: PostgresTls,
     /// The server, when the connection is TCP and TLS is not disabled.
-    tcp: Option<(String, u16)>,
+    tcp: Option<Server>,
+}
+
+/// A TCP server: its name (what TLS verifies), the address to dial when the url gives one
+/// (`hostaddr`, as libpq: no name lookup), and the port.
+struct Server {
+    host: String,
+    address: Option<std::net::IpAddr>,
+    port: u16,
+}
+
+impl Server {
+    fn dial(&self) -> String {
+        match self.address {
+            Some(address) => std::net::SocketAddr::new(address, self.port).to_string(),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// Refuses a url naming several servers: change capture follows one server's slot, and the
+/// replication stream has no host list to try, so it could reach a server the control
+/// connection did not.
+pub fn one_server(parsed: &tokio_postgres::Config) -> anyhow::Result<()> {
+    let servers = parsed.get_hosts().len().max(parsed.get_hostaddrs().len());
+    if servers > 1 {
+        anyhow::bail!(
+            "[postgres] url names {servers} servers: change capture reads the replication slot of one server; name only the primary (e.g. `host=db1.example.com`)"
+        );
+    }
+    Ok(())
 }
 
 fn plan(config: &PostgresConfig) -> anyhow::Result<Plan> {
@@ -38,9 +68,14 @@ fn plan(config: &PostgresConfig) -> anyhow::Result<Plan> {
     });
     // The drivers themselves never negotiate TLS: either there is none, or the tunnel does it.
     parsed.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    one_server(&parsed)?;
     let tcp = match parsed.get_hosts().first() {
         _ if mode == PostgresTls::Disable => None,
-        Some(Host::Tcp(host)) => Some((host.clone(), parsed.get_ports().first().copied().unwrap_or(5432))),
+        Some(Host::Tcp(host)) => Some(Server {
+            host: host.clone(),
+            address: parsed.get_hostaddrs().first().copied(),
+            port: parsed.get_ports().first().copied().unwrap_or(5432),
+        }),
         _ if mode == PostgresTls::Prefer => None,
         _ => anyhow::bail!(
             "[postgres] tls = \"{}\" needs a TCP host in the url (e.g. `host=db.example.com`): a Unix socket, or `hostaddr` alone, never uses TLS",
@@ -54,8 +89,8 @@ fn plan(config: &PostgresConfig) -> anyhow::Result<Plan> {
 /// files. A problem here is a config error; the gateway stops on it instead of retrying.
 pub fn check_settings(config: &PostgresConfig) -> anyhow::Result<()> {
     let plan = plan(config)?;
-    if let Some((host, port)) = plan.tcp {
-        Upstream::new(config, plan.mode, host, port)?;
+    if let Some(server) = plan.tcp {
+        Upstream::new(config, plan.mode, server)?;
     }
     Ok(())
 }
@@ -65,8 +100,9 @@ pub fn check_settings(config: &PostgresConfig) -> anyhow::Result<()> {
 pub async fn route(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Config> {
     let Plan { mut parsed, mode, tcp } = plan(config)?;
     fix_output_settings(&mut parsed);
-    let Some((host, port)) = tcp else { return Ok(parsed) };
-    let dir = tunnel(config, mode, host, port, parsed.get_connect_timeout().copied()).await?;
+    let Some(server) = tcp else { return Ok(parsed) };
+    let port = server.port;
+    let dir = tunnel(config, mode, server, parsed.get_connect_timeout().copied()).await?;
     let mut routed = tokio_postgres::Config::new();
     routed.host_path(dir).port(port).ssl_mode(tokio_postgres::config::SslMode::Disable);
     if let Some(user) = parsed.get_user() {
@@ -134,17 +170,19 @@ fn private_dir() -> std::io::Result<tempfile::TempDir> {
 async fn tunnel(
     config: &PostgresConfig,
     mode: PostgresTls,
-    host: String,
-    port: u16,
+    server: Server,
     connect_timeout: Option<Duration>,
 ) -> anyhow::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let key =
-        format!("{host}:{port}:{mode:?}:{:?}:{:?}:{:?}", config.tls_ca_file, config.tls_cert_file, config.tls_key_file);
+    let port = server.port;
+    let key = format!(
+        "{}:{:?}:{port}:{mode:?}:{:?}:{:?}:{:?}",
+        server.host, server.address, config.tls_ca_file, config.tls_cert_file, config.tls_key_file
+    );
     if let Some(tunnel) = TUNNELS.lock().await.iter().find(|t| t.key == key) {
         return Ok(tunnel.dir.path().to_path_buf());
     }
-    let upstream = Arc::new(Upstream::new(config, mode, host, port)?.with_timeout(connect_timeout));
+    let upstream = Arc::new(Upstream::new(config, mode, server)?.with_timeout(connect_timeout));
     // One connection first (without holding the lock), so a server without TLS or a certificate
     // that does not verify is reported here, with the reason, not as a dropped connection later.
     upstream.connect().await?;
@@ -197,8 +235,7 @@ enum Connection {
 
 /// The server and how to secure connections to it.
 struct Upstream {
-    host: String,
-    port: u16,
+    server: Server,
     mode: PostgresTls,
     tls: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
@@ -207,7 +244,7 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn new(config: &PostgresConfig, mode: PostgresTls, host: String, port: u16) -> anyhow::Result<Upstream> {
+    fn new(config: &PostgresConfig, mode: PostgresTls, server: Server) -> anyhow::Result<Upstream> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -243,9 +280,10 @@ impl Upstream {
             }
             _ => builder.with_no_client_auth(),
         };
+        let host = &server.host;
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| anyhow::anyhow!("[postgres] host `{host}` is not a valid name for TLS"))?;
-        Ok(Upstream { host, port, mode, tls: Arc::new(tls), server_name, timeout: Duration::from_secs(10) })
+        Ok(Upstream { server, mode, tls: Arc::new(tls), server_name, timeout: Duration::from_secs(10) })
     }
 
     fn with_timeout(mut self, timeout: Option<Duration>) -> Upstream {
@@ -256,7 +294,7 @@ impl Upstream {
     }
 
     async fn connect(&self) -> anyhow::Result<Connection> {
-        let at = format!("{}:{}", self.host, self.port);
+        let at = self.server.dial();
         match tokio::time::timeout(self.timeout, self.negotiate(&at)).await {
             Ok(Err(error)) if self.mode == PostgresTls::Prefer && error.to_string().contains("TLS handshake") => {
                 // libpq's `prefer`: a server whose TLS cannot be agreed on is used without it.
@@ -459,5 +497,19 @@ mod tests {
         missing_ca.tls_ca_file = Some("/nonexistent/ca.pem".into());
         let error = format!("{:#}", check_settings(&missing_ca).unwrap_err());
         assert!(error.contains("[postgres] tls_ca_file /nonexistent/ca.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_url_naming_several_servers_is_refused_and_hostaddr_is_dialled() {
+        for url in ["host=db1,db2 dbname=app", "hostaddr=10.0.0.1,10.0.0.2 dbname=app", "postgresql://db1,db2/app"] {
+            for tls in [PostgresTls::Disable, PostgresTls::Prefer, PostgresTls::VerifyFull] {
+                let error = check_settings(&config(url, Some(tls))).unwrap_err().to_string();
+                assert!(error.contains("names 2 servers") && error.contains("only the primary"), "{url}: {error}");
+            }
+        }
+        let server = plan(&config("host=db.example.com hostaddr=10.0.0.1 port=6543", None)).unwrap().tcp.unwrap();
+        assert_eq!((server.host.as_str(), server.dial()), ("db.example.com", "10.0.0.1:6543".to_string()));
+        let server = plan(&config("host=db.example.com", None)).unwrap().tcp.unwrap();
+        assert_eq!(server.dial(), "db.example.com:5432");
     }
 }
