@@ -73,9 +73,6 @@ pub struct Sink {
     client: async_nats::Client,
     jetstream: Option<JetStreamSink>,
     ack_timeout: Duration,
-    /// Counts the connections lost: PubAcks owed on a lost one never come, so a call waiting
-    /// for them stops at once instead of after `ack_timeout`.
-    lost: watch::Receiver<u64>,
 }
 
 /// JetStream publishing: the context for stream management, the router for PubAcks.
@@ -443,7 +440,7 @@ impl Sink {
         let (jetstream, ack_timeout) = match &config.jetstream {
             Some(js) => {
                 let context = jetstream::ContextBuilder::new().timeout(js.ack_timeout).build(client.clone());
-                let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight).await?);
+                let acks = Arc::new(AckRouter::start(client.clone(), js.max_in_flight, lost).await?);
                 let (subjects, read_at) = match context.get_stream(&js.stream).await {
                     Ok(stream) => (stream.cached_info().config.subjects.clone(), Some(Instant::now())),
                     Err(_) => (js.subjects.clone(), None),
@@ -458,7 +455,7 @@ impl Sink {
             }
             None => (None, Duration::from_secs(5)),
         };
-        Ok(Sink { client, jetstream, ack_timeout, lost })
+        Ok(Sink { client, jetstream, ack_timeout })
     }
 
     /// Whether the client is connected right now.
@@ -628,9 +625,19 @@ impl Sink {
             }
             tracing::debug!(attempt, "PubAcks missing; publishing the unanswered messages again with the same ids");
         }
-        let Progress { outcomes, failures, .. } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
+        let Progress { outcomes, failures, not_stored } = progress.into_inner().unwrap_or_else(|p| p.into_inner());
         let stopped = failures.stop.unwrap_or(last_stop);
-        outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err(stopped.clone()))).collect()
+        outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| {
+                outcome.unwrap_or_else(|| {
+                    // Sent and never answered "not stored": it may be in the stream, whatever
+                    // stopped the call (a lost connection, a timeout).
+                    Err(if sent[index] && !not_stored[index] { SinkError::Timeout } else { stopped.clone() })
+                })
+            })
+            .collect()
     }
 
     /// One attempt at the messages `due`: sending and awaiting answers run side by side, since
@@ -646,9 +653,9 @@ impl Sink {
     ) {
         let acks = &jetstream.acks;
         let call = acks.call_id();
-        // Only a connection lost from here on ends this attempt.
-        let mut lost = self.lost.clone();
-        lost.borrow_and_update();
+        // Only a connection lost from here on ends this attempt: PubAcks owed on a lost one
+        // never come, so waiting `ack_timeout` for them would hold the caller for nothing.
+        let mut lost = acks.lost();
         // Whatever of this call is still pending when it ends (or is dropped mid-way) is
         // abandoned, so its room in the window is never lost.
         let mut leftovers = acks.abandon_on_drop(call);
@@ -721,7 +728,7 @@ impl Sink {
             let sleep = tokio::time::sleep(self.ack_timeout);
             tokio::pin!(sleep);
             let mut last_answer = Instant::now();
-            // Until the client's event handler (which holds the sender) is gone.
+            // Until the router (which holds the sender) is gone.
             let mut watching = true;
             loop {
                 let gone = tokio::select! {
@@ -785,10 +792,11 @@ impl Sink {
                 // NATS is gone or not acknowledging: stop sending; what is unanswered may or may
                 // not be stored, and is sent again (deduplicated by its id).
                 let mut progress = lock(progress);
-                let unanswered = if gone { SinkError::Disconnected } else { SinkError::Timeout };
+                // (What was sent and is unanswered is reported as not known to be stored.)
+                let stop = if gone { SinkError::Disconnected } else { SinkError::Timeout };
                 match progress.failures.stop {
                     // Sends left unanswered are not known to be unstored, as "no leader" says.
-                    None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(unanswered),
+                    None | Some(SinkError::NoLeader { .. }) => progress.failures.stop = Some(stop),
                     Some(_) => {}
                 }
                 progress.failures.raise();

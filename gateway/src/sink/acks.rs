@@ -5,12 +5,12 @@
 
 use crate::pipeline::Message;
 use async_nats::{Client, StatusCode, client::PublishErrorKind};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 /// What the server answered to one send.
 #[derive(Debug)]
@@ -65,6 +65,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, Waiter, TokenHash>>,
     /// Room for unanswered sends (`max_in_flight`); a send's permit is returned with its answer.
     window: Semaphore,
+    /// Connections lost, counted once the replies read before each loss are handed over.
+    lost: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -108,7 +110,8 @@ pub enum SendError {
 
 impl AckRouter {
     /// Subscribes to the reply subjects and starts the dispatcher on the current runtime.
-    pub async fn start(client: Client, window: usize) -> anyhow::Result<AckRouter> {
+    /// `lost` counts the client's lost connections.
+    pub async fn start(client: Client, window: usize, lost: watch::Receiver<u64>) -> anyhow::Result<AckRouter> {
         let reply_prefix = format!("{}.", client.new_inbox());
         let replies = client
             .subscribe(format!("{reply_prefix}*"))
@@ -119,9 +122,16 @@ impl AckRouter {
             next_token: AtomicU64::new(0),
             pending: Mutex::new(HashMap::default()),
             window: Semaphore::new(window.max(1)),
+            lost: watch::Sender::new(*lost.borrow()),
         });
-        let dispatcher = tokio::spawn(dispatch(replies, shared.clone())).abort_handle();
+        let dispatcher = tokio::spawn(dispatch(replies, shared.clone(), lost)).abort_handle();
         Ok(AckRouter { client, shared, dispatcher })
+    }
+
+    /// Changes when a connection is lost, after every reply read on it reached its call: the
+    /// PubAcks still owed then never come.
+    pub fn lost(&self) -> watch::Receiver<u64> {
+        self.shared.lost.subscribe()
     }
 
     /// A fresh id for one publishing call, so its sends can be abandoned together.
@@ -204,14 +214,37 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
-/// Hands each reply to the call that sent it.
-async fn dispatch(mut replies: async_nats::Subscriber, shared: Arc<Shared>) {
-    while let Some(reply) = replies.next().await {
+/// Hands each reply to the call that sent it, and passes on lost connections behind them.
+async fn dispatch(mut replies: async_nats::Subscriber, shared: Arc<Shared>, mut lost: watch::Receiver<u64>) {
+    let deliver = |reply: async_nats::Message| {
         let token = reply.subject.as_str().rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
         // An answer for an abandoned send (its caller has retried or given up) has no waiter.
-        let Some(waiter) = token.and_then(|token| shared.take(token)) else { continue };
+        let Some(waiter) = token.and_then(|token| shared.take(token)) else { return };
         // The caller may have stopped listening (it timed out); nothing then waits for this.
         let _ = waiter.answers.send((waiter.index, answer(&reply)));
+    };
+    // Until the client's event handler, which holds the sender, is gone.
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            reply = replies.next() => match reply {
+                Some(reply) => deliver(reply),
+                None => return,
+            },
+            changed = lost.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                // The client queued what it read before the loss ahead of announcing it: those
+                // are answers, delivered before the calls hear that the rest will not come.
+                while let Some(Some(reply)) = replies.next().now_or_never() {
+                    deliver(reply);
+                }
+                shared.lost.send_replace(*lost.borrow_and_update());
+            }
+        }
     }
 }
 
