@@ -378,15 +378,16 @@ impl PostgresSource {
             // Room to keep reading the slot while a batch or two is being stored.
             .with_buffer_size((READ_AHEAD_BATCHES * self.config.max_batch.max(2048)).min(READ_AHEAD_MAX))
             .with_application_name("weir");
-        let mut stream = within_connect_time(async {
-            let mut stream = ReplicationClient::connect(replication).await?;
-            // `connect` only starts the client's worker: ready once the server took START_REPLICATION.
-            stream.wait_started().await?;
-            Ok(stream)
-        })
-        .await?;
-        self.status.connected.store(true, Ordering::Relaxed);
+        let mut stream = within_connect_time(async { Ok(ReplicationClient::connect(replication).await?) }).await?;
+        // From here the server may hold the slot for this process (START_REPLICATION can be
+        // accepted unseen): a reconnect waits for it to be let go instead of stopping.
         self.streamed.store(true, Ordering::Relaxed);
+        // `connect` only starts the client's worker: ready once the server took START_REPLICATION.
+        tokio::select! {
+            started = within_connect_time(async { Ok(stream.wait_started().await?) }) => started?,
+            _ = shutdown.changed() => return Ok(()),
+        }
+        self.status.connected.store(true, Ordering::Relaxed);
         self.status.confirmed_lsn.store(start.as_u64(), Ordering::Relaxed);
         // Raised from here by what this server says (another server, after a restore or a
         // failover, may be behind the last one).

@@ -69,16 +69,16 @@ fn plan(config: &PostgresConfig) -> anyhow::Result<Plan> {
     // The drivers themselves never negotiate TLS: either there is none, or the tunnel does it.
     parsed.ssl_mode(tokio_postgres::config::SslMode::Disable);
     one_server(&parsed)?;
-    let tcp = match parsed.get_hosts().first() {
+    let port = parsed.get_ports().first().copied().unwrap_or(5432);
+    let address = parsed.get_hostaddrs().first().copied();
+    let tcp = match (parsed.get_hosts().first(), address) {
         _ if mode == PostgresTls::Disable => None,
-        Some(Host::Tcp(host)) => Some(Server {
-            host: host.clone(),
-            address: parsed.get_hostaddrs().first().copied(),
-            port: parsed.get_ports().first().copied().unwrap_or(5432),
-        }),
+        (Some(Host::Tcp(host)), _) => Some(Server { host: host.clone(), address, port }),
+        // `hostaddr` alone: TLS to that address, whose certificate must name the address.
+        (None, Some(address)) => Some(Server { host: address.to_string(), address: Some(address), port }),
         _ if mode == PostgresTls::Prefer => None,
         _ => anyhow::bail!(
-            "[postgres] tls = \"{}\" needs a TCP host in the url (e.g. `host=db.example.com`): a Unix socket, or `hostaddr` alone, never uses TLS",
+            "[postgres] tls = \"{}\" needs a TCP server in the url (e.g. `host=db.example.com`): a Unix socket never uses TLS",
             mode_name(mode)
         ),
     };
@@ -488,11 +488,13 @@ mod tests {
 
     #[test]
     fn tls_that_must_happen_is_never_skipped() {
-        for url in ["host=/var/run/postgresql dbname=app", "hostaddr=10.0.0.1 dbname=app"] {
-            let error = check_settings(&config(url, Some(PostgresTls::VerifyFull))).unwrap_err().to_string();
-            assert!(error.contains("needs a TCP host"), "{url}: {error}");
-            assert!(check_settings(&config(url, Some(PostgresTls::Prefer))).is_ok(), "{url}");
-        }
+        let url = "host=/var/run/postgresql dbname=app";
+        let error = check_settings(&config(url, Some(PostgresTls::VerifyFull))).unwrap_err().to_string();
+        assert!(error.contains("needs a TCP server"), "{url}: {error}");
+        assert!(check_settings(&config(url, Some(PostgresTls::Prefer))).is_ok(), "{url}");
+        // An address alone is a TCP server too, named by its address.
+        let server = plan(&config("hostaddr=10.0.0.1 dbname=app", Some(PostgresTls::VerifyFull))).unwrap().tcp.unwrap();
+        assert_eq!((server.host.as_str(), server.dial()), ("10.0.0.1", "10.0.0.1:5432".to_string()));
         let mut missing_ca = config("host=db.example.com", Some(PostgresTls::VerifyFull));
         missing_ca.tls_ca_file = Some("/nonexistent/ca.pem".into());
         let error = format!("{:#}", check_settings(&missing_ca).unwrap_err());
