@@ -442,7 +442,7 @@ pub struct RouteConfig {
     /// Subject template; default `weir.{entity}.{op}`.
     #[serde(default)]
     pub subject: Option<Spanned<String>>,
-    /// Subjects plugins emit must start with this; default the template's literal first token.
+    /// Subjects plugins emit must start with this; default the template's leading literal tokens.
     #[serde(default)]
     pub allowed_prefix: Option<String>,
     /// Payload shape.
@@ -862,19 +862,29 @@ impl Config {
         self.jetstream.as_ref().map_or(Duration::from_secs(120), |js| js.duplicate_window)
     }
 
-    /// Makes relative plugin paths relative to the config file's directory.
+    /// Makes every relative path (plugins, NATS credentials and TLS files, PostgreSQL TLS
+    /// files) relative to the config file's directory, so the gateway reads the same files
+    /// whatever directory it is started from.
     fn resolve_paths(mut self, base: &Path) -> Config {
-        if let Some(dir) = &self.plugins.dir
-            && dir.is_relative()
-        {
-            self.plugins.dir = Some(base.join(dir));
-        }
-        for plugin in self.plugins.entries.values_mut() {
-            if let Some(file) = &plugin.file
-                && file.is_relative()
-            {
-                plugin.file = Some(base.join(file));
+        let resolve = |path: &mut Option<PathBuf>| {
+            if let Some(relative) = path.as_ref().filter(|p| p.is_relative()) {
+                *path = Some(base.join(relative));
             }
+        };
+        resolve(&mut self.plugins.dir);
+        for plugin in self.plugins.entries.values_mut() {
+            resolve(&mut plugin.file);
+        }
+        resolve(&mut self.nats.creds_file);
+        if let Some(tls) = self.nats.tls.as_mut() {
+            resolve(&mut tls.ca_file);
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+        }
+        if let Some(pg) = self.postgres.as_mut() {
+            resolve(&mut pg.tls_ca_file);
+            resolve(&mut pg.tls_cert_file);
+            resolve(&mut pg.tls_key_file);
         }
         self
     }
@@ -1270,5 +1280,32 @@ mod tests {
         assert_eq!((defaults.quarantine.after, defaults.quarantine.duration), (50, Duration::from_secs(10)));
         let error = parse(&format!("{base}quarantine_for = \"0s\"\n")).unwrap_err();
         assert!(error.contains("[plugins.p] `quarantine_for` must be longer than 0s; to never quarantine"), "{error}");
+    }
+
+    #[test]
+    fn relative_file_paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        std::fs::write(
+            &path,
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\ncreds_file = \"secrets/weir.creds\"\n\
+             [nats.tls]\nca_file = \"ca.pem\"\ncert_file = \"/etc/weir/c.pem\"\nkey_file = \"c.key\"\n\
+             [jetstream]\nstream = \"S\"\n\
+             [plugins]\ndir = \"plugins\"\n\
+             [postgres]\nurl = \"host=db\"\ntls_ca_file = \"db-ca.pem\"\ntls_cert_file = \"db.pem\"\ntls_key_file = \"db.key\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let at = |name: &str| Some(dir.path().join(name));
+        assert_eq!(config.nats.creds_file, at("secrets/weir.creds"));
+        let tls = config.nats.tls.as_ref().unwrap();
+        assert_eq!((tls.ca_file.clone(), tls.key_file.clone()), (at("ca.pem"), at("c.key")));
+        assert_eq!(tls.cert_file, Some(PathBuf::from("/etc/weir/c.pem")), "absolute paths stay");
+        assert_eq!(config.plugins.dir, at("plugins"));
+        let pg = config.postgres.as_ref().unwrap();
+        assert_eq!(
+            (pg.tls_ca_file.clone(), pg.tls_cert_file.clone(), pg.tls_key_file.clone()),
+            (at("db-ca.pem"), at("db.pem"), at("db.key"))
+        );
     }
 }

@@ -523,7 +523,7 @@ fn single_event(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_idempotency_key",
-            "Idempotency-Key must be 1–255 printable characters",
+            "Idempotency-Key must be 1–255 bytes without control characters",
         ));
     }
     if !valid_word(&op) {
@@ -534,7 +534,7 @@ fn single_event(
         ));
     }
     if entity.is_empty() || entity.len() > 255 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_entity", "entity must be 1–255 characters"));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_entity", "entity must be 1–255 bytes"));
     }
     op.truncate(64);
     let key = match key {
@@ -1466,7 +1466,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
                 return Err(format!("`data` is not accepted: {error}"));
             }
             if line.id.as_deref().is_some_and(|id| !valid_event_id(id)) {
-                return Err("`id` must be 1–255 printable characters".to_string());
+                return Err("`id` must be 1–255 bytes without control characters".to_string());
             }
             let has_id = line.id.is_some();
             let event = Event {
