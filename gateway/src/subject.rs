@@ -118,6 +118,12 @@ pub fn push_token(subject: &mut String, text: &str) {
         subject.push('_');
     }
     let safe = |c: char| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' };
+    // The common case, a short ASCII token, byte by byte (a char is a byte there).
+    if text.len() <= MAX_TOKEN_CHARS && text.is_ascii() {
+        subject.reserve(text.len());
+        subject.extend(text.bytes().map(|b| safe(char::from(b))));
+        return;
+    }
     // Counted only up to the limit: almost every value is short.
     if text.chars().nth(MAX_TOKEN_CHARS).is_none() {
         subject.extend(text.chars().map(safe));

@@ -103,7 +103,10 @@ struct Marks {
     /// The furthest position the marker allows.
     marked: AtomicU64,
     wanted_moved: tokio::sync::Notify,
-    marked_moved: tokio::sync::Notify,
+    /// Bumped when `marked` moves. A watch, not a `Notify`: the streaming loop keeps one wait
+    /// armed across its turns (re-arming costs a lock per replication message), and a batch
+    /// waiting to be stored must hear of it too.
+    marked_moved: watch::Sender<u64>,
 }
 
 /// How often the marker is written while changes are stored: the slot is confirmed this much
@@ -124,7 +127,7 @@ async fn keep_marker(marker: Arc<super::setup::SlotMarker>, marks: Arc<Marks>) {
             Ok(()) => {
                 failed_in_a_row = 0;
                 marks.marked.fetch_max(wanted, Ordering::Relaxed);
-                marks.marked_moved.notify_one();
+                marks.marked_moved.send_modify(|moves| *moves += 1);
             }
             Err(Failure::Retry(error) | Failure::Fatal(error)) => {
                 failed_in_a_row += 1;
@@ -403,26 +406,44 @@ impl PostgresSource {
         let mut batch = Batch::default();
         let mut server_gone = std::pin::pin!(server_stops_answering(&control, self.config.status_interval));
         let mut storing = Storing::default();
+        // Waits armed once, not once per replication message (each arming takes a lock, and
+        // three messages come per single-row transaction): the stop, a marker written, and the
+        // batch's linger, reset only when a new batch starts.
+        let mut stop_signal = shutdown.clone();
+        // (A sender gone counts as a stop, as everywhere.)
+        let mut stop = std::pin::pin!(async move {
+            let _ = stop_signal.changed().await;
+        });
+        let mut marked = std::pin::pin!(changed(self.marks.marked_moved.subscribe()));
+        let mut linger_timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut linger_set_for = None;
         // `Ok` when asked to stop; the stop's own work follows below, also when a stop cut a
         // wait short (a plugin, NATS) and so ended the loop with an error.
         let streaming = async {
             loop {
                 let linger = batch.started.map(|started| tokio::time::Instant::from_std(started + self.config.linger));
+                if linger != linger_set_for {
+                    if let Some(at) = linger {
+                        linger_timer.as_mut().reset(at);
+                    }
+                    linger_set_for = linger;
+                }
                 let next = tokio::select! {
                     biased;
-                    _ = shutdown.changed() => None,
+                    _ = &mut stop => None,
                     Some(stored) = storing.batches.next(), if !storing.batches.is_empty() => {
                         let commit = stored?;
                         self.stored(&stream, commit, &mut batch, storing.batches.is_empty());
                         continue;
                     }
-                    () = self.marks.marked_moved.notified() => {
+                    receiver = &mut marked => {
                         self.confirm_marked(&stream);
+                        marked.set(changed(receiver));
                         continue;
                     }
                     event = stream.recv() => Some(event),
                     error = &mut server_gone => return Err(retry(error)),
-                    _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {
+                    () = &mut linger_timer, if linger.is_some() => {
                         self.flush(&mut batch, &stream, shutdown, &mut storing).await?;
                         continue;
                     }
@@ -653,6 +674,9 @@ impl PostgresSource {
         let prepared = {
             let mut preparing = std::pin::pin!(self.prepare(events, shutdown));
             let mut ready = None;
+            let mut marked = self.marks.marked_moved.subscribe();
+            // A marker written since the streaming loop last looked is confirmed now.
+            self.confirm_marked(stream);
             // The batches ahead keep moving (and those stored are confirmed) until this one is
             // prepared and the newest one has sent everything; and, if one of them is in
             // trouble, until all of them are stored.
@@ -674,7 +698,7 @@ impl PostgresSource {
                     }
                     // Stored batches are confirmed as the marker allows also while this one
                     // waits (for a quarantined plugin, say: minutes).
-                    () = self.marks.marked_moved.notified() => self.confirm_marked(stream),
+                    Ok(()) = marked.changed() => self.confirm_marked(stream),
                     _ = async {
                         if let Some(sent) = newest_sent.as_mut() {
                             let _ = sent.await;
@@ -1177,6 +1201,15 @@ impl PostgresSource {
             self.status.confirmed_lsn.store(allowed, Ordering::Relaxed);
         }
     }
+}
+
+/// Resolves when `receiver` sees a change (or its sender is gone), handing it back to wait again.
+async fn changed<T>(mut receiver: watch::Receiver<T>) -> watch::Receiver<T> {
+    if receiver.changed().await.is_err() {
+        // The sender is gone: nothing will change again.
+        std::future::pending::<()>().await;
+    }
+    receiver
 }
 
 /// Waits `pause` before a retry; a shutdown meanwhile ends the session (to be resumed from the
