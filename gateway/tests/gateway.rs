@@ -576,6 +576,20 @@ async fn batches_answer_per_line_and_keep_per_key_order() {
     assert_eq!(seen["c3"].len(), 25);
 }
 
+/// Posts `body` to `users` under `key` until it is answered `202` (at most 20 s): the gateway
+/// recovering once NATS is back.
+async fn post_until_stored(gateway: &Gateway, body: &str, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) = post(gateway, "/v1/events/users", body, &[("idempotency-key", key)]).await;
+        if status == 202 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "recovered after NATS came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
     let mut nats = Nats::start();
@@ -611,16 +625,7 @@ async fn nats_going_away_answers_503_fast_and_recovers_without_a_restart() {
     assert_eq!(ready.status().as_u16(), 503);
 
     nats.restart();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, _) =
-            post(&gateway, "/v1/events/users", r#"{"n":2}"#, &[("idempotency-key", "after-restart")]).await;
-        if status == 202 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "recovered after NATS came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    post_until_stored(&gateway, r#"{"n":2}"#, "after-restart").await;
     let stored = stored_ns(&nats).await;
     assert_eq!(stored, vec![1, 2], "only what was answered 202 is stored");
 }
@@ -669,16 +674,7 @@ async fn a_request_waiting_for_its_puback_when_nats_dies_is_answered_at_once() {
     assert!(message.contains("not known to be stored") && message.contains("same event id"), "{body}");
     // The retry is stored once NATS is back.
     nats.restart();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, _) =
-            post(&gateway, "/v1/events/users", r#"{"n":2}"#, &[("idempotency-key", "in-flight")]).await;
-        if status == 202 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "recovered after NATS came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    post_until_stored(&gateway, r#"{"n":2}"#, "in-flight").await;
     assert_eq!(stored_ns(&nats).await, vec![1, 2], "stored once");
 }
 
