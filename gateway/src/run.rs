@@ -210,7 +210,7 @@ pub fn check(config_path: &Path) -> i32 {
         Ok(tokio) => {
             problems.extend(tokio.block_on(check_nats(&config)));
             if let Some(pg) = &config.postgres {
-                problems.extend(tokio.block_on(crate::postgres::setup::check(pg)));
+                problems.extend(tokio.block_on(crate::postgres::setup::check(pg, &config)));
                 tokio.block_on(crate::postgres::close_tunnels());
             }
         }

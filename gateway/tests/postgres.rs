@@ -907,6 +907,45 @@ async fn weir_check_reports_server_settings_and_tables_with_fixes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn weir_check_reports_what_weir_run_would_refuse_or_miss_in_the_slot_and_publication() {
+    let capture = Capture::new("checkslot", &[("a", "id bigint PRIMARY KEY")]).await;
+    let nats = Nats::start();
+    let config = capture.config(&nats, "");
+    // A run makes the publication, the slot and the slot's record in JetStream.
+    let mut gateway = Gateway::start(&config);
+    wait_ready(&gateway).await;
+    assert!(gateway.terminate().success(), "{}", gateway.log());
+    let (code, text) = weir_check(&config);
+    assert_eq!(code, Some(0), "{text}");
+    let client = connect().await;
+    let name = &capture.name;
+    let error = |text: &str, wanted: &[&str]| {
+        assert!(
+            text.lines().any(|l| l.starts_with("error ") && wanted.iter().all(|w| l.contains(w))),
+            "{wanted:?}:\n{text}"
+        )
+    };
+    // Only inserts published: updates, deletes and truncates would never be captured.
+    client.batch_execute(&format!("ALTER PUBLICATION {name} SET (publish = 'insert')")).await.unwrap();
+    let (code, text) = weir_check(&config);
+    assert_eq!(code, Some(1), "{text}");
+    error(&text, &["does not publish update, delete, truncate", "SET (publish = 'insert, update, delete, truncate')"]);
+    // The publication gone while the slot stays: made again, it could not decode the slot.
+    client.batch_execute(&format!("DROP PUBLICATION {name}")).await.unwrap();
+    let (_, text) = weir_check(&config);
+    error(&text, &["does not exist but slot", "pg_drop_replication_slot", "nats stream purge weir_postgres_slots"]);
+    // The slot dropped behind weir's back: `weir run` refuses to re-create it, and so does check.
+    capture.cleanup_slot().await;
+    let (code, text) = weir_check(&config);
+    assert_eq!(code, Some(1), "{text}");
+    error(
+        &text,
+        &["is missing, but this gateway created it before", "nats stream purge weir_postgres_slots --subject"],
+    );
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn copy_and_multi_row_inserts_share_one_lsn_yet_every_row_is_stored() {
     let capture = Capture::new("copy", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
     let table = capture.table("a");

@@ -368,26 +368,47 @@ async fn publication_differences(
     client: &tokio_postgres::Client,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let publication = &config.publication;
-    let Some(row) =
-        client.query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[publication]).await?
+    let Some(row) = client
+        .query_opt(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await?
     else {
         return Ok(Vec::new());
     };
     let all_tables: bool = row.get(0);
     let name = quote(publication);
+    let mut differences = Vec::new();
+    // A publication made with `WITH (publish = …)` leaves the other operations out, silently.
+    let truncate_wanted = config.truncate == crate::config::TruncateMode::Emit;
+    let operations =
+        [("insert", row.get::<_, bool>(1), true), ("update", row.get(2), true), ("delete", row.get(3), true)];
+    let unpublished: Vec<&str> = operations
+        .iter()
+        .chain([("truncate", row.get::<_, bool>(4), truncate_wanted)].iter())
+        .filter(|(_, published, wanted)| *wanted && !published)
+        .map(|(operation, _, _)| *operation)
+        .collect();
+    if !unpublished.is_empty() {
+        differences.push(format!(
+            "publication {publication} does not publish {}: those changes are never captured; to publish them: ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, truncate')",
+            unpublished.join(", ")
+        ));
+    }
     if config.tables.is_empty() {
-        return Ok(if all_tables {
-            Vec::new()
-        } else {
-            vec![format!(
+        if !all_tables {
+            differences.push(format!(
                 "publication {publication} lists tables, but [postgres] `tables` is empty (every table): only the listed ones are captured; to capture every table: DROP PUBLICATION {name}; CREATE PUBLICATION {name} FOR ALL TABLES"
-            )]
-        });
+            ));
+        }
+        return Ok(differences);
     }
     if all_tables {
-        return Ok(vec![format!(
+        differences.push(format!(
             "publication {publication} is FOR ALL TABLES, but [postgres] `tables` lists some: every table's changes are captured; to capture only those, drop the publication (DROP PUBLICATION {name}) and let weir create it"
-        )]);
+        ));
+        return Ok(differences);
     }
     // By partition root: without `publish_via_partition_root` the view lists a partitioned
     // table's partitions, while `tables` names the table.
@@ -412,7 +433,6 @@ async fn publication_differences(
     let extra: Vec<&String> = published.iter().filter(|table| !wanted.contains(table)).collect();
     let names = |tables: &[&String]| tables.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ");
     let quoted = |tables: &[&String]| tables.iter().map(|t| quoted_table(t)).collect::<Vec<_>>().join(", ");
-    let mut differences = Vec::new();
     if !missing.is_empty() {
         differences.push(format!(
             "publication {publication} does not include {}, which [postgres] `tables` lists: their changes are not captured; add them: ALTER PUBLICATION {name} ADD TABLE {}",
@@ -430,9 +450,26 @@ async fn publication_differences(
     Ok(differences)
 }
 
+/// The slot's marker as JetStream holds it (`None`: none, or NATS cannot be asked, which the
+/// NATS check reports), with its key.
+async fn read_marker(
+    gateway: &crate::config::Config,
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Option<(String, String)> {
+    let system: String =
+        client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.ok()?.get(0);
+    let key = format!("{SLOT_BUCKET}.{system}.{slot}");
+    let nats = crate::sink::connect_client(gateway).await.ok()?;
+    let stream = async_nats::jetstream::new(nats).get_stream(SLOT_BUCKET).await.ok()?;
+    let message = stream.get_last_raw_message_by_subject(&key).await.ok()?;
+    Some((key, String::from_utf8_lossy(&message.payload).into_owned()))
+}
+
 /// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
-/// Prints what is fine and returns each problem with how to fix it.
-pub async fn check(config: &PostgresConfig) -> Vec<String> {
+/// Prints what is fine and returns each problem with how to fix it. (`gateway`: the whole
+/// config, for the slot's marker in JetStream.)
+pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> Vec<String> {
     if let Err(error) = super::tls::check_settings(config) {
         return vec![format!("{error:#}")];
     }
@@ -473,7 +510,10 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
         Ok(row) if row.get::<_, bool>(1) => println!("ok    role {} may replicate", row.get::<_, String>(0)),
         Ok(row) => {
             let role: String = row.get(0);
-            problems.push(format!("role `{role}` lacks the REPLICATION attribute: `ALTER ROLE {role} REPLICATION`"));
+            problems.push(format!(
+                "role `{role}` lacks the REPLICATION attribute: `ALTER ROLE {} REPLICATION`",
+                quote(&role)
+            ));
         }
         Err(error) => problems.push(format!("cannot read the role's attributes: {error}")),
     }
@@ -484,15 +524,21 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
         async move { client.query_one(sql, &[]).await.map(|row| row.get::<_, i64>(0)).unwrap_or(0) }
     };
     let slots_used = count("SELECT count(*) FROM pg_replication_slots").await;
-    let senders_used = count("SELECT count(*) FROM pg_stat_replication").await;
+    let mut senders_used = count("SELECT count(*) FROM pg_stat_replication").await;
     let slot = client
         .query_opt(
-            "SELECT plugin, active, active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, active, active_pid, wal_status, database = current_database(), database              FROM pg_replication_slots WHERE slot_name = $1",
             &[&config.slot],
         )
         .await
         .ok()
         .flatten();
+    if slot.as_ref().is_some_and(|row| row.get::<_, bool>(1)) {
+        // This gateway's own stream (the slot is in use): not a sender another one would need.
+        senders_used -= 1;
+    }
+    let marker = read_marker(gateway, &client, &config.slot).await;
+    let purge = |key: &str| format!("`nats stream purge {SLOT_BUCKET} --subject {key}`");
     if slot.is_none() && slots_used >= slots_max {
         problems.push(format!(
             "max_replication_slots = {slots_max} and {slots_used} are in use: raise it (restart needed) or drop \
@@ -504,20 +550,39 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
             .push(format!("max_wal_senders = {senders_max} and {senders_used} are in use: raise it (restart needed)"));
     }
     match &slot {
-        None => {
-            println!("note  slot {} does not exist yet; `weir run` creates it (after the publication)", config.slot)
-        }
+        None => match &marker {
+            // As `weir run` would: a slot this gateway made is gone, so changes may be lost.
+            Some((key, recorded)) => problems.push(format!(
+                "slot {} is missing, but this gateway created it before ({recorded}); `weir run` will not                  re-create it silently, since changes since its last confirmed position may be lost. To start                  over, purge the record: {}",
+                config.slot,
+                purge(key)
+            )),
+            None => println!(
+                "note  slot {} does not exist yet; `weir run` creates it (after the publication)",
+                config.slot
+            ),
+        },
         Some(row) => {
             let plugin: Option<String> = row.get(0);
             let active: bool = row.get(1);
             let wal_status: Option<String> = row.get(3);
+            let same_database: Option<bool> = row.get(4);
             if plugin.as_deref() != Some("pgoutput") {
                 problems
                     .push(format!("slot {} uses plugin {plugin:?}, not pgoutput; choose another `slot`", config.slot));
-            } else if wal_status.as_deref() == Some("lost") {
+            } else if same_database != Some(true) {
                 problems.push(format!(
-                    "slot {} is lost (wal_status = lost): changes were skipped; drop it and start over (docs/postgres.md)",
-                    config.slot
+                    "slot {} belongs to database {:?}, not this one; choose another `slot`",
+                    config.slot,
+                    row.get::<_, Option<String>>(5).unwrap_or_default()
+                ));
+            } else if wal_status.as_deref() == Some("lost") {
+                let forget = marker.as_ref().map(|(key, _)| format!(", purge its record ({})", purge(key)));
+                problems.push(format!(
+                    "slot {} is lost (wal_status = lost): the server removed WAL it still needed, so changes were                      skipped; drop it (`SELECT pg_drop_replication_slot('{}')`){} and start again",
+                    config.slot,
+                    config.slot,
+                    forget.unwrap_or_default()
                 ));
             } else if active {
                 println!(
@@ -538,14 +603,24 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
             Ok(differences) => problems.extend(differences),
             Err(error) => problems.push(format!("cannot read the publication's tables: {error}")),
         },
+        // Made after the slot, it cannot decode what the slot holds from before it.
+        Ok(None) if slot.is_some() => problems.push(format!(
+            "publication {} does not exist but slot {} does: a publication made after its slot cannot be              used for the changes before it, so `weir run` would fail. Create the publication, then drop              the slot (`SELECT pg_drop_replication_slot('{}')`){} and start again",
+            config.publication,
+            config.slot,
+            config.slot,
+            marker.as_ref().map(|(key, _)| format!(" and purge its record ({})", purge(key))).unwrap_or_default()
+        )),
         Ok(None) => println!("note  publication {} does not exist yet; `weir run` creates it", config.publication),
         Err(error) => problems.push(format!("cannot read publications: {error}")),
     }
     // Each captured table: it exists, and UPDATE/DELETE can be published (a key or FULL identity).
-    let tables: Vec<(String, String, i8, bool)> = match client
+    let tables: Vec<(String, String, i8, bool, bool, bool)> = match client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident, \
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
+               has_table_privilege(c.oid, 'SELECT') \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%'",
@@ -553,14 +628,14 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
         )
         .await
     {
-        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect(),
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect(),
         Err(error) => {
             problems.push(format!("cannot list tables: {error}"));
             Vec::new()
         }
     };
     let wanted: Vec<(String, String)> = if config.tables.is_empty() {
-        tables.iter().map(|(s, t, _, _)| (s.clone(), t.clone())).collect()
+        tables.iter().map(|(s, t, ..)| (s.clone(), t.clone())).collect()
     } else {
         config
             .tables
@@ -572,22 +647,37 @@ pub async fn check(config: &PostgresConfig) -> Vec<String> {
             .collect()
     };
     for (schema, table) in wanted {
-        match tables.iter().find(|(s, t, _, _)| *s == schema && *t == table) {
+        let quoted = format!("{}.{}", quote(&schema), quote(&table));
+        match tables.iter().find(|(s, t, ..)| *s == schema && *t == table) {
             None => problems.push(format!("table {schema}.{table} does not exist; create it or fix [postgres] tables")),
-            Some((_, _, identity, has_key)) => match (*identity as u8, has_key) {
-                (b'f', _) => println!("ok    table {schema}.{table} (REPLICA IDENTITY FULL: old rows in full)"),
-                (b'd', true) => println!("ok    table {schema}.{table} (primary key)"),
-                (b'i', _) => println!("ok    table {schema}.{table} (REPLICA IDENTITY USING INDEX)"),
-                (b'n', _) => problems.push(format!(
-                    "table {schema}.{table} has REPLICA IDENTITY NOTHING: UPDATE and DELETE on it will fail once it \
-                     is published; `ALTER TABLE {schema}.{table} REPLICA IDENTITY DEFAULT` (with a primary key) or FULL"
-                )),
-                _ => problems.push(format!(
-                    "table {schema}.{table} has no primary key: UPDATE and DELETE on it will fail once it is \
-                     published, and its events carry no key; add a primary key or \
-                     `ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL`"
-                )),
-            },
+            Some((_, _, identity, has_key, has_identity_index, readable)) => {
+                match (*identity as u8, has_key, has_identity_index) {
+                    (b'f', ..) => println!("ok    table {schema}.{table} (REPLICA IDENTITY FULL: old rows in full)"),
+                    (b'd', true, _) => println!("ok    table {schema}.{table} (primary key)"),
+                    (b'i', _, true) => println!("ok    table {schema}.{table} (REPLICA IDENTITY USING INDEX)"),
+                    // The index was dropped: the server then acts as NOTHING.
+                    (b'i', _, false) => problems.push(format!(
+                        "table {schema}.{table} has REPLICA IDENTITY USING INDEX but the index is gone: UPDATE and \
+                         DELETE on it will fail once it is published; `ALTER TABLE {quoted} REPLICA IDENTITY \
+                         DEFAULT` (with a primary key), USING INDEX another unique index, or FULL"
+                    )),
+                    (b'n', ..) => problems.push(format!(
+                        "table {schema}.{table} has REPLICA IDENTITY NOTHING: UPDATE and DELETE on it will fail once \
+                         it is published; `ALTER TABLE {quoted} REPLICA IDENTITY DEFAULT` (with a primary key) or FULL"
+                    )),
+                    _ => problems.push(format!(
+                        "table {schema}.{table} has no primary key: UPDATE and DELETE on it will fail once it is \
+                         published, and its events carry no key; add a primary key or \
+                         `ALTER TABLE {quoted} REPLICA IDENTITY FULL`"
+                    )),
+                }
+                if config.snapshot && !readable {
+                    problems.push(format!(
+                        "the snapshot reads table {schema}.{table}, which this role may not SELECT: \
+                         `GRANT SELECT ON {quoted} TO …` (the role in [postgres] url)"
+                    ));
+                }
+            }
         }
     }
     problems
