@@ -942,6 +942,14 @@ async fn weir_check_reports_what_weir_run_would_refuse_or_miss_in_the_slot_and_p
         &text,
         &["is missing, but this gateway created it before", "nats stream purge weir_postgres_slots --subject"],
     );
+    // Unless the record says a snapshot did not finish: `weir run` then starts it again.
+    let system: String =
+        client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.unwrap().get(0);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pending = r#"{"snapshot":"pending"}"#;
+    js.publish(format!("weir_postgres_slots.{system}.{name}"), pending.into()).await.unwrap().await.unwrap();
+    let (_, text) = weir_check(&config);
+    assert!(!text.contains("is missing, but") && text.contains("does not exist yet"), "{text}");
     capture.cleanup().await;
 }
 

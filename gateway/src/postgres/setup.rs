@@ -450,20 +450,37 @@ async fn publication_differences(
     Ok(differences)
 }
 
-/// The slot's marker as JetStream holds it (`None`: none, or NATS cannot be asked, which the
-/// NATS check reports), with its key.
+/// The slot's marker as JetStream holds it, with its key: `Ok(None)` when there is none, or
+/// NATS cannot be reached (the NATS check says so); `Err` when it could not be read.
 async fn read_marker(
     gateway: &crate::config::Config,
     client: &tokio_postgres::Client,
     slot: &str,
-) -> Option<(String, String)> {
-    let system: String =
-        client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.ok()?.get(0);
+) -> Result<Option<(String, String)>, String> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let system: String = client
+        .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+        .await
+        .map_err(|e| format!("cannot read the server's system identifier: {e}"))?
+        .get(0);
     let key = format!("{SLOT_BUCKET}.{system}.{slot}");
-    let nats = crate::sink::connect_client(gateway).await.ok()?;
-    let stream = async_nats::jetstream::new(nats).get_stream(SLOT_BUCKET).await.ok()?;
-    let message = stream.get_last_raw_message_by_subject(&key).await.ok()?;
-    Some((key, String::from_utf8_lossy(&message.payload).into_owned()))
+    let Ok(nats) = crate::sink::connect_client(gateway).await else { return Ok(None) };
+    let stream = match async_nats::jetstream::new(nats).get_stream(SLOT_BUCKET).await {
+        Ok(stream) => stream,
+        Err(error)
+            if matches!(error.kind(), GetStreamErrorKind::JetStream(error)
+                if error.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(error) => return Err(format!("cannot read stream {SLOT_BUCKET}, where slots' records are kept: {error}")),
+    };
+    match stream.get_last_raw_message_by_subject(&key).await {
+        Ok(message) => Ok(Some((key, String::from_utf8_lossy(&message.payload).into_owned()))),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(error) => Err(format!("cannot read {key} from stream {SLOT_BUCKET}: {error}")),
+    }
 }
 
 /// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
@@ -533,11 +550,26 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
         .await
         .ok()
         .flatten();
-    if slot.as_ref().is_some_and(|row| row.get::<_, bool>(1)) {
-        // This gateway's own stream (the slot is in use): not a sender another one would need.
-        senders_used -= 1;
+    if let Some(pid) = slot.as_ref().and_then(|row| row.get::<_, Option<i32>>(2)) {
+        // This gateway's own stream holds the slot: not a sender another one would need. (Not
+        // counted when the holder is an ordinary session, which pg_stat_replication omits.)
+        let own = client
+            .query_one("SELECT count(*) FROM pg_stat_replication WHERE pid = $1", &[&pid])
+            .await
+            .map_or(0, |row| row.get::<_, i64>(0));
+        senders_used -= own;
     }
-    let marker = read_marker(gateway, &client, &config.slot).await;
+    let marker = match read_marker(gateway, &client, &config.slot).await {
+        Ok(marker) => marker,
+        Err(error) => {
+            problems.push(error);
+            None
+        }
+    };
+    // A snapshot that did not finish: `weir run` starts it again, with a new slot.
+    let snapshot_pending = marker.as_ref().is_some_and(|(_, recorded)| {
+        serde_json::from_str::<serde_json::Value>(recorded).is_ok_and(|v| v["snapshot"] == "pending")
+    });
     let purge = |key: &str| format!("`nats stream purge {SLOT_BUCKET} --subject {key}`");
     if slot.is_none() && slots_used >= slots_max {
         problems.push(format!(
@@ -552,15 +584,16 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
     match &slot {
         None => match &marker {
             // As `weir run` would: a slot this gateway made is gone, so changes may be lost.
-            Some((key, recorded)) => problems.push(format!(
-                "slot {} is missing, but this gateway created it before ({recorded}); `weir run` will not                  re-create it silently, since changes since its last confirmed position may be lost. To start                  over, purge the record: {}",
+            Some((key, recorded)) if !snapshot_pending => problems.push(format!(
+                "slot {} is missing, but this gateway created it before ({recorded}); `weir run` will not \
+                re-create it silently, since changes since its last confirmed position may be lost. To start \
+                over, purge the record: {}",
                 config.slot,
                 purge(key)
             )),
-            None => println!(
-                "note  slot {} does not exist yet; `weir run` creates it (after the publication)",
-                config.slot
-            ),
+            _ => {
+                println!("note  slot {} does not exist yet; `weir run` creates it (after the publication)", config.slot)
+            }
         },
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -579,7 +612,8 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
             } else if wal_status.as_deref() == Some("lost") {
                 let forget = marker.as_ref().map(|(key, _)| format!(", purge its record ({})", purge(key)));
                 problems.push(format!(
-                    "slot {} is lost (wal_status = lost): the server removed WAL it still needed, so changes were                      skipped; drop it (`SELECT pg_drop_replication_slot('{}')`){} and start again",
+                    "slot {} is lost (wal_status = lost): the server removed WAL it still needed, so changes were \
+                    skipped; drop it (`SELECT pg_drop_replication_slot('{}')`){} and start again",
                     config.slot,
                     config.slot,
                     forget.unwrap_or_default()
@@ -604,8 +638,10 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
             Err(error) => problems.push(format!("cannot read the publication's tables: {error}")),
         },
         // Made after the slot, it cannot decode what the slot holds from before it.
-        Ok(None) if slot.is_some() => problems.push(format!(
-            "publication {} does not exist but slot {} does: a publication made after its slot cannot be              used for the changes before it, so `weir run` would fail. Create the publication, then drop              the slot (`SELECT pg_drop_replication_slot('{}')`){} and start again",
+        Ok(None) if slot.is_some() && !snapshot_pending => problems.push(format!(
+            "publication {} does not exist but slot {} does: a publication made after its slot cannot be \
+            used for the changes before it, so `weir run` would fail. Create the publication, then drop \
+            the slot (`SELECT pg_drop_replication_slot('{}')`){} and start again",
             config.publication,
             config.slot,
             config.slot,
@@ -615,15 +651,20 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
         Err(error) => problems.push(format!("cannot read publications: {error}")),
     }
     // Each captured table: it exists, and UPDATE/DELETE can be published (a key or FULL identity).
-    let tables: Vec<(String, String, i8, bool, bool, bool)> = match client
+    // (Privilege: the snapshot reads a partitioned table's partitions; NULL for a table dropped
+    // meanwhile, counted as readable.)
+    let tables: Vec<(String, String, i8, bool, bool, Option<bool>)> = match client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident, \
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
-               has_table_privilege(c.oid, 'SELECT') \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident AND i.indisvalid), \
+               has_schema_privilege(n.oid, 'USAGE') AND CASE WHEN c.relkind = 'p' \
+                 THEN (SELECT bool_and(has_table_privilege(t.relid, 'SELECT')) \
+                       FROM pg_partition_tree(c.oid) t WHERE t.isleaf) \
+                 ELSE has_table_privilege(c.oid, 'SELECT') END \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-               AND n.nspname NOT LIKE 'pg_toast%'",
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
             &[],
         )
         .await
@@ -671,7 +712,7 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
                          `ALTER TABLE {quoted} REPLICA IDENTITY FULL`"
                     )),
                 }
-                if config.snapshot && !readable {
+                if config.snapshot && *readable == Some(false) {
                     problems.push(format!(
                         "the snapshot reads table {schema}.{table}, which this role may not SELECT: \
                          `GRANT SELECT ON {quoted} TO …` (the role in [postgres] url)"
