@@ -890,7 +890,23 @@ async fn weir_check_reports_server_settings_and_tables_with_fixes() {
         Capture::new("check", &[("keyed", "id bigint PRIMARY KEY, n bigint"), ("keyless", "id bigint, n bigint")])
             .await;
     let nats = Nats::start();
-    let config = capture.config(&nats, "").replace("tables = [", "tables = [\"public.weir_t_no_such_table\", ");
+    // A partitioned table whose own identity is FULL, with one partition keyless: the server
+    // checks each partition's identity, not the table's.
+    let parted = "weir_t_check_parted";
+    connect()
+        .await
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {parted};
+             CREATE TABLE {parted} (id int, n int) PARTITION BY RANGE (id);
+             CREATE TABLE {parted}_1 PARTITION OF {parted} FOR VALUES FROM (0) TO (10);
+             CREATE TABLE {parted}_2 PARTITION OF {parted} FOR VALUES FROM (10) TO (20);
+             ALTER TABLE {parted} REPLICA IDENTITY FULL; ALTER TABLE {parted}_2 REPLICA IDENTITY FULL;"
+        ))
+        .await
+        .unwrap();
+    let config = capture
+        .config(&nats, "")
+        .replace("tables = [", &format!("tables = [\"public.weir_t_no_such_table\", \"public.{parted}\", "));
     let (code, text) = weir_check(&config);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("ok    wal_level = logical"), "{text}");
@@ -903,6 +919,9 @@ async fn weir_check_reports_server_settings_and_tables_with_fixes() {
     );
     assert!(text.contains("table public.weir_t_no_such_table does not exist"), "{text}");
     assert!(text.contains("does not exist yet; `weir run` creates it"), "slot and publication: {text}");
+    let partition = format!("partitioned table public.{parted}: partitions public.{parted}_1 have no primary key");
+    assert!(text.lines().any(|l| l.starts_with("error ") && l.contains(&partition)), "{text}");
+    connect().await.batch_execute(&format!("DROP TABLE {parted}")).await.unwrap();
     capture.cleanup().await;
 }
 

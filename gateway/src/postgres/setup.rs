@@ -653,7 +653,9 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
     // Each captured table: it exists, and UPDATE/DELETE can be published (a key or FULL identity).
     // (Privilege: the snapshot reads a partitioned table's partitions; NULL for a table dropped
     // meanwhile, counted as readable.)
-    let tables: Vec<(String, String, i8, bool, bool, Option<bool>)> = match client
+    // A partitioned table's own identity does not count: the server checks each partition's.
+    type TableRow = (String, String, i8, bool, bool, Option<bool>, bool, Option<String>);
+    let tables: Vec<TableRow> = match client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident, \
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
@@ -661,7 +663,16 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
                has_schema_privilege(n.oid, 'USAGE') AND CASE WHEN c.relkind = 'p' \
                  THEN (SELECT bool_and(has_table_privilege(t.relid, 'SELECT')) \
                        FROM pg_partition_tree(c.oid) t WHERE t.isleaf) \
-                 ELSE has_table_privilege(c.oid, 'SELECT') END \
+                 ELSE has_table_privilege(c.oid, 'SELECT') END, \
+               c.relkind = 'p', \
+               (SELECT string_agg(quote_ident(ln.nspname) || '.' || quote_ident(l.relname), ', ') \
+                FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid \
+                JOIN pg_namespace ln ON ln.oid = l.relnamespace \
+                WHERE t.isleaf AND c.relkind = 'p' AND NOT (l.relreplident = 'f' \
+                  OR (l.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i \
+                      WHERE i.indrelid = l.oid AND i.indisprimary)) \
+                  OR (l.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i \
+                      WHERE i.indrelid = l.oid AND i.indisreplident AND i.indisvalid)))) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
@@ -669,7 +680,10 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
         )
         .await
     {
-        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect(),
+        Ok(rows) => rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)))
+            .collect(),
         Err(error) => {
             problems.push(format!("cannot list tables: {error}"));
             Vec::new()
@@ -691,8 +705,19 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
         let quoted = format!("{}.{}", quote(&schema), quote(&table));
         match tables.iter().find(|(s, t, ..)| *s == schema && *t == table) {
             None => problems.push(format!("table {schema}.{table} does not exist; create it or fix [postgres] tables")),
-            Some((_, _, identity, has_key, has_identity_index, readable)) => {
+            Some((_, _, identity, has_key, has_identity_index, readable, partitioned, keyless_partitions)) => {
                 match (*identity as u8, has_key, has_identity_index) {
+                    _ if *partitioned => match keyless_partitions {
+                        None => {
+                            println!("ok    table {schema}.{table} (partitioned: every partition has a key or FULL)")
+                        }
+                        Some(partitions) => problems.push(format!(
+                            "partitioned table {schema}.{table}: partitions {partitions} have no primary key (or \
+                             FULL identity), so UPDATE and DELETE on them will fail once they are published; add \
+                             a primary key to {quoted} (its partitions get it) or `ALTER TABLE … REPLICA IDENTITY \
+                             FULL` on each"
+                        )),
+                    },
                     (b'f', ..) => println!("ok    table {schema}.{table} (REPLICA IDENTITY FULL: old rows in full)"),
                     (b'd', true, _) => println!("ok    table {schema}.{table} (primary key)"),
                     (b'i', _, true) => println!("ok    table {schema}.{table} (REPLICA IDENTITY USING INDEX)"),
