@@ -1314,7 +1314,9 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for example in ["examples/quickstart/weir.toml", "examples/postgres-cdc/weir.toml"] {
             let config = Config::load(&root.join(example)).unwrap_or_else(|e| panic!("{example}: {}", e.0));
-            assert!(config.plugins.dir.as_ref().is_some_and(|dir| dir.ends_with("plugins/target/wasm32-wasip2/release")));
+            assert!(
+                config.plugins.dir.as_ref().is_some_and(|dir| dir.ends_with("plugins/target/wasm32-wasip2/release"))
+            );
             assert!(!config.routes.is_empty(), "{example}");
         }
     }

@@ -225,7 +225,7 @@ const HOST_HEADERS: [&str; 7] =
 
 /// A header value NATS can carry: line breaks become spaces (they would end the header).
 pub fn header_value(text: &str) -> String {
-    if text.contains(['\r', '\n']) { text.replace(['\r', '\n'], " ") } else { text.to_string() }
+    if has_line_break(text) { text.replace(['\r', '\n'], " ") } else { text.to_string() }
 }
 
 /// Whether `name` can be a NATS header name: printable ASCII without `:`.
@@ -867,9 +867,15 @@ impl HeaderFields {
     }
 }
 
+/// Whether `text` has a CR or LF. (A byte scan: `str::contains` with a char array takes the
+/// general char-searching path, about 1 % of change capture's CPU with every header checked.)
+fn has_line_break(text: &str) -> bool {
+    text.bytes().any(|byte| byte == b'\r' || byte == b'\n')
+}
+
 /// [`header_value`] of an owned text: no copy unless it has line breaks.
 fn owned_header_value(text: String) -> String {
-    if text.contains(['\r', '\n']) { header_value(&text) } else { text }
+    if has_line_break(&text) { header_value(&text) } else { text }
 }
 
 /// Host headers (which win over plugin headers of the same name), then the event's own.
@@ -933,6 +939,14 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn line_breaks_in_header_values_become_spaces() {
+        assert_eq!(header_value("a\r\nb\nc\rd"), "a  b c d");
+        assert_eq!(owned_header_value("été\n".to_string()), "été ");
+        let plain = "order-1001 ✓".to_string();
+        assert_eq!(owned_header_value(plain.clone()), plain);
+    }
 
     fn event(entity: &str, op: &str) -> Event {
         Event {
