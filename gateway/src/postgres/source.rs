@@ -1203,7 +1203,8 @@ impl PostgresSource {
     }
 }
 
-/// Resolves when `receiver` sees a change (or its sender is gone), handing it back to wait again.
+/// Resolves when `receiver` sees a change, handing it back to wait again; never once its
+/// sender is gone (a wait that ended at once would spin the loop polling it).
 async fn changed<T>(mut receiver: watch::Receiver<T>) -> watch::Receiver<T> {
     if receiver.changed().await.is_err() {
         // The sender is gone: nothing will change again.
