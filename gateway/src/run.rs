@@ -208,9 +208,10 @@ pub fn check(config_path: &Path) -> i32 {
     }
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(tokio) => {
-            problems.extend(tokio.block_on(check_nats(&config)));
+            let (found, nats) = tokio.block_on(check_nats(&config));
+            problems.extend(found);
             if let Some(pg) = &config.postgres {
-                problems.extend(tokio.block_on(crate::postgres::setup::check(pg, &config)));
+                problems.extend(tokio.block_on(crate::postgres::setup::check(pg, nats.as_ref())));
                 tokio.block_on(crate::postgres::close_tunnels());
             }
         }
@@ -222,17 +223,18 @@ pub fn check(config_path: &Path) -> i32 {
     if problems.is_empty() { 0 } else { 1 }
 }
 
-async fn check_nats(config: &Config) -> Vec<String> {
+/// The NATS part of `weir check`: its problems, and the client for the checks after it.
+async fn check_nats(config: &Config) -> (Vec<String>, Option<async_nats::Client>) {
     let client = match crate::sink::connect_client(config).await {
         Ok(client) => client,
-        Err(error) => return vec![format!("{error:#}")],
+        Err(error) => return (vec![format!("{error:#}")], None),
     };
     println!("ok    NATS connected");
     let Some(js) = &config.jetstream else {
         println!("note  no [jetstream]: core NATS publishing is at-most-once");
-        return Vec::new();
+        return (Vec::new(), Some(client));
     };
-    let context = async_nats::jetstream::new(client);
+    let context = async_nats::jetstream::new(client.clone());
     let want = crate::sink::stream_config(js);
     let (mut problems, subjects) = match context.get_stream(&js.stream).await {
         Ok(mut stream) => match stream.info().await {
@@ -276,5 +278,5 @@ async fn check_nats(config: &Config) -> Vec<String> {
             Err(_) => problems.push(gap.message),
         }
     }
-    problems
+    (problems, Some(client))
 }

@@ -451,9 +451,10 @@ async fn publication_differences(
 }
 
 /// The slot's marker as JetStream holds it, with its key: `Ok(None)` when there is none, or
-/// NATS cannot be reached (the NATS check says so); `Err` when it could not be read.
+/// NATS could not be reached (`nats` is `None`; the NATS check said so); `Err` when it could not
+/// be read.
 async fn read_marker(
-    gateway: &crate::config::Config,
+    nats: Option<&async_nats::Client>,
     client: &tokio_postgres::Client,
     slot: &str,
 ) -> Result<Option<(String, String)>, String> {
@@ -465,8 +466,8 @@ async fn read_marker(
         .map_err(|e| format!("cannot read the server's system identifier: {e}"))?
         .get(0);
     let key = format!("{SLOT_BUCKET}.{system}.{slot}");
-    let Ok(nats) = crate::sink::connect_client(gateway).await else { return Ok(None) };
-    let stream = match async_nats::jetstream::new(nats).get_stream(SLOT_BUCKET).await {
+    let Some(nats) = nats else { return Ok(None) };
+    let stream = match async_nats::jetstream::new(nats.clone()).get_stream(SLOT_BUCKET).await {
         Ok(stream) => stream,
         Err(error)
             if matches!(error.kind(), GetStreamErrorKind::JetStream(error)
@@ -484,9 +485,9 @@ async fn read_marker(
 }
 
 /// `weir check` for `[postgres]`: server settings, permissions, tables, publication and slot.
-/// Prints what is fine and returns each problem with how to fix it. (`gateway`: the whole
-/// config, for the slot's marker in JetStream.)
-pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> Vec<String> {
+/// Prints what is fine and returns each problem with how to fix it. (`nats`: the NATS check's
+/// client, for the slot's marker in JetStream.)
+pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -> Vec<String> {
     if let Err(error) = super::tls::check_settings(config) {
         return vec![format!("{error:#}")];
     }
@@ -559,7 +560,7 @@ pub async fn check(config: &PostgresConfig, gateway: &crate::config::Config) -> 
             .map_or(0, |row| row.get::<_, i64>(0));
         senders_used -= own;
     }
-    let marker = match read_marker(gateway, &client, &config.slot).await {
+    let marker = match read_marker(nats, &client, &config.slot).await {
         Ok(marker) => marker,
         Err(error) => {
             problems.push(error);
