@@ -251,13 +251,7 @@ async fn check_nats(config: &Config) -> (Vec<String>, Option<async_nats::Client>
             }
             Err(error) => (vec![format!("cannot read stream {}: {error}", js.stream)], js.subjects.clone()),
         },
-        Err(error)
-            if matches!(
-                error.kind(),
-                async_nats::jetstream::context::GetStreamErrorKind::JetStream(inner)
-                    if inner.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
+        Err(error) if crate::sink::stream_not_found(&error) => {
             println!("note  stream {} does not exist yet; `weir run` creates it", js.stream);
             (Vec::new(), js.subjects.clone())
         }

@@ -376,6 +376,13 @@ pub fn subjects_outside_stream(config: &Config, stream_subjects: &[String]) -> V
     gaps
 }
 
+/// Whether looking a stream up failed because the server has no such stream (rather than
+/// JetStream being off, a permission or a timeout).
+pub fn stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(inner)
+        if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 /// Connects a NATS client with the `[nats]` settings and waits up to `connect_timeout` for the
 /// first connection. (The client itself then reconnects forever.)
 pub async fn connect_client(config: &Config) -> anyhow::Result<async_nats::Client> {

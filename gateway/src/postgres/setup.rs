@@ -118,6 +118,23 @@ impl SlotMarker {
     }
 }
 
+/// The subject of slot `slot`'s record in [`SLOT_BUCKET`]: per server (its system identifier),
+/// so a restored or another server's slot of the same name is another record.
+async fn marker_key(client: &tokio_postgres::Client, slot: &str) -> Result<String, tokio_postgres::Error> {
+    let system: String = client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await?.get(0);
+    Ok(format!("{SLOT_BUCKET}.{system}.{slot}"))
+}
+
+/// The command that makes weir forget a slot's record.
+fn purge_command(key: &str) -> String {
+    format!("`nats stream purge {SLOT_BUCKET} --subject {key}`")
+}
+
+/// Whether a slot's record says its snapshot did not finish (`weir run` then starts it again).
+fn snapshot_unfinished(record: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(record).is_ok_and(|v| v["snapshot"] == "pending")
+}
+
 /// Makes the publication and the slot ready and says where to start. `resuming`: this process
 /// has streamed from the slot before (a reconnect).
 pub async fn prepare(
@@ -127,8 +144,8 @@ pub async fn prepare(
     resuming: bool,
 ) -> Result<(Start, SlotMarker), Failure> {
     ensure_publication(config, client).await?;
-    let system: String =
-        client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.map_err(retry)?.get(0);
+    let marker_key = marker_key(client, &config.slot).await.map_err(retry)?;
+    let purge = purge_command(&marker_key);
     let Some(jetstream) = sink.jetstream() else {
         return Err(fatal("[postgres] needs [jetstream]".into()));
     };
@@ -142,7 +159,6 @@ pub async fn prepare(
         })
         .await
         .map_err(|e| retry(anyhow::anyhow!("cannot create JetStream stream {SLOT_BUCKET}: {e}")))?;
-    let marker_key = format!("{SLOT_BUCKET}.{system}.{}", config.slot);
     // A gateway killed a moment ago may still hold the slot until the server notices.
     let mut attempts = 0;
     let slot = loop {
@@ -178,9 +194,7 @@ pub async fn prepare(
         key: marker_key.clone(),
         record: std::sync::Mutex::new(recorded.unwrap_or_default()),
     };
-    let snapshot_pending = marker
-        .as_ref()
-        .is_some_and(|m| serde_json::from_slice::<serde_json::Value>(m).is_ok_and(|v| v["snapshot"] == "pending"));
+    let snapshot_pending = marker.as_deref().is_some_and(snapshot_unfinished);
     let start = match slot {
         // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
         // so a new slot and a new snapshot lose nothing.
@@ -216,7 +230,7 @@ pub async fn prepare(
                 return Err(fatal(format!(
                     "replication slot `{}` is lost (wal_status = lost): the server removed WAL it still needed, \
                      so changes were skipped. Drop the slot, purge {marker_key} from stream {SLOT_BUCKET} \
-                     (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start again",
+                     ({purge}) and start again",
                     config.slot
                 )));
             }
@@ -249,7 +263,7 @@ pub async fn prepare(
                     "replication slot `{}` is confirmed at {confirmed}, past {allowed}, the furthest this gateway \
                      confirmed it: it was dropped and re-created, or moved, by something else, so changes in \
                      between may be missing. If you know none are (or accept the loss), purge {marker_key} from \
-                     stream {SLOT_BUCKET} (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start \
+                     stream {SLOT_BUCKET} ({purge}) and start \
                      again: the slot is then adopted where it is",
                     config.slot
                 )));
@@ -268,7 +282,7 @@ pub async fn prepare(
                     "replication slot `{}` is missing, but this gateway created it before ({}). Changes since \
                      its last confirmed position may be lost, so weir will not re-create it silently. To start \
                      over, purge {marker_key} from stream {SLOT_BUCKET} \
-                     (`nats stream purge {SLOT_BUCKET} --subject {marker_key}`) and start again",
+                     ({purge}) and start again",
                     config.slot,
                     String::from_utf8_lossy(&marker)
                 )));
@@ -382,11 +396,14 @@ async fn publication_differences(
     let mut differences = Vec::new();
     // A publication made with `WITH (publish = …)` leaves the other operations out, silently.
     let truncate_wanted = config.truncate == crate::config::TruncateMode::Emit;
-    let operations =
-        [("insert", row.get::<_, bool>(1), true), ("update", row.get(2), true), ("delete", row.get(3), true)];
+    let operations: [(&str, bool, bool); 4] = [
+        ("insert", row.get(1), true),
+        ("update", row.get(2), true),
+        ("delete", row.get(3), true),
+        ("truncate", row.get(4), truncate_wanted),
+    ];
     let unpublished: Vec<&str> = operations
         .iter()
-        .chain([("truncate", row.get::<_, bool>(4), truncate_wanted)].iter())
         .filter(|(_, published, wanted)| *wanted && !published)
         .map(|(operation, _, _)| *operation)
         .collect();
@@ -458,23 +475,12 @@ async fn read_marker(
     client: &tokio_postgres::Client,
     slot: &str,
 ) -> Result<Option<(String, String)>, String> {
-    use async_nats::jetstream::context::GetStreamErrorKind;
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let system: String = client
-        .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
-        .await
-        .map_err(|e| format!("cannot read the server's system identifier: {e}"))?
-        .get(0);
-    let key = format!("{SLOT_BUCKET}.{system}.{slot}");
+    let key = marker_key(client, slot).await.map_err(|e| format!("cannot read the server's system identifier: {e}"))?;
     let Some(nats) = nats else { return Ok(None) };
     let stream = match async_nats::jetstream::new(nats.clone()).get_stream(SLOT_BUCKET).await {
         Ok(stream) => stream,
-        Err(error)
-            if matches!(error.kind(), GetStreamErrorKind::JetStream(error)
-                if error.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            return Ok(None);
-        }
+        Err(error) if crate::sink::stream_not_found(&error) => return Ok(None),
         Err(error) => return Err(format!("cannot read stream {SLOT_BUCKET}, where slots' records are kept: {error}")),
     };
     match stream.get_last_raw_message_by_subject(&key).await {
@@ -568,10 +574,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
         }
     };
     // A snapshot that did not finish: `weir run` starts it again, with a new slot.
-    let snapshot_pending = marker.as_ref().is_some_and(|(_, recorded)| {
-        serde_json::from_str::<serde_json::Value>(recorded).is_ok_and(|v| v["snapshot"] == "pending")
-    });
-    let purge = |key: &str| format!("`nats stream purge {SLOT_BUCKET} --subject {key}`");
+    let snapshot_pending = marker.as_ref().is_some_and(|(_, recorded)| snapshot_unfinished(recorded.as_bytes()));
     if slot.is_none() && slots_used >= slots_max {
         problems.push(format!(
             "max_replication_slots = {slots_max} and {slots_used} are in use: raise it (restart needed) or drop \
@@ -590,7 +593,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
                 re-create it silently, since changes since its last confirmed position may be lost. To start \
                 over, purge the record: {}",
                 config.slot,
-                purge(key)
+                purge_command(key)
             )),
             _ => {
                 println!("note  slot {} does not exist yet; `weir run` creates it (after the publication)", config.slot)
@@ -611,7 +614,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
                     row.get::<_, Option<String>>(5).unwrap_or_default()
                 ));
             } else if wal_status.as_deref() == Some("lost") {
-                let forget = marker.as_ref().map(|(key, _)| format!(", purge its record ({})", purge(key)));
+                let forget = marker.as_ref().map(|(key, _)| format!(", purge its record ({})", purge_command(key)));
                 problems.push(format!(
                     "slot {} is lost (wal_status = lost): the server removed WAL it still needed, so changes were \
                     skipped; drop it (`SELECT pg_drop_replication_slot('{}')`){} and start again",
@@ -646,7 +649,10 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
             config.publication,
             config.slot,
             config.slot,
-            marker.as_ref().map(|(key, _)| format!(" and purge its record ({})", purge(key))).unwrap_or_default()
+            marker
+                .as_ref()
+                .map(|(key, _)| format!(" and purge its record ({})", purge_command(key)))
+                .unwrap_or_default()
         )),
         Ok(None) => println!("note  publication {} does not exist yet; `weir run` creates it", config.publication),
         Err(error) => problems.push(format!("cannot read publications: {error}")),

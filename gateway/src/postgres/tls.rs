@@ -48,7 +48,7 @@ impl Server {
 /// Refuses a url naming several servers: change capture follows one server's slot, and the
 /// replication stream has no host list to try, so it could reach a server the control
 /// connection did not.
-pub fn one_server(parsed: &tokio_postgres::Config) -> anyhow::Result<()> {
+fn one_server(parsed: &tokio_postgres::Config) -> anyhow::Result<()> {
     let servers = parsed.get_hosts().len().max(parsed.get_hostaddrs().len());
     if servers > 1 {
         anyhow::bail!(
