@@ -735,7 +735,10 @@ impl Sink {
             let sleep = tokio::time::sleep(self.ack_timeout);
             tokio::pin!(sleep);
             let mut last_answer = Instant::now();
-            // Until the router (which holds the sender) is gone.
+            // Armed once for the call, not once per answer awaited (each arming takes a lock);
+            // watched until the router, which holds the sender, is gone.
+            let lost = lost.changed();
+            tokio::pin!(lost);
             let mut watching = true;
             loop {
                 let gone = tokio::select! {
@@ -780,7 +783,7 @@ impl Sink {
                         continue;
                     }
                     // PubAcks owed on a lost connection never come.
-                    changed = lost.changed(), if watching => match changed {
+                    changed = &mut lost, if watching => match changed {
                         Ok(()) => true,
                         Err(_) => {
                             watching = false;
