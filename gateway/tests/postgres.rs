@@ -921,6 +921,16 @@ async fn weir_check_reports_server_settings_and_tables_with_fixes() {
     assert!(text.contains("does not exist yet; `weir run` creates it"), "slot and publication: {text}");
     let partition = format!("partitioned table public.{parted}: partitions public.{parted}_1 have no primary key");
     assert!(text.lines().any(|l| l.starts_with("error ") && l.contains(&partition)), "{text}");
+    // Every table of the database (no `tables`): the keyless partition is reported once, under
+    // its partitioned table, not also as a table of its own.
+    let every_table: String = config
+        .lines()
+        .map(|line| if line.starts_with("tables = [") { "tables = []" } else { line })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (_, text) = weir_check(&every_table);
+    assert_eq!(text.lines().filter(|l| l.contains(&partition)).count(), 1, "{text}");
+    assert!(!text.contains(&format!("table public.{parted}_1 has no primary key")), "{text}");
     connect().await.batch_execute(&format!("DROP TABLE {parted}")).await.unwrap();
     capture.cleanup().await;
 }

@@ -661,7 +661,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
     // (Privilege: the snapshot reads a partitioned table's partitions; NULL for a table dropped
     // meanwhile, counted as readable.)
     // A partitioned table's own identity does not count: the server checks each partition's.
-    type TableRow = (String, String, i8, bool, bool, Option<bool>, bool, Option<String>);
+    type TableRow = (String, String, i8, bool, bool, Option<bool>, bool, Option<String>, bool);
     let tables: Vec<TableRow> = match client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident, \
@@ -679,7 +679,8 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
                   OR (l.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i \
                       WHERE i.indrelid = l.oid AND i.indisprimary)) \
                   OR (l.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i \
-                      WHERE i.indrelid = l.oid AND i.indisreplident AND i.indisvalid)))) \
+                      WHERE i.indrelid = l.oid AND i.indisreplident AND i.indisvalid)))), \
+               c.relispartition \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
@@ -689,7 +690,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
     {
         Ok(rows) => rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8)))
             .collect(),
         Err(error) => {
             problems.push(format!("cannot list tables: {error}"));
@@ -697,7 +698,9 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
         }
     };
     let wanted: Vec<(String, String)> = if config.tables.is_empty() {
-        tables.iter().map(|(s, t, ..)| (s.clone(), t.clone())).collect()
+        // A partition is judged under its partitioned table (which names the keyless ones), so
+        // listing it on its own as well would report it twice.
+        tables.iter().filter(|row| !row.8).map(|(s, t, ..)| (s.clone(), t.clone())).collect()
     } else {
         config
             .tables
@@ -712,7 +715,7 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
         let quoted = format!("{}.{}", quote(&schema), quote(&table));
         match tables.iter().find(|(s, t, ..)| *s == schema && *t == table) {
             None => problems.push(format!("table {schema}.{table} does not exist; create it or fix [postgres] tables")),
-            Some((_, _, identity, has_key, has_identity_index, readable, partitioned, keyless_partitions)) => {
+            Some((_, _, identity, has_key, has_identity_index, readable, partitioned, keyless_partitions, _)) => {
                 match (*identity as u8, has_key, has_identity_index) {
                     _ if *partitioned => match keyless_partitions {
                         None => {
