@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Stripes for per-key ordering: events with the same entity and key take the same lock, in
 /// arrival order (tokio's mutex is fair), and hold it while their outputs are sent.
@@ -55,7 +55,9 @@ pub struct AppState {
     sink: Sink,
     settings: HttpSettings,
     token_digests: Vec<[u8; 32]>,
-    in_flight: Semaphore,
+    /// Requests admitted and not yet answered. A single event's slot goes with it to the
+    /// coalescer, so an event whose client went away still counts until it is processed.
+    in_flight: Arc<Semaphore>,
     /// Per stripe, how many batches have sent under it (see [`StripeOrder`]).
     key_locks: Vec<tokio::sync::Mutex<u64>>,
     coalescer: Coalescer,
@@ -98,7 +100,7 @@ impl AppState {
         Arc::new(AppState {
             pipeline,
             sink,
-            in_flight: Semaphore::new(settings.max_in_flight),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             token_digests,
             settings,
             key_locks: (0..KEY_STRIPES).map(|_| tokio::sync::Mutex::new(0)).collect(),
@@ -889,6 +891,8 @@ struct Waiting {
     /// The idempotency key (its mark, settled if the event is never answered) and the
     /// request's fingerprint, to remember the answer under.
     claim: Option<(InFlightGuard, [u8; 32])>,
+    /// The request's in-flight slot, given back once the event is answered.
+    admitted: OwnedSemaphorePermit,
 }
 
 /// Most batches of coalesced requests that run at once: one per core, so plugins can use every
@@ -904,9 +908,15 @@ async fn submit(
     state: &Arc<AppState>,
     event: Event,
     claim: Option<(InFlightGuard, [u8; 32])>,
+    admitted: OwnedSemaphorePermit,
 ) -> Result<Answer, ApiError> {
     let (answer, answered) = tokio::sync::oneshot::channel();
-    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting { event, answer, claim });
+    state.coalescer.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(Waiting {
+        event,
+        answer,
+        claim,
+        admitted,
+    });
     // A task of its own: a client that goes away must not abandon the others' events.
     start_runner(state);
     answered.await.unwrap_or_else(|_| {
@@ -973,10 +983,10 @@ async fn run_group(state: &Arc<AppState>, group: Vec<Waiting>) {
     let mut answers = Vec::with_capacity(group.len());
     for waiting in group {
         events.push(waiting.event);
-        answers.push((waiting.answer, waiting.claim));
+        answers.push((waiting.answer, waiting.claim, waiting.admitted));
     }
     let results = ingest(state, events).await;
-    for ((answer, claim), result) in answers.into_iter().zip(results) {
+    for ((answer, claim, _admitted), result) in answers.into_iter().zip(results) {
         if let Some((guard, fingerprint)) = claim {
             remember(state, &guard.keys[0], fingerprint, &result);
             guard.disarm();
@@ -1045,15 +1055,11 @@ fn answer_response(answer: Result<Answer, ApiError>) -> Response {
 
 /// Admission: in-flight bound (429) and auth (401), before the body is read. A webhook route's
 /// sender proves itself by its signature instead (GitHub, Stripe and the like send no token).
-fn admit<'a>(
-    state: &'a AppState,
-    headers: &HeaderMap,
-    webhook: bool,
-) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
+fn admit(state: &AppState, headers: &HeaderMap, webhook: bool) -> Result<OwnedSemaphorePermit, ApiError> {
     if !webhook {
         check_auth(state, headers)?;
     }
-    state.in_flight.try_acquire().map_err(|_| {
+    state.in_flight.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "too many requests in flight; retry shortly")
     })
 }
@@ -1156,7 +1162,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     let probe_op = header_text(&parts.headers, "weir-op").unwrap_or(op).to_ascii_lowercase();
     let probe = Event { source: "http".into(), entity: entity.clone(), op: probe_op, ..empty_event() };
     let webhook = state.pipeline.route_for(&probe).and_then(|route| state.pipeline.route(route).webhook.as_ref());
-    let _permit = match admit(&state, &parts.headers, webhook.is_some()) {
+    let permit = match admit(&state, &parts.headers, webhook.is_some()) {
         Ok(permit) => permit,
         Err(error) => return error.into_response(),
     };
@@ -1189,7 +1195,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
             Err(error) => return error.into_response(),
         };
     if !client_chose_id {
-        return answer_response(submit(&state, event, None).await);
+        return answer_response(submit(&state, event, None, permit).await);
     }
     // An Idempotency-Key, a CloudEvent's id or a webhook's delivery id.
     let idempotency_key = event.id.clone();
@@ -1209,7 +1215,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     // The mark goes with the event to the runner, which remembers the answer even if the client
     // has gone away (and should the event never be answered, the guard settles the mark).
     let guard = InFlightGuard { state: state.clone(), keys: vec![idempotency_key] };
-    answer_response(submit(&state, event, Some((guard, fingerprint))).await)
+    answer_response(submit(&state, event, Some((guard, fingerprint)), permit).await)
 }
 
 /// Answers remembered by idempotency key, and when each expires in the order they were

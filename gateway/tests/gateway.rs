@@ -2160,6 +2160,41 @@ async fn a_long_key_in_a_subject_is_shortened_and_does_not_cut_the_gateway_off_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_client_gave_up_keeps_its_in_flight_place_until_it_is_processed() {
+    let nats = Nats::start();
+    let config = config(&nats, "plugins = [\"fixture_sleepy\"]\n\n[plugins.fixture_sleepy]\ntimeout_ms = 10000")
+        .replace("max_body = \"64KiB\"", "max_body = \"64KiB\"\nmax_in_flight = 1");
+    let gateway = Gateway::start(&config);
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let gone = impatient
+        .post(gateway.url("/v1/events/naps"))
+        .header("content-type", "application/json")
+        .body(json!({"sleep_ms": 4000}).to_string())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up before its answer: {gone:?}");
+    // Its event is still in the plugin: the only place is taken.
+    let (status, body, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("overloaded")), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nats.messages("WEIR").await.is_empty() {
+        assert!(Instant::now() < deadline, "the abandoned event was not stored: {}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Processed: the place is free again (once the runner has answered, just after the store).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body, _) = post(&gateway, "/v1/events/users", "{}", &[]).await;
+        if status == 429 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(status, 202, "{body}");
+        break;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_gives_up_finds_its_idempotency_key_remembered_when_it_retries() {
     let nats = Nats::start();
     let gateway = Gateway::start(&config(
