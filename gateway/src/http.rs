@@ -1199,16 +1199,25 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     }
     // An Idempotency-Key, a CloudEvent's id or a webhook's delivery id.
     let idempotency_key = event.id.clone();
-    let fingerprint: [u8; 32] = Sha256::new()
+    // Everything of the request that shapes the event: the same key with another record key,
+    // media type or CloudEvent attribute is another request (422), not a retry.
+    let mut print = Sha256::new()
         .chain_update(parts.method.as_str())
         .chain_update([0])
         .chain_update(parts.uri.path())
         .chain_update([0])
         .chain_update(&event.op)
         .chain_update([0])
-        .chain_update(&body)
-        .finalize()
-        .into();
+        .chain_update(media_type(&parts.headers))
+        .chain_update([0]);
+    match &event.key {
+        Some(key) => print.update([&[1u8][..], key.as_bytes(), &[0]].concat()),
+        None => print.update([0]),
+    }
+    for (name, value) in event.headers.iter().filter(|(name, _)| name.starts_with("ce-")) {
+        print.update([name.as_bytes(), &[0], value.as_bytes(), &[0]].concat());
+    }
+    let fingerprint: [u8; 32] = print.chain_update(&body).finalize().into();
     if let Some(answer) = remembered(&state, &idempotency_key, fingerprint) {
         return answer_response(answer);
     }

@@ -188,6 +188,19 @@ async fn an_idempotent_retry_is_stored_once_and_a_reused_key_is_refused() {
     let other = post(&gateway, "/v1/events/people", r#"{"name":"Bob"}"#, &[("idempotency-key", "order-42")]).await;
     assert_eq!(other.0, 422);
     assert_eq!(other.1["error"]["code"], "idempotency_key_reused");
+    // The same body for another record key, or as another media type, is another request too.
+    let keyed = &[("idempotency-key", "order-42"), ("weir-key", "p-2")];
+    let other_key = post(&gateway, "/v1/events/people", body, keyed).await;
+    assert_eq!((other_key.0, other_key.1["error"]["code"].as_str()), (422, Some("idempotency_key_reused")));
+    let other_type = client()
+        .post(gateway.url("/v1/events/people"))
+        .header("content-type", "application/merge-patch+json")
+        .header("idempotency-key", "order-42")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_type.status().as_u16(), 422);
     let messages = nats.messages("WEIR").await;
     assert_eq!(messages.len(), 1, "stored once");
     assert_eq!(header(&messages[0], "Nats-Msg-Id"), Some("order-42"));
