@@ -8,6 +8,7 @@ use crate::pipeline::{Disposition, Message, Pipeline, Unavailability};
 use crate::sink::{Published, SendOrder, Sink, SinkError};
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -254,7 +255,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // axum's own answers are plain text; every answer of the API is JSON.
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint (the API is under /v1/events and /v1/batch)")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take this method: POST /v1/events/{entity}, PUT|PATCH|DELETE /v1/events/{entity}/{key}, POST /v1/batch",
+            )
+        })
         .with_state(state)
+}
+
+/// A path whose `{entity}` or `{key}` is not valid percent-encoded UTF-8.
+fn bad_path(rejection: PathRejection) -> Response {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_path", rejection.body_text()).into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -651,6 +668,16 @@ struct LineResult {
     body: AnswerBody,
 }
 
+/// One event's result from its outputs' outcomes. An output not known to be stored decides the
+/// answer, whichever failed first: the client must then retry with the same id (under a new one
+/// that output could be stored twice).
+fn event_outcome(mut outcomes: Vec<Result<Published, SinkError>>) -> Result<Vec<Published>, SinkError> {
+    match outcomes.iter().position(|outcome| matches!(outcome, Err(SinkError::Timeout))) {
+        Some(unknown) => outcomes.swap_remove(unknown).map(|published| vec![published]),
+        None => outcomes.into_iter().collect(),
+    }
+}
+
 fn published_json(published: &[Published]) -> Value {
     json!(published)
 }
@@ -749,7 +776,7 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let total = span.len();
         let stored_count = stored[span.clone()].iter().filter(|outcome| matches!(outcome, Some(Ok(_)))).count();
         let stored_here: Option<Result<Vec<Published>, SinkError>> =
-            (total > 0).then(|| stored[span].iter_mut().filter_map(Option::take).collect());
+            (total > 0).then(|| event_outcome(stored[span].iter_mut().filter_map(Option::take).collect()));
         let answer = match (stored_here, disposition) {
             (Some(Err(error)), _) => Err(store_failure(error, stored_count, total, state.sink.jetstream().is_none())),
             (Some(Ok(stored)), Disposition::Publish(_)) => {
@@ -1390,15 +1417,27 @@ fn remembered(state: &AppState, key: &str, fingerprint: [u8; 32]) -> Option<Resu
     }
 }
 
-async fn post_event(State(state): State<Arc<AppState>>, Path(entity): Path<String>, request: Request) -> Response {
+async fn post_event(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    let Path(entity) = match path {
+        Ok(path) => path,
+        Err(rejection) => return bad_path(rejection),
+    };
     single(state, request, entity, None, "insert").await
 }
 
 async fn keyed_event(
     State(state): State<Arc<AppState>>,
-    Path((entity, key)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     request: Request,
 ) -> Response {
+    let Path((entity, key)) = match path {
+        Ok(path) => path,
+        Err(rejection) => return bad_path(rejection),
+    };
     let op = if request.method() == Method::DELETE { "delete" } else { "update" };
     single(state, request, entity, Some(key), op).await
 }
@@ -1471,8 +1510,8 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
         let parsed: Result<BatchLine, _> = serde_json::from_str(line);
         let event = parsed.map_err(|e| e.to_string()).and_then(|line| {
             let op = line.op.unwrap_or_else(|| "insert".into()).to_ascii_lowercase();
-            if !valid_word(&op) || line.entity.is_empty() {
-                return Err("`entity` must be non-empty and `op` a word".to_string());
+            if !valid_word(&op) || line.entity.is_empty() || line.entity.len() > 255 {
+                return Err("`entity` must be 1–255 bytes and `op` a word".to_string());
             }
             if line.data.as_ref().is_some_and(|raw| nests_too_deep(raw.get().as_bytes())) {
                 return Err(too_deep_message());
@@ -1679,6 +1718,16 @@ mod tests {
         assert!(!partly.message.contains("nothing was stored"), "{}", partly.message);
         let core_partly = store_failure(SinkError::Disconnected, 1, 2, true);
         assert!(core_partly.message.contains("a retry sends every one again"), "{}", core_partly.message);
+    }
+
+    #[test]
+    fn an_output_not_known_to_be_stored_decides_the_events_answer() {
+        let stored = || Ok(Published { subject: "s".into(), stream: Some("S".into()), seq: Some(1), duplicate: false });
+        let outcomes = vec![stored(), Err(SinkError::Full("max_bytes".into())), Err(SinkError::Timeout)];
+        assert!(matches!(event_outcome(outcomes), Err(SinkError::Timeout)));
+        let outcomes = vec![Err(SinkError::Full("max_bytes".into())), stored()];
+        assert!(matches!(event_outcome(outcomes), Err(SinkError::Full(_))));
+        assert_eq!(event_outcome(vec![stored(), stored()]).map(|all| all.len()).ok(), Some(2));
     }
 
     #[test]

@@ -385,6 +385,20 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
 
     let (status, body, _) = post(&gateway, "/v1/events/users", "{}", &[("weir-op", "has space")]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_op")));
+    let long_entity = format!(r#"{{"entity":"{}","data":{{}}}}"#, "e".repeat(256));
+    let (_, body) = post_batch(&gateway, long_entity).await;
+    assert_eq!(body["results"][0]["status"], 400, "as a single event's entity: {body}");
+
+    // Answers from the router itself are JSON too: a path that is not UTF-8, no such endpoint,
+    // a method the endpoint does not take.
+    let (status, body, _) = post(&gateway, "/v1/events/%FF", "{}", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_path")), "{body}");
+    let (status, body, _) = post(&gateway, "/v2/events/users", "{}", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")), "{body}");
+    let response = client().get(gateway.url("/v1/events/users")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 
     // Nesting deep enough to overflow a recursive parser, in a body under the size limit.
     let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
