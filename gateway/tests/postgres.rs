@@ -963,6 +963,17 @@ async fn weir_check_reports_what_weir_run_would_refuse_or_miss_in_the_slot_and_p
     client.batch_execute(&format!("DROP PUBLICATION {name}")).await.unwrap();
     let (_, text) = weir_check(&config);
     error(&text, &["does not exist but slot", "pg_drop_replication_slot", "nats stream purge weir_postgres_slots"]);
+    // `weir run` stops with the same words, and does not make the publication behind the slot.
+    let mut refused = Gateway::start(&config);
+    let status = refused.wait_exit(Duration::from_secs(30)).expect("the gateway stops");
+    assert!(!status.success());
+    assert!(refused.log().contains("does not exist but slot"), "{}", refused.log());
+    let made: i64 = client
+        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[name])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(made, 0, "{}", refused.log());
     // The slot dropped behind weir's back: `weir run` refuses to re-create it, and so does check.
     capture.cleanup_slot().await;
     let (code, text) = weir_check(&config);

@@ -130,6 +130,21 @@ fn purge_command(key: &str) -> String {
     format!("`nats stream purge {SLOT_BUCKET} --subject {key}`")
 }
 
+/// Why a slot whose publication is gone cannot be read on, and how to start again. `purge`: the
+/// command that purges the slot's record, when weir holds one.
+fn publication_missing_beside_slot(config: &PostgresConfig, purge: Option<&str>) -> String {
+    format!(
+        "publication {} does not exist but slot {} does: a publication made after its slot cannot be used \
+         for the changes before it, so the slot cannot be read on. Start again: create the publication, \
+         drop the slot (`SELECT pg_drop_replication_slot('{}')`){}, and run with `snapshot = true` to read \
+         the rows already there (changes made while the publication was missing are not captured)",
+        config.publication,
+        config.slot,
+        config.slot,
+        purge.map(|purge| format!(" and purge its record ({purge})")).unwrap_or_default()
+    )
+}
+
 /// Whether a slot's record says its snapshot did not finish (`weir run` then starts it again).
 fn snapshot_unfinished(record: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(record).is_ok_and(|v| v["snapshot"] == "pending")
@@ -143,7 +158,6 @@ pub async fn prepare(
     sink: &crate::sink::Sink,
     resuming: bool,
 ) -> Result<(Start, SlotMarker), Failure> {
-    ensure_publication(config, client).await?;
     let marker_key = marker_key(client, &config.slot).await.map_err(retry)?;
     let purge = purge_command(&marker_key);
     let Some(jetstream) = sink.jetstream() else {
@@ -195,6 +209,10 @@ pub async fn prepare(
         record: std::sync::Mutex::new(recorded.unwrap_or_default()),
     };
     let snapshot_pending = marker.as_deref().is_some_and(snapshot_unfinished);
+    // Before the slot is made (the other order fails for good); a slot that stays must have
+    // been made after the publication, so one missing now is not made again behind it.
+    let slot_stays = slot.is_some() && !snapshot_pending;
+    ensure_publication(config, client, slot_stays.then(|| (marker.is_some(), purge.as_str()))).await?;
     let start = match slot {
         // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
         // so a new slot and a new snapshot lose nothing.
@@ -304,7 +322,13 @@ pub async fn prepare(
     Ok((start, record))
 }
 
-async fn ensure_publication(config: &PostgresConfig, client: &tokio_postgres::Client) -> Result<(), Failure> {
+/// Creates the publication if it is missing. `existing_slot`: the slot exists and is kept
+/// (whether weir holds a record of it, and the command that purges that record).
+async fn ensure_publication(
+    config: &PostgresConfig,
+    client: &tokio_postgres::Client,
+    existing_slot: Option<(bool, &str)>,
+) -> Result<(), Failure> {
     let existing = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&config.publication])
         .await
@@ -315,6 +339,11 @@ async fn ensure_publication(config: &PostgresConfig, client: &tokio_postgres::Cl
             tracing::warn!("{difference}");
         }
         return Ok(());
+    }
+    if let Some((recorded, purge)) = existing_slot {
+        // The slot cannot decode a change from before the publication existed: made now, the
+        // stream would stop at the first such change for good.
+        return Err(fatal(publication_missing_beside_slot(config, recorded.then_some(purge))));
     }
     let scope = if config.tables.is_empty() {
         "FOR ALL TABLES".to_string()
@@ -416,14 +445,14 @@ async fn publication_differences(
     if config.tables.is_empty() {
         if !all_tables {
             differences.push(format!(
-                "publication {publication} lists tables, but [postgres] `tables` is empty (every table): only the listed ones are captured; to capture every table: DROP PUBLICATION {name}; CREATE PUBLICATION {name} FOR ALL TABLES"
+                "publication {publication} lists tables, but [postgres] `tables` is empty (every table): only the listed ones are captured; to capture more, add them (ALTER PUBLICATION {name} ADD TABLE …), or start over with new `publication` and `slot` names (and `snapshot = true` to read the rows already there): a publication dropped and made again cannot be read by the slot made before it"
             ));
         }
         return Ok(differences);
     }
     if all_tables {
         differences.push(format!(
-            "publication {publication} is FOR ALL TABLES, but [postgres] `tables` lists some: every table's changes are captured; to capture only those, drop the publication (DROP PUBLICATION {name}) and let weir create it"
+            "publication {publication} is FOR ALL TABLES, but [postgres] `tables` lists some: every table's changes are captured; to capture only those, start over with new `publication` and `slot` names (and `snapshot = true` to read the rows already there): a FOR ALL TABLES publication cannot be narrowed, and one dropped and made again cannot be read by the slot made before it"
         ));
         return Ok(differences);
     }
@@ -642,17 +671,9 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
             Err(error) => problems.push(format!("cannot read the publication's tables: {error}")),
         },
         // Made after the slot, it cannot decode what the slot holds from before it.
-        Ok(None) if slot.is_some() && !snapshot_pending => problems.push(format!(
-            "publication {} does not exist but slot {} does: a publication made after its slot cannot be \
-            used for the changes before it, so `weir run` would fail. Create the publication, then drop \
-            the slot (`SELECT pg_drop_replication_slot('{}')`){} and start again",
-            config.publication,
-            config.slot,
-            config.slot,
-            marker
-                .as_ref()
-                .map(|(key, _)| format!(" and purge its record ({})", purge_command(key)))
-                .unwrap_or_default()
+        Ok(None) if slot.is_some() && !snapshot_pending => problems.push(publication_missing_beside_slot(
+            config,
+            marker.as_ref().map(|(key, _)| purge_command(key)).as_deref(),
         )),
         Ok(None) => println!("note  publication {} does not exist yet; `weir run` creates it", config.publication),
         Err(error) => problems.push(format!("cannot read publications: {error}")),
