@@ -172,6 +172,28 @@ async fn under_replica_identity_using_index_the_key_is_that_indexs_columns() {
     capture.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn columns_a_primary_key_includes_are_not_part_of_the_key() {
+    let capture = Capture::new("include", &[("a", "id int, note text, PRIMARY KEY (id) INCLUDE (note)")]).await;
+    let table = capture.table("a");
+    let nats = Nats::start();
+    let gateway = Gateway::start(&capture.config(&nats, ""));
+    wait_ready(&gateway).await;
+    connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'a'); UPDATE {table} SET note = 'b' WHERE id = 1; DELETE FROM {table} WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+    let messages = stored(&nats, 3).await;
+    let keys: Vec<&Value> = messages.iter().map(|(_, _, event)| &event["key"]).collect();
+    // One row, one key, whatever the operation (a delete carries only the key's own columns).
+    assert_eq!(keys, ["1", "1", "1"], "{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
 fn load_tables() -> [(&'static str, &'static str); 2] {
     [("a", "id bigint PRIMARY KEY, n bigint"), ("b", "id bigint PRIMARY KEY, n bigint")]
 }
@@ -968,11 +990,8 @@ async fn weir_check_reports_what_weir_run_would_refuse_or_miss_in_the_slot_and_p
     let status = refused.wait_exit(Duration::from_secs(30)).expect("the gateway stops");
     assert!(!status.success());
     assert!(refused.log().contains("does not exist but slot"), "{}", refused.log());
-    let made: i64 = client
-        .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[name])
-        .await
-        .unwrap()
-        .get(0);
+    let made: i64 =
+        client.query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[name]).await.unwrap().get(0);
     assert_eq!(made, 0, "{}", refused.log());
     // The slot dropped behind weir's back: `weir run` refuses to re-create it, and so does check.
     capture.cleanup_slot().await;

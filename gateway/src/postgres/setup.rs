@@ -384,7 +384,8 @@ pub async fn load_types(client: &tokio_postgres::Client) -> anyhow::Result<Types
 
 /// The event key's column names for table `oid`, in key order: the primary key, or, under
 /// REPLICA IDENTITY USING INDEX, that index's columns (a delete then carries only those, so a key
-/// from the primary key would be empty); empty without either. (Under REPLICA IDENTITY FULL the
+/// from the primary key would be empty); empty without either. An index's `INCLUDE` columns are
+/// not part of it (a delete does not carry them). (Under REPLICA IDENTITY FULL the
 /// Relation message marks every column as identity, so the event key cannot come from those flags.)
 pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::Result<Vec<String>> {
     let rows = client
@@ -393,7 +394,7 @@ pub async fn primary_key(client: &tokio_postgres::Client, oid: u32) -> anyhow::R
              JOIN pg_class c ON c.oid = i.indrelid \
              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 \
+             WHERE i.indrelid = $1 AND k.position <= i.indnkeyatts \
                AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END \
              ORDER BY k.position",
             &[&oid],
