@@ -587,7 +587,11 @@ impl Sink {
         let progress = Mutex::new(Progress {
             outcomes: vec![None; messages.len()],
             not_stored: vec![false; messages.len()],
-            failures: Failures { trouble: order.trouble(), ..Failures::default() },
+            failures: Failures {
+                trouble: order.trouble(),
+                refusal_holds_all: order.refusal_holds_all(),
+                ..Failures::default()
+            },
         });
         // Which messages have gone out at least once.
         let mut sent = vec![false; messages.len()];
@@ -874,6 +878,12 @@ pub trait SendOrder: Send {
     fn hold_sends(&self) -> bool {
         false
     }
+    /// Whether a message the stream refuses (or has no room for) holds back every later message
+    /// of the call not yet sent, not only its key's: for callers that keep order across keys
+    /// (change capture keeps it per table).
+    fn refusal_holds_all(&self) -> bool {
+        false
+    }
 }
 
 /// No order to keep beyond the call's own.
@@ -906,6 +916,10 @@ struct Failures {
     stop: Option<SinkError>,
     /// Entity and key of refused messages: later messages of theirs are held back.
     keys: std::collections::HashMap<(String, String), SinkError>,
+    /// [`SendOrder::refusal_holds_all`]: a refusal holds back every later message.
+    refusal_holds_all: bool,
+    /// The first refusal, when it holds back every later message.
+    refused: Option<SinkError>,
     /// The caller's trouble flag ([`SendOrder::trouble`]), raised at the first failure.
     trouble: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -942,7 +956,9 @@ impl Failures {
                 self.stop.get_or_insert_with(|| error.clone());
             }
             SinkError::NoStream(_) | SinkError::Refused(_) | SinkError::TooLarge(_) | SinkError::Full(_) => {
-                if let Some(key) = order_key(message) {
+                if self.refusal_holds_all {
+                    self.refused.get_or_insert_with(|| error.clone());
+                } else if let Some(key) = order_key(message) {
                     self.keys.entry(key).or_insert_with(|| error.clone());
                 }
             }
@@ -954,6 +970,9 @@ impl Failures {
     fn blocking(&self, message: &Message) -> Blocked {
         if self.stop.is_some() {
             return Blocked::Stop;
+        }
+        if let Some(error) = &self.refused {
+            return Blocked::Key(error.clone());
         }
         if self.keys.is_empty() {
             return Blocked::No;
@@ -989,6 +1008,18 @@ mod tests {
             failures.record(&keyed("1"), &error);
             assert!(trouble.load(std::sync::atomic::Ordering::Relaxed), "{error}");
         }
+    }
+
+    #[test]
+    fn a_refusal_holds_back_its_key_or_with_order_across_keys_every_later_message() {
+        let full = SinkError::Full("maximum bytes exceeded".into());
+        let mut per_key = Failures::default();
+        per_key.record(&keyed("1"), &full);
+        assert!(matches!(per_key.blocking(&keyed("1")), Blocked::Key(SinkError::Full(_))));
+        assert!(matches!(per_key.blocking(&keyed("2")), Blocked::No));
+        let mut across_keys = Failures { refusal_holds_all: true, ..Failures::default() };
+        across_keys.record(&keyed("1"), &full);
+        assert!(matches!(across_keys.blocking(&keyed("2")), Blocked::Key(SinkError::Full(_))));
     }
 
     #[test]

@@ -290,6 +290,12 @@ impl crate::sink::SendOrder for BatchOrder {
     fn hold_sends(&self) -> bool {
         self.ahead.iter().any(BatchFlags::in_trouble)
     }
+
+    /// Order is kept per table, across keys: a change refused (or without room, in a full
+    /// stream) holds back every later one, which are sent again behind it.
+    fn refusal_holds_all(&self) -> bool {
+        true
+    }
 }
 
 /// Events read but not yet stored, and the newest commit they complete.
