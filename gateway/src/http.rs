@@ -668,12 +668,17 @@ struct LineResult {
     body: AnswerBody,
 }
 
-/// One event's result from its outputs' outcomes. An output not known to be stored decides the
-/// answer, whichever failed first: the client must then retry with the same id (under a new one
-/// that output could be stored twice).
+/// One event's result from its outputs' outcomes, whichever failed first: an output too large
+/// to store ever decides the answer (a retry cannot store the whole event), then one not known
+/// to be stored (the client must retry with the same id: under a new one that output could be
+/// stored twice), then the first failure.
 fn event_outcome(mut outcomes: Vec<Result<Published, SinkError>>) -> Result<Vec<Published>, SinkError> {
-    match outcomes.iter().position(|outcome| matches!(outcome, Err(SinkError::Timeout))) {
-        Some(unknown) => outcomes.swap_remove(unknown).map(|published| vec![published]),
+    let decisive = outcomes
+        .iter()
+        .position(|outcome| matches!(outcome, Err(SinkError::TooLarge(_))))
+        .or_else(|| outcomes.iter().position(|outcome| matches!(outcome, Err(SinkError::Timeout))));
+    match decisive {
+        Some(index) => outcomes.swap_remove(index).map(|published| vec![published]),
         None => outcomes.into_iter().collect(),
     }
 }
@@ -1728,6 +1733,8 @@ mod tests {
         let outcomes = vec![Err(SinkError::Full("max_bytes".into())), stored()];
         assert!(matches!(event_outcome(outcomes), Err(SinkError::Full(_))));
         assert_eq!(event_outcome(vec![stored(), stored()]).map(|all| all.len()).ok(), Some(2));
+        let outcomes = vec![Err(SinkError::Timeout), Err(SinkError::TooLarge("over max_payload".into()))];
+        assert!(matches!(event_outcome(outcomes), Err(SinkError::TooLarge(_))), "a retry cannot help");
     }
 
     #[test]

@@ -800,6 +800,17 @@ async fn a_slot_in_use_or_gone_stops_the_gateway_instead_of_skipping_changes() {
         .await
         .unwrap();
     assert!(slots.is_empty(), "the slot was not silently re-created");
+
+    // Another tool's slot of the same name (slot names are server-wide), and no publication yet:
+    // the error says to choose another name, never to drop the other tool's slot.
+    let client = connect().await;
+    client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", capture.name)).await.unwrap();
+    client.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", &[&capture.name]).await.unwrap();
+    let mut fourth = Gateway::start(&config);
+    let status = fourth.wait_exit(Duration::from_secs(30)).expect("the gateway stops");
+    assert!(!status.success());
+    assert!(fourth.log().contains("not pgoutput; choose another `slot` name"), "{}", fourth.log());
+    assert!(!fourth.log().contains("pg_drop_replication_slot"), "{}", fourth.log());
     capture.cleanup().await;
 }
 

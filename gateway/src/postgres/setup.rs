@@ -211,7 +211,14 @@ pub async fn prepare(
     let snapshot_pending = marker.as_deref().is_some_and(snapshot_unfinished);
     // Before the slot is made (the other order fails for good); a slot that stays must have
     // been made after the publication, so one missing now is not made again behind it.
-    let slot_stays = slot.is_some() && !snapshot_pending;
+    // Only a slot of this database's pgoutput counts: another's (slot names are server-wide)
+    // gets its own error below, which says to choose another name, not to drop it.
+    let current: String = client.query_one("SELECT current_database()", &[]).await.map_err(retry)?.get(0);
+    let slot_is_ours = slot.as_ref().is_some_and(|row| {
+        row.get::<_, Option<String>>(0).as_deref() == Some("pgoutput")
+            && row.get::<_, Option<String>>(1).as_deref() == Some(current.as_str())
+    });
+    let slot_stays = slot_is_ours && !snapshot_pending;
     ensure_publication(config, client, slot_stays.then(|| (marker.is_some(), purge.as_str()))).await?;
     let start = match slot {
         // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
@@ -231,7 +238,6 @@ pub async fn prepare(
             let pid: Option<i32> = row.get(3);
             let wal_status: Option<String> = row.get(4);
             let confirmed: Option<String> = row.get(5);
-            let current: String = client.query_one("SELECT current_database()", &[]).await.map_err(retry)?.get(0);
             if plugin.as_deref() != Some("pgoutput") {
                 return Err(fatal(format!(
                     "replication slot `{}` uses plugin {plugin:?}, not pgoutput; choose another `slot` name",
