@@ -175,6 +175,13 @@ pub enum Storage {
     Memory,
 }
 
+/// Most requests or publishes in flight a config may ask for (far past any useful window; the
+/// semaphores behind them hold at most `usize::MAX >> 3`).
+const MAX_IN_FLIGHT: usize = 1_000_000;
+
+/// Longest `max_age`: NATS counts it in nanoseconds in an `i64` (about 292 years).
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// `[jetstream]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -954,14 +961,62 @@ impl Config {
             if js.max_in_flight == 0 {
                 problems.push(format!("{file}: [jetstream] `max_in_flight` must be at least 1"));
             }
+            if js.max_in_flight > MAX_IN_FLIGHT {
+                problems.push(format!("{file}: [jetstream] `max_in_flight` must be at most {MAX_IN_FLIGHT}"));
+            }
             if js.duplicate_window.is_zero() {
                 problems.push(format!(
                     "{file}: [jetstream] `duplicate_window` must be longer than 0s: it is how long a repeated event id is stored once and its answer remembered (e.g. \"2m\")"
                 ));
+            } else if js.duplicate_window < Duration::from_millis(100) {
+                problems
+                    .push(format!("{file}: [jetstream] `duplicate_window` must be at least 100ms (NATS refuses less)"));
             }
+            // What NATS refuses, or stores as another value (then reported as a difference at
+            // every start): caught here, with the fix.
+            if let Some(max_age) = js.max_age
+                && !max_age.is_zero()
+                && max_age < js.duplicate_window
+            {
+                problems.push(format!(
+                    "{file}: [jetstream] `max_age` ({max_age:?}) must not be shorter than `duplicate_window` ({:?}): NATS refuses such a stream; shorten `duplicate_window` or lengthen `max_age`",
+                    js.duplicate_window
+                ));
+            }
+            if js.max_age.is_some_and(|max_age| max_age > MAX_RETENTION) {
+                problems
+                    .push(format!("{file}: [jetstream] `max_age` must be at most 100y (leave it out for no limit)"));
+            }
+            if js.max_msgs.is_some_and(|max| max < 1) {
+                problems.push(format!("{file}: [jetstream] `max_msgs` must be at least 1 (leave it out for no limit)"));
+            }
+            if js.max_bytes.is_some_and(|max| max == 0 || max > i64::MAX as u64) {
+                problems.push(format!(
+                    "{file}: [jetstream] `max_bytes` must be between 1B and 8EiB (leave it out for no limit)"
+                ));
+            }
+            if !(1..=5).contains(&js.replicas) {
+                problems.push(format!("{file}: [jetstream] `replicas` must be 1 to 5 (NATS keeps at most 5)"));
+            }
+            if js.ack_timeout < Duration::from_millis(10) {
+                problems.push(format!(
+                    "{file}: [jetstream] `ack_timeout` must be at least 10ms: it is how long a publish waits for its PubAck (e.g. \"5s\")"
+                ));
+            }
+        }
+        if self.nats.connect_timeout.is_zero() {
+            problems.push(format!("{file}: [nats] `connect_timeout` must be longer than 0s (e.g. \"10s\")"));
         }
         if self.http.max_in_flight == 0 {
             problems.push(format!("{file}: [http] `max_in_flight` must be at least 1"));
+        }
+        if self.http.max_in_flight > MAX_IN_FLIGHT {
+            problems.push(format!("{file}: [http] `max_in_flight` must be at most {MAX_IN_FLIGHT}"));
+        }
+        if self.http.header_timeout.is_zero() || self.http.body_timeout.is_zero() {
+            problems.push(format!(
+                "{file}: [http] `header_timeout` and `body_timeout` must be longer than 0s: at 0s every request that is not yet wholly received is cut off"
+            ));
         }
         if self.http.tokens.iter().any(|t| t.len() < 16) {
             problems.push(format!("{file}: [http] every token must be at least 16 characters long"));
@@ -1100,6 +1155,30 @@ mod tests {
     }
 
     const MINIMAL: &str = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n";
+
+    #[test]
+    fn values_nats_would_refuse_or_store_otherwise_are_refused_with_fixes() {
+        let error = parse(&format!(
+            "{MINIMAL}connect_timeout = \"0s\"\n[jetstream]\nstream = \"S\"\nduplicate_window = \"2m\"\nmax_age = \"1m\"\nmax_msgs = 0\nmax_bytes = \"0B\"\nreplicas = 0\nack_timeout = \"0s\"\nmax_in_flight = 2000000\n[http]\nheader_timeout = \"0s\"\n"
+        ))
+        .unwrap_err();
+        for wanted in [
+            "[nats] `connect_timeout` must be longer than 0s",
+            "`max_age` (60s) must not be shorter than `duplicate_window` (120s): NATS refuses such a stream",
+            "`max_msgs` must be at least 1 (leave it out for no limit)",
+            "`max_bytes` must be between 1B and 8EiB",
+            "`replicas` must be 1 to 5",
+            "`ack_timeout` must be at least 10ms",
+            "[jetstream] `max_in_flight` must be at most 1000000",
+            "`header_timeout` and `body_timeout` must be longer than 0s",
+        ] {
+            assert!(error.contains(wanted), "{wanted}: {error}");
+        }
+        let error = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nduplicate_window = \"50ms\"\n")).unwrap_err();
+        assert!(error.contains("`duplicate_window` must be at least 100ms"), "{error}");
+        let error = parse(&format!("{MINIMAL}[jetstream]\nstream = \"S\"\nmax_age = \"300y\"\n")).unwrap_err();
+        assert!(error.contains("`max_age` must be at most 100y"), "{error}");
+    }
 
     #[test]
     fn postgres_settings_are_validated_with_fixes() {

@@ -268,6 +268,14 @@ fn server_list(nats: &NatsConfig) -> Vec<String> {
     urls
 }
 
+/// A server url for messages: a user and password in it (`nats://user:secret@host`) are hidden.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(scheme, rest)| (scheme, rest));
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let hidden = if host.len() < rest.len() { "…@" } else { "" };
+    if scheme.is_empty() { format!("{hidden}{host}") } else { format!("{scheme}://{hidden}{host}") }
+}
+
 /// The stream configuration `[jetstream]` asks for.
 pub fn stream_config(js: &JetStreamConfig) -> stream::Config {
     stream::Config {
@@ -396,7 +404,7 @@ async fn connect_watched_client(config: &Config) -> anyhow::Result<(async_nats::
     let unreachable = || {
         anyhow::anyhow!(
             "cannot reach NATS at {} within {:?}; is nats-server running?",
-            urls.join(", "),
+            urls.iter().map(|url| without_credentials(url)).collect::<Vec<_>>().join(", "),
             config.nats.connect_timeout
         )
     };
@@ -422,10 +430,12 @@ impl Sink {
             let want = stream_config(js);
             let mut stream = match context.get_stream(&js.stream).await {
                 Ok(stream) => stream,
-                Err(_) => context
+                Err(error) if stream_not_found(&error) => context
                     .create_stream(want.clone())
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot create JetStream stream `{}`: {e}", js.stream))?,
+                // Not "no such stream" (a timeout, no JetStream): creating it would only hide why.
+                Err(error) => return Err(anyhow::anyhow!("cannot look up JetStream stream `{}`: {error}", js.stream)),
             };
             let info = stream.info().await.map_err(|e| anyhow::anyhow!("cannot read stream `{}`: {e}", js.stream))?;
             for difference in stream_differences(&want, &info.config) {
@@ -1008,6 +1018,14 @@ mod tests {
             failures.record(&keyed("1"), &error);
             assert!(trouble.load(std::sync::atomic::Ordering::Relaxed), "{error}");
         }
+    }
+
+    #[test]
+    fn urls_in_messages_hide_their_credentials() {
+        assert_eq!(without_credentials("nats://weir:s3cret@nats:4222"), "nats://…@nats:4222");
+        assert_eq!(without_credentials("tls://token@10.0.0.1"), "tls://…@10.0.0.1");
+        assert_eq!(without_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(without_credentials("user:pw@host:4222"), "…@host:4222");
     }
 
     #[test]

@@ -936,14 +936,15 @@ async fn check_lists_every_problem() {
     assert!(output.status.success() && stdout.contains("audit.x is captured by stream AUDIT"), "{stdout}");
 
     let bad = good
-        .replace(&nats.url(), "nats://127.0.0.1:1")
+        .replace(&nats.url(), "nats://weir:hunter2-secret@127.0.0.1:1")
         .replace("connect_timeout = \"10s\"", "connect_timeout = \"1s\"")
         .replace("config = { fields = [\"email\"] }", "config = { fields = [] }");
     std::fs::write(&path, bad).unwrap();
     let (output, stdout) = weir_check(&path);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("error plugin `redact`") && stdout.contains("`fields` is empty"), "{stdout}");
-    assert!(stdout.contains("error cannot reach NATS at nats://127.0.0.1:1"), "{stdout}");
+    assert!(stdout.contains("error cannot reach NATS at nats://…@127.0.0.1:1"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "the url's password is not shown: {stdout}");
 
     // A server without JetStream: `weir run` could not create the stream, so check fails too.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
