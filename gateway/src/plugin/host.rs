@@ -38,10 +38,14 @@ impl HostState {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .max_random_size(64 * 1024)
             .build();
+        // Host objects a plugin holds (streams, pollables) are not in its memory limit: a plugin
+        // that never drops them is stopped here instead (a normal one holds a handful).
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         HostState {
             plugin,
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter::new(memory_limit),
             call_started: std::time::Instant::now(),
         }
@@ -151,6 +155,12 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// Most bytes a plugin may write to stdout or stderr in one call (what `check-write` says).
+const WRITE_BUDGET: usize = 64 * 1024;
+
+/// Most host objects (streams, pollables, …) one plugin instance may hold at once.
+const MAX_HOST_RESOURCES: usize = 10_000;
+
 #[derive(Clone, Copy, Debug)]
 enum Stream {
     Stdout,
@@ -184,10 +194,18 @@ impl PluginOutput {
         // A poisoned lock only means another writer panicked mid-line; keep logging.
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         pending.extend_from_slice(bytes);
-        while let Some(newline) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=newline).collect();
-            self.emit(&line[..line.len() - 1]);
+        // Lines taken with a moving start and the buffer shifted once: draining line by line
+        // moved the rest each time (quadratic in a write of many short lines).
+        let mut start = 0;
+        while let Some(newline) = pending[start..].iter().position(|b| *b == b'\n') {
+            let line = &pending[start..start + newline];
+            // Empty lines say nothing; a write of newlines alone logs nothing.
+            if !line.is_empty() && line != b"\r" {
+                self.emit(line);
+            }
+            start += newline + 1;
         }
+        pending.drain(..start);
         if pending.len() > MAX_LOG_LINE {
             let line = std::mem::take(&mut *pending);
             self.emit(&line);
@@ -218,6 +236,14 @@ impl Pollable for PluginOutput {
 
 impl OutputStream for PluginOutput {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        // WASI lets a writer send at most what `check-write` allowed; a plugin sending more in
+        // one call (work no time limit can interrupt, being host code) is stopped.
+        if bytes.len() > WRITE_BUDGET {
+            return Err(StreamError::trap(&format!(
+                "plugin wrote {} bytes at once to stdout or stderr; check-write allows {WRITE_BUDGET}",
+                bytes.len()
+            )));
+        }
         self.write_bytes(&bytes);
         Ok(())
     }
@@ -227,14 +253,16 @@ impl OutputStream for PluginOutput {
     }
 
     fn check_write(&mut self) -> Result<usize, StreamError> {
-        Ok(64 * 1024)
+        Ok(WRITE_BUDGET)
     }
 }
 
 impl tokio::io::AsyncWrite for PluginOutput {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.write_bytes(buf);
-        Poll::Ready(Ok(buf.len()))
+        // A partial write is allowed here: the rest comes in the next call.
+        let taken = &buf[..buf.len().min(WRITE_BUDGET)];
+        self.write_bytes(taken);
+        Poll::Ready(Ok(taken.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -262,6 +290,19 @@ impl Drop for PluginOutput {
 mod tests {
     use super::*;
     use wasmtime::ResourceLimiter as _;
+
+    #[test]
+    fn output_is_logged_by_line_and_a_write_past_the_budget_is_refused() {
+        let mut output = PluginOutput::new("p".into(), Stream::Stdout);
+        assert!(output.write(Bytes::from(vec![b'\n'; WRITE_BUDGET + 1])).is_err());
+        output.write(Bytes::from_static(b"one\n\n\ntwo\nthr")).unwrap();
+        assert_eq!(*output.pending.lock().unwrap(), b"thr", "complete lines are taken, the rest waits");
+        // Many short lines in one write: linear, not one shift of the buffer per line.
+        output.write(Bytes::from(b"x\n".repeat(WRITE_BUDGET / 2))).unwrap();
+        assert!(output.pending.lock().unwrap().is_empty());
+        let host = HostState::new("p".into(), 1 << 20);
+        assert_eq!(host.table.max_capacity(), MAX_HOST_RESOURCES);
+    }
 
     #[test]
     fn table_elements_are_capped_over_all_tables_together() {
