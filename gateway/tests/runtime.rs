@@ -355,6 +355,42 @@ fn compiled_plugins_are_cached_and_a_forged_cache_entry_is_never_loaded() {
     }
     assert_eq!(std::fs::read(entry).unwrap().len(), sealed.len(), "entry rewritten by a fresh compile");
     assert_ne!(std::fs::read(entry).unwrap(), forged);
+
+    // A genuine entry of another plugin copied under this one's name: sealed by this cache, but
+    // for another name, so not loaded (the redact transform would drop fields the no-op keeps).
+    {
+        let runtime = PluginRuntime::new(options()).unwrap();
+        runtime.load("redact", &plugin_bytes("redact"), r#"{"fields":["seq"]}"#, Limits::default()).unwrap();
+    }
+    let other = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm") && p != entry)
+        .expect("the other plugin's entry");
+    let swapped = std::fs::read(&other).unwrap();
+    std::fs::write(entry, &swapped).unwrap();
+    {
+        let runtime = PluginRuntime::new(options()).unwrap();
+        keep_all(&runtime.load("noop", &bytes, "{}", Limits::default()).unwrap(), 4);
+    }
+    assert_ne!(std::fs::read(entry).unwrap(), swapped, "entry rewritten by a fresh compile");
+
+    // A key others may write is not trusted: a new one is made, and every entry recompiled.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key_path = dir.path().join("cache.key");
+        let key = std::fs::read(&key_path).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let before = std::fs::read(entry).unwrap();
+        {
+            let runtime = PluginRuntime::new(options()).unwrap();
+            keep_all(&runtime.load("noop", &bytes, "{}", Limits::default()).unwrap(), 4);
+        }
+        assert_ne!(std::fs::read(&key_path).unwrap(), key, "a new key");
+        assert_eq!(std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_ne!(std::fs::read(entry).unwrap(), before, "sealed again under the new key");
+    }
 }
 
 #[test]
