@@ -1104,6 +1104,11 @@ impl Config {
             {
                 problems.push(format!("{}: route {}: {error}", at(subject.span()), index + 1));
             }
+            if let Some(dlq) = &route.dlq_subject
+                && let Err(error) = crate::pipeline::SubjectTemplate::parse(dlq)
+            {
+                problems.push(format!("{file}: route {}: `dlq_subject`: {error}", index + 1));
+            }
             if let Some(prefix) = &route.allowed_prefix
                 && let Err(error) = crate::subject::validate(prefix)
             {
@@ -1243,6 +1248,8 @@ mod tests {
         let error = parse(&format!("{MINIMAL}[nats.tls]\ncert_file = \"c.pem\"\n")).unwrap_err();
         assert!(error.contains("[nats.tls] `cert_file` and `key_file` go together"), "{error}");
         let route = |rest: &str| format!("{MINIMAL}[[routes]]\n{rest}\n");
+        let error = parse(&route("dlq_subject = \"dead..{entity}\"")).unwrap_err();
+        assert!(error.contains("route 1: `dlq_subject`:"), "{error}");
         let error = parse(&route("allowed_prefix = \"shop.\"")).unwrap_err();
         assert!(error.contains("route 1: `allowed_prefix` must be whole subject tokens"), "{error}");
         // A plugin may move every event under the prefix (plugins/route does), so a route
