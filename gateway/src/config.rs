@@ -294,13 +294,35 @@ impl<'de> Deserialize<'de> for PluginsConfig {
                                 "plugin name `{key}` must be lowercase letters, digits, `-` and `_`"
                             )));
                         }
-                        plugins.entries.insert(key, map.next_value()?);
+                        let entry = map.next_value_seed(PluginEntry(&key))?;
+                        plugins.entries.insert(key, entry);
                     }
                 }
                 Ok(plugins)
             }
         }
         deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A `[plugins.<name>]` table; any other value is a key `[plugins]` does not have (a typo of
+/// `watch` or `dir`), and the error says so.
+struct PluginEntry<'a>(&'a str);
+
+impl<'de> de::DeserializeSeed<'de> for PluginEntry<'_> {
+    type Value = PluginConfig;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<PluginConfig, D::Error> {
+        struct Table<'a>(&'a str);
+        impl<'de> de::Visitor<'de> for Table<'_> {
+            type Value = PluginConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a [plugins.{0}] table: `{0}` is not a key of [plugins] (`dir`, `watch`)", self.0)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<PluginConfig, A::Error> {
+                PluginConfig::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_any(Table(self.0))
     }
 }
 
@@ -1248,6 +1270,8 @@ mod tests {
         let error = parse(&format!("{MINIMAL}[nats.tls]\ncert_file = \"c.pem\"\n")).unwrap_err();
         assert!(error.contains("[nats.tls] `cert_file` and `key_file` go together"), "{error}");
         let route = |rest: &str| format!("{MINIMAL}[[routes]]\n{rest}\n");
+        let error = parse(&format!("{MINIMAL}[plugins]\nwacth = \"5s\"\n")).unwrap_err();
+        assert!(error.contains("`wacth` is not a key of [plugins] (`dir`, `watch`)"), "{error}");
         let error = parse(&route("dlq_subject = \"dead..{entity}\"")).unwrap_err();
         assert!(error.contains("route 1: `dlq_subject`:"), "{error}");
         let error = parse(&route("allowed_prefix = \"shop.\"")).unwrap_err();
