@@ -750,6 +750,9 @@ pub fn interpolate(
             Context::Bare if rest.starts_with('"') => Some((Context::Basic, 1)),
             Context::Bare if rest.starts_with('\'') => Some((Context::Literal, 1)),
             Context::Comment if rest.starts_with('\n') => Some((Context::Bare, 1)),
+            // A one-line string left open ends at its line (TOML then reports it), so what
+            // follows — comments above all — is not read as string content.
+            Context::Basic | Context::Literal if rest.starts_with('\n') => Some((Context::Bare, 1)),
             Context::Basic | Context::MultiBasic if rest.starts_with('\\') => {
                 Some((context, 1 + rest[1..].chars().next().map_or(0, char::len_utf8)))
             }
@@ -1182,6 +1185,15 @@ mod tests {
     }
 
     const MINIMAL: &str = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n";
+
+    #[test]
+    fn a_string_left_open_does_not_make_later_comments_string_content() {
+        let text = "[nats]\nurl = \"nats://x\n# see ${NOT_SET}\n";
+        let interpolated = interpolate(text, "weir.toml", |_| None);
+        assert!(interpolated.is_ok(), "the comment is not interpolated");
+        let error = parse(text).unwrap_err();
+        assert!(error.starts_with("weir.toml:2:") && !error.contains("NOT_SET"), "{error}");
+    }
 
     #[test]
     fn values_nats_would_refuse_or_store_otherwise_are_refused_with_fixes() {
