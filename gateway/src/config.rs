@@ -387,11 +387,30 @@ impl PluginConfig {
 
     /// The plugin's config as JSON text (`{}` when none).
     pub fn config_json(&self) -> String {
-        match &self.config {
-            Some(value) => serde_json::to_string(value).unwrap_or_else(|_| "{}".to_string()),
-            None => "{}".to_string(),
+        match self.config.as_ref().map(toml_to_json) {
+            Some(Ok(json)) => json.to_string(),
+            // Refused by validation; never reached from a loaded config.
+            Some(Err(_)) | None => "{}".to_string(),
         }
     }
+}
+
+/// A TOML value as the JSON a plugin reads: dates and times as their RFC 3339 text (serialized
+/// as is, they became an object with a private marker key). A float JSON cannot hold (`nan`,
+/// `inf`) is an error rather than a silent `null`.
+pub fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, String> {
+    fn finite(value: &toml::Value) -> bool {
+        match value {
+            toml::Value::Float(number) => number.is_finite(),
+            toml::Value::Array(items) => items.iter().all(finite),
+            toml::Value::Table(table) => table.values().all(finite),
+            _ => true,
+        }
+    }
+    if !finite(value) {
+        return Err("`nan` and `inf` cannot be expressed in JSON".to_string());
+    }
+    serde_json::Value::deserialize(value.clone()).map_err(|error| error.to_string())
 }
 
 /// Where events come from.
@@ -1158,6 +1177,9 @@ impl Config {
             }
         }
         for (name, plugin) in &self.plugins.entries {
+            if let Some(Err(why)) = plugin.config.as_ref().map(toml_to_json) {
+                problems.push(format!("{file}: [plugins.{name}] `config`: {why}"));
+            }
             if plugin.max_concurrent_calls == Some(0) {
                 problems.push(format!("{file}: [plugins.{name}] `max_concurrent_calls` must be at least 1"));
             }
@@ -1185,6 +1207,18 @@ mod tests {
     }
 
     const MINIMAL: &str = "[nats]\nurl = \"nats://127.0.0.1:4222\"\n";
+
+    #[test]
+    fn a_plugins_config_reaches_it_as_json_with_dates_as_text() {
+        let config = parse(&format!(
+            "{MINIMAL}[plugins.p]\nconfig = {{ since = 2026-01-01, at = 2026-01-01T10:00:00Z, n = 1.5 }}\n"
+        ))
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&config.plugins.entries["p"].config_json()).unwrap();
+        assert_eq!(json, serde_json::json!({"since": "2026-01-01", "at": "2026-01-01T10:00:00Z", "n": 1.5}));
+        let error = parse(&format!("{MINIMAL}[plugins.p]\nconfig = {{ limit = nan }}\n")).unwrap_err();
+        assert!(error.contains("[plugins.p] `config`: `nan` and `inf` cannot be expressed in JSON"), "{error}");
+    }
 
     #[test]
     fn a_string_left_open_does_not_make_later_comments_string_content() {

@@ -83,7 +83,7 @@ pub struct Report {
 }
 
 fn to_json(value: &toml::Value) -> anyhow::Result<Value> {
-    serde_json::to_value(value).context("value cannot be expressed as JSON")
+    crate::config::toml_to_json(value).map_err(|why| anyhow::anyhow!("value cannot be expressed as JSON: {why}"))
 }
 
 /// Runs every case in `cases_path` against the plugin in `wasm`. A case's config is its own, else
