@@ -270,7 +270,7 @@ fn server_list(nats: &NatsConfig) -> Vec<String> {
 
 /// A server url for messages: a user and password in it (`nats://user:secret@host`) are hidden.
 fn without_credentials(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").map_or(("", url), |(scheme, rest)| (scheme, rest));
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     let hidden = if host.len() < rest.len() { "…@" } else { "" };
     if scheme.is_empty() { format!("{hidden}{host}") } else { format!("{scheme}://{hidden}{host}") }

@@ -145,6 +145,24 @@ fn publication_missing_beside_slot(config: &PostgresConfig, purge: Option<&str>)
     )
 }
 
+/// Why a lost slot stops capture, and how to start again (`purge`: when weir holds a record).
+fn slot_lost(slot: &str, purge: Option<&str>) -> String {
+    format!(
+        "replication slot `{slot}` is lost (wal_status = lost): the server removed WAL it still needed, so \
+         changes were skipped. Drop the slot (`SELECT pg_drop_replication_slot('{slot}')`){} and start again",
+        purge.map(|purge| format!(", purge its record ({purge})")).unwrap_or_default()
+    )
+}
+
+/// Why a slot this gateway made and that is now gone stops capture (`recorded`: its record).
+fn slot_missing(slot: &str, recorded: &str, purge: &str) -> String {
+    format!(
+        "replication slot `{slot}` is missing, but this gateway created it before ({recorded}). Changes since \
+         its last confirmed position may be lost, so weir will not re-create it silently. To start over, \
+         purge its record ({purge}) and start again"
+    )
+}
+
 /// Whether a slot's record says its snapshot did not finish (`weir run` then starts it again).
 fn snapshot_unfinished(record: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(record).is_ok_and(|v| v["snapshot"] == "pending")
@@ -251,12 +269,7 @@ pub async fn prepare(
                 )));
             }
             if wal_status.as_deref() == Some("lost") {
-                return Err(fatal(format!(
-                    "replication slot `{}` is lost (wal_status = lost): the server removed WAL it still needed, \
-                     so changes were skipped. Drop the slot, purge {marker_key} from stream {SLOT_BUCKET} \
-                     ({purge}) and start again",
-                    config.slot
-                )));
+                return Err(fatal(slot_lost(&config.slot, marker.is_some().then_some(purge.as_str()))));
             }
             if active && resuming {
                 // After a network cut the server keeps this gateway's old connection (and the
@@ -302,14 +315,7 @@ pub async fn prepare(
         None if snapshot_pending => Start::Snapshot,
         None => {
             if let Some(marker) = marker {
-                return Err(fatal(format!(
-                    "replication slot `{}` is missing, but this gateway created it before ({}). Changes since \
-                     its last confirmed position may be lost, so weir will not re-create it silently. To start \
-                     over, purge {marker_key} from stream {SLOT_BUCKET} \
-                     ({purge}) and start again",
-                    config.slot,
-                    String::from_utf8_lossy(&marker)
-                )));
+                return Err(fatal(slot_missing(&config.slot, &String::from_utf8_lossy(&marker), &purge)));
             }
             if config.snapshot {
                 return Ok((Start::Snapshot, record));
@@ -587,7 +593,8 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
     let mut senders_used = count("SELECT count(*) FROM pg_stat_replication").await;
     let slot = client
         .query_opt(
-            "SELECT plugin, active, active_pid, wal_status, database = current_database(), database              FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, active, active_pid, wal_status, database = current_database(), database \
+             FROM pg_replication_slots WHERE slot_name = $1",
             &[&config.slot],
         )
         .await
@@ -624,13 +631,9 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
     match &slot {
         None => match &marker {
             // As `weir run` would: a slot this gateway made is gone, so changes may be lost.
-            Some((key, recorded)) if !snapshot_pending => problems.push(format!(
-                "slot {} is missing, but this gateway created it before ({recorded}); `weir run` will not \
-                re-create it silently, since changes since its last confirmed position may be lost. To start \
-                over, purge the record: {}",
-                config.slot,
-                purge_command(key)
-            )),
+            Some((key, recorded)) if !snapshot_pending => {
+                problems.push(slot_missing(&config.slot, recorded, &purge_command(key)))
+            }
             _ => {
                 println!("note  slot {} does not exist yet; `weir run` creates it (after the publication)", config.slot)
             }
@@ -650,14 +653,8 @@ pub async fn check(config: &PostgresConfig, nats: Option<&async_nats::Client>) -
                     row.get::<_, Option<String>>(5).unwrap_or_default()
                 ));
             } else if wal_status.as_deref() == Some("lost") {
-                let forget = marker.as_ref().map(|(key, _)| format!(", purge its record ({})", purge_command(key)));
-                problems.push(format!(
-                    "slot {} is lost (wal_status = lost): the server removed WAL it still needed, so changes were \
-                    skipped; drop it (`SELECT pg_drop_replication_slot('{}')`){} and start again",
-                    config.slot,
-                    config.slot,
-                    forget.unwrap_or_default()
-                ));
+                let purge = marker.as_ref().map(|(key, _)| purge_command(key));
+                problems.push(slot_lost(&config.slot, purge.as_deref()));
             } else if active {
                 println!(
                     "note  slot {} is in use (PID {}); fine if that is this gateway",
