@@ -30,4 +30,3 @@ pub mod filter {
 }
 
 pub use transform::weir::plugin::host::Level;
-pub use transform::weir::plugin::types::Outcome as WitOutcome;

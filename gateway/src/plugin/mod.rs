@@ -13,6 +13,7 @@
 
 pub(crate) mod bindings;
 mod cache;
+mod capped;
 pub mod health;
 mod host;
 pub mod inspect;
@@ -24,13 +25,13 @@ pub use inspect::{PluginInfo, SdkStamp, World};
 pub use registry::{PluginSet, PluginSlot};
 
 use crate::event::Event;
-use bindings::WitOutcome;
+use capped::{LiftLimits, Outcomes, Output, OutputEvent, Overrun};
 use host::{HostState, MemoryLimitExceeded};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, Func, Linker};
 use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 
 /// How many events of a failed batch are re-run at once.
@@ -292,7 +293,9 @@ impl PluginRuntime {
         let component = self.compile(bytes)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|error| unknown_import(&error))?;
         let pre = match info.world {
-            World::Transform => bindings::transform::TransformPre::new(instance_pre).map(Pre::Transform),
+            World::Transform => handle_export(&instance_pre).and_then(|handle| {
+                bindings::transform::TransformPre::new(instance_pre).map(|pre| Pre::Transform(pre, handle))
+            }),
             World::Filter => bindings::filter::FilterPre::new(instance_pre).map(Pre::Filter),
         }
         .map_err(|error| {
@@ -367,17 +370,35 @@ fn spawn_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
 const CONFIG_REFUSED: &str = "config refused: ";
 
 enum Pre {
-    Transform(bindings::transform::TransformPre<HostState>),
+    /// With the export index of `handle`, which is called without bindgen's wrapper: its
+    /// results are lifted under the output limits ([`capped`]).
+    Transform(bindings::transform::TransformPre<HostState>, ComponentExportIndex),
     Filter(bindings::filter::FilterPre<HostState>),
 }
 
+/// The export index of a transform's `handle`.
+fn handle_export(pre: &wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<ComponentExportIndex> {
+    let component = pre.component();
+    let interface = component
+        .get_export_index(None, "weir:plugin/transform-handler@0.1.0")
+        .ok_or_else(|| wasmtime::format_err!("no export `weir:plugin/transform-handler@0.1.0`"))?;
+    component
+        .get_export_index(Some(&interface), "handle")
+        .ok_or_else(|| wasmtime::format_err!("no function `handle` in `weir:plugin/transform-handler`"))
+}
+
+/// `handle`'s type as the host calls it: events lowered from the host's own, outcomes lifted
+/// under the output limits.
+type TransformHandle<'a> = wasmtime::component::TypedFunc<(&'a [Event],), (Outcomes,)>;
+
 enum Handler {
-    Transform(bindings::transform::Transform),
+    Transform(Func),
     Filter(bindings::filter::Filter),
 }
 
 enum RawResults {
-    Transform(Vec<WitOutcome>),
+    /// Checked by the host's rules.
+    Transform(Vec<Result<Outcome, PluginError>>),
     Filter(Vec<bool>),
 }
 
@@ -466,14 +487,20 @@ impl Plugin {
         let start_failed = |error: wasmtime::Error| as_start_failure(self.classify(&error));
         let start = async {
             Ok(match &self.pre {
-                Pre::Transform(pre) => {
-                    let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
+                Pre::Transform(pre, handle_index) => {
+                    let instance = pre.instance_pre().instantiate_async(&mut store).await.map_err(start_failed)?;
+                    let handler = bindings::transform::Transform::new(&mut store, &instance).map_err(start_failed)?;
+                    let handle = instance
+                        .get_func(&mut store, *handle_index)
+                        .ok_or_else(|| wasmtime::format_err!("the instance has no `handle` function"))
+                        .and_then(|handle| handle.typed::<(&[Event],), (Outcomes,)>(&store).map(|_| handle))
+                        .map_err(start_failed)?;
                     let configured = handler
                         .weir_plugin_transform_handler()
                         .call_configure(&mut store, &self.config)
                         .await
                         .map_err(start_failed)?;
-                    (Handler::Transform(handler), configured)
+                    (Handler::Transform(handle), configured)
                 }
                 Pre::Filter(pre) => {
                     let handler = pre.instantiate_async(&mut store).await.map_err(start_failed)?;
@@ -562,11 +589,32 @@ impl Plugin {
         let Instance { store, handler, .. } = &mut instance;
         let handle = async {
             match handler {
-                Handler::Transform(t) => {
-                    t.weir_plugin_transform_handler().call_handle(&mut *store, events).await.map(RawResults::Transform)
+                Handler::Transform(handle) => {
+                    let handle: TransformHandle<'_> = handle.typed(&*store)?;
+                    let limits = LiftLimits {
+                        results: events.len(),
+                        max_outputs: self.limits.max_outputs,
+                        max_output_bytes: self.limits.max_output_bytes,
+                    };
+                    let (Outcomes(outcomes),) =
+                        capped::with_limits(limits, handle.call_async(&mut *store, (events,))).await?;
+                    Ok::<_, wasmtime::Error>(outcomes.map(|outcomes| {
+                        RawResults::Transform(
+                            events
+                                .iter()
+                                .zip(outcomes)
+                                .map(|(input, outcome)| self.check_outcome(input, outcome.0))
+                                .collect(),
+                        )
+                    }))
                 }
                 Handler::Filter(f) => {
-                    f.weir_plugin_filter_handler().call_handle(&mut *store, events).await.map(RawResults::Filter)
+                    let keep = f.weir_plugin_filter_handler().call_handle(&mut *store, events).await?;
+                    Ok::<_, wasmtime::Error>(if keep.len() == events.len() {
+                        Ok(RawResults::Filter(keep))
+                    } else {
+                        Err(keep.len())
+                    })
                 }
             }
         };
@@ -575,20 +623,16 @@ impl Plugin {
             return Err(self.timed_out());
         };
         match result {
-            Ok(results) => {
-                let returned = match &results {
-                    RawResults::Transform(v) => v.len(),
-                    RawResults::Filter(v) => v.len(),
-                };
-                if returned != events.len() {
-                    self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
-                    return Err(PluginError::new(
-                        ErrorKind::InvalidOutput,
-                        format!("plugin `{}` returned {returned} results for {} events", self.name, events.len()),
-                    ));
-                }
+            Ok(Ok(results)) => {
                 self.release(instance);
                 Ok(results)
+            }
+            Ok(Err(returned)) => {
+                self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
+                Err(PluginError::new(
+                    ErrorKind::InvalidOutput,
+                    format!("plugin `{}` returned {returned} results for {} events", self.name, events.len()),
+                ))
             }
             Err(error) => {
                 self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
@@ -658,9 +702,7 @@ impl Plugin {
     /// The checked outcome of each of `events` from one successful call.
     fn outcomes(&self, events: &[Event], raw: RawResults) -> Vec<Result<Outcome, PluginError>> {
         match raw {
-            RawResults::Transform(outcomes) => {
-                events.iter().zip(outcomes).map(|(input, outcome)| self.check_outcome(input, outcome)).collect()
-            }
+            RawResults::Transform(outcomes) => outcomes,
             RawResults::Filter(keep) => events
                 .iter()
                 .zip(keep)
@@ -669,12 +711,28 @@ impl Plugin {
         }
     }
 
-    /// Applies the host's rules to a transform's outcome for `input`: read-only fields restored,
-    /// split ids derived, subjects validated, output caps enforced.
-    fn check_outcome(&self, input: &Event, outcome: WitOutcome) -> Result<Outcome, PluginError> {
+    /// Applies the host's rules to a transform's outcome for `input`: output caps (counted
+    /// while lifting), read-only fields restored, split ids derived, subjects and headers
+    /// validated.
+    fn check_outcome(&self, input: &Event, outcome: Result<Output, Overrun>) -> Result<Outcome, PluginError> {
         match outcome {
-            WitOutcome::Drop => Ok(Outcome::Drop),
-            WitOutcome::Reject(mut reason) => {
+            Err(Overrun::Outputs(count)) => Err(PluginError::new(
+                ErrorKind::OutputLimit,
+                format!(
+                    "plugin `{}` split one event into {count} (limit `max_outputs` = {})",
+                    self.name, self.limits.max_outputs
+                ),
+            )),
+            Err(Overrun::Bytes) => Err(PluginError::new(
+                ErrorKind::OutputLimit,
+                format!(
+                    "plugin `{}` produced more than {} bytes for one event (limit `max_output_bytes`)",
+                    self.name, self.limits.max_output_bytes
+                ),
+            )),
+            Ok(Output::Drop) => Ok(Outcome::Drop),
+            Ok(Output::Reject(reason)) => {
+                let mut reason = reason.0;
                 if reason.len() > MAX_REASON_BYTES {
                     let mut end = MAX_REASON_BYTES;
                     while !reason.is_char_boundary(end) {
@@ -684,28 +742,13 @@ impl Plugin {
                 }
                 Ok(Outcome::Reject(reason))
             }
-            WitOutcome::Keep(event) => {
-                let event = self.check_output(input, event, input.id.clone())?;
-                self.check_size(event.output_size())?;
-                Ok(Outcome::Keep(event))
-            }
-            WitOutcome::Split(events) => {
-                if events.len() > self.limits.max_outputs {
-                    return Err(PluginError::new(
-                        ErrorKind::OutputLimit,
-                        format!(
-                            "plugin `{}` split one event into {} (limit `max_outputs` = {})",
-                            self.name,
-                            events.len(),
-                            self.limits.max_outputs
-                        ),
-                    ));
-                }
-                if events.is_empty() {
+            Ok(Output::Keep(event)) => Ok(Outcome::Keep(self.check_output(input, event, input.id.clone())?)),
+            Ok(Output::Split(events)) => {
+                if events.0.is_empty() {
                     return Ok(Outcome::Drop);
                 }
-                self.check_size(events.iter().map(Event::output_size).sum())?;
                 let events = events
+                    .0
                     .into_iter()
                     .enumerate()
                     .map(|(index, event)| self.check_output(input, event, format!("{}:{index}", input.id)))
@@ -715,11 +758,20 @@ impl Plugin {
         }
     }
 
-    fn check_output(&self, input: &Event, mut event: Event, id: String) -> Result<Event, PluginError> {
-        event.id = id;
-        event.source.clone_from(&input.source);
-        event.time.clone_from(&input.time);
-        event.position.clone_from(&input.position);
+    fn check_output(&self, input: &Event, event: OutputEvent, id: String) -> Result<Event, PluginError> {
+        let event = Event {
+            id,
+            source: input.source.clone(),
+            entity: event.entity.0,
+            op: event.op.0,
+            key: event.key.map(|key| key.0),
+            time: input.time.clone(),
+            subject: event.subject.0,
+            headers: event.headers.0.into_iter().map(|(name, value)| (name.0, value.0)).collect(),
+            data: event.data.0,
+            old: event.old.map(|old| old.0),
+            position: input.position.clone(),
+        };
         crate::subject::validate(&event.subject).map_err(|error| {
             PluginError::new(
                 ErrorKind::InvalidSubject,
@@ -741,19 +793,6 @@ impl Plugin {
             ));
         }
         Ok(event)
-    }
-
-    fn check_size(&self, bytes: usize) -> Result<(), PluginError> {
-        if bytes > self.limits.max_output_bytes {
-            return Err(PluginError::new(
-                ErrorKind::OutputLimit,
-                format!(
-                    "plugin `{}` produced {bytes} bytes for one event (limit `max_output_bytes` = {})",
-                    self.name, self.limits.max_output_bytes
-                ),
-            ));
-        }
-        Ok(())
     }
 }
 
