@@ -139,7 +139,13 @@ fn outputs_pointing_at_the_same_bytes_are_measured_before_they_are_copied() {
     let plugin = load(&runtime, "fixture-aliased-output", "{}", Limits::default());
     let with_entity =
         |entity: &str| weir::event::Event { entity: entity.to_string(), ..event(entity, json!({"n": 1})) };
-    let inputs = vec![with_entity("data"), with_entity("headers"), with_entity("entity"), with_entity("fine")];
+    let inputs = vec![
+        with_entity("data"),
+        with_entity("headers"),
+        with_entity("entity"),
+        with_entity("fine"),
+        with_entity("reason"),
+    ];
     let peak_before = common::peak_rss_kib(std::process::id());
     // Each of the first three would be 1.6 GB copied out of a plugin that holds 17 MiB (where
     // wasmtime's own bound on what one call's results copy, 128 MiB, would stop it).
@@ -147,11 +153,16 @@ fn outputs_pointing_at_the_same_bytes_are_measured_before_they_are_copied() {
     let grown_mib = common::peak_rss_kib(std::process::id()).saturating_sub(peak_before) / 1024;
     assert_eq!(
         kinds(&results),
-        vec![Some(ErrorKind::OutputLimit), Some(ErrorKind::OutputLimit), Some(ErrorKind::OutputLimit), None]
+        vec![Some(ErrorKind::OutputLimit), Some(ErrorKind::OutputLimit), Some(ErrorKind::OutputLimit), None, None]
     );
     let message = &results[0].as_ref().unwrap_err().message;
     assert!(message.contains("max_output_bytes"), "{message}");
     assert_eq!(results[3], Ok(Outcome::Keep(inputs[3].clone())), "the well-formed neighbour is kept");
+    // A reject is not a failure: a reason too long to copy is named by its length instead.
+    match &results[4] {
+        Ok(Outcome::Reject(reason)) => assert!(reason.contains("16777216 bytes"), "{reason}"),
+        other => panic!("a reject with a 16 MiB reason: {other:?}"),
+    }
     // Measured while lifting: the call stands (no trap, no re-run of each event on its own).
     assert_eq!(plugin.stats().failed_calls.load(Ordering::Relaxed), 0);
     assert!(grown_mib < 256, "the host's peak memory grew by {grown_mib} MiB");

@@ -71,10 +71,17 @@ impl<F: Future> Future for WithLimits<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let limits = self.limits;
-        let outer = STATE.replace(Some(State { limits, left: limits.max_output_bytes, overrun: None }));
-        let polled = self.call.as_mut().poll(cx);
-        STATE.set(outer);
-        polled
+        let _restore = Restore(STATE.replace(Some(State { limits, left: limits.max_output_bytes, overrun: None })));
+        self.call.as_mut().poll(cx)
+    }
+}
+
+/// Puts back the state a poll found, however the poll ends (a panic included).
+struct Restore(Option<State>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        STATE.set(self.0);
     }
 }
 
@@ -118,19 +125,36 @@ fn event_overrun() -> Option<Overrun> {
     STATE.get().and_then(|state| state.overrun)
 }
 
-/// The length of a string or list from its flat pointer/length pair. (A UTF-16 string's length
-/// counts code units and may carry the compact encoding's tag bit, which is dropped.)
+/// The length of a list (elements) or string (bytes, or UTF-16 code units) from its flat
+/// pointer/length pair.
 fn flat_length(src: &[ValRaw; 2]) -> usize {
-    (src[1].get_u32() & 0x7fff_ffff) as usize
+    src[1].get_u32() as usize
 }
 
-/// The length of a string or list from its pointer/length pair in memory.
+/// The length of a list or string from its pointer/length pair in memory.
 fn memory_length(bytes: &[u8]) -> wasmtime::Result<usize> {
     let length = bytes
         .get(4..8)
         .and_then(|length| <[u8; 4]>::try_from(length).ok())
         .ok_or_else(|| wasmtime::format_err!("pointer/length pair out of bounds"))?;
-    Ok((u32::from_le_bytes(length) & 0x7fff_ffff) as usize)
+    Ok(u32::from_le_bytes(length) as usize)
+}
+
+/// Fewest bytes a string of `length` (as its pair says) takes as UTF-8: its bytes, or its code
+/// units in the UTF-16 encodings (whose compact form tags the length's top bit). A lower bound
+/// to refuse it by before copying; the copy's own length is counted after.
+fn string_floor(length: usize) -> usize {
+    length & 0x7fff_ffff
+}
+
+/// A string lifted by `lift` if its lower bound fits the budget, then charged the rest of its
+/// UTF-8 length (more than the bound when transcoded from UTF-16 or Latin-1).
+fn capped_string(floor: usize, lift: impl FnOnce() -> wasmtime::Result<String>) -> wasmtime::Result<String> {
+    if !spend(floor) {
+        return Ok(String::new());
+    }
+    let text = lift()?;
+    Ok(if spend(text.len().saturating_sub(floor)) { text } else { String::new() })
 }
 
 /// Implements `ComponentType` like `$like` for a wrapper that lifts through it.
@@ -173,12 +197,42 @@ component_type_like!(CappedStr, String);
 // SAFETY: lifted by `String`'s own lifting, which checks bounds and encoding.
 unsafe impl Lift for CappedStr {
     fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
-        Ok(CappedStr(if spend(flat_length(src)) { String::linear_lift_from_flat(cx, ty, src)? } else { String::new() }))
+        capped_string(string_floor(flat_length(src)), || String::linear_lift_from_flat(cx, ty, src)).map(CappedStr)
     }
 
     fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
-        let fits = spend(memory_length(bytes)?);
-        Ok(CappedStr(if fits { String::linear_lift_from_memory(cx, ty, bytes)? } else { String::new() }))
+        let floor = string_floor(memory_length(bytes)?);
+        capped_string(floor, || String::linear_lift_from_memory(cx, ty, bytes)).map(CappedStr)
+    }
+}
+
+/// A reject's reason: not counted against the outputs (a reject is not a failure of the
+/// plugin), copied only up to [`MAX_REASON_LIFTED`] (it is cut to 1 KiB anyway), else replaced
+/// by a note of its length.
+pub struct Reason(pub String);
+
+/// Longest reason copied out of the plugin.
+pub const MAX_REASON_LIFTED: usize = 64 << 10;
+
+component_type_like!(Reason, String);
+
+fn reason(length: usize, lift: impl FnOnce() -> wasmtime::Result<String>) -> wasmtime::Result<Reason> {
+    Ok(Reason(if string_floor(length) <= MAX_REASON_LIFTED {
+        lift()?
+    } else {
+        format!("(the plugin's reason, {} bytes or more, is too long to show)", string_floor(length))
+    }))
+}
+
+// SAFETY: lifted by `String`'s own lifting, which checks bounds and encoding.
+unsafe impl Lift for Reason {
+    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
+        reason(flat_length(src), || String::linear_lift_from_flat(cx, ty, src))
+    }
+
+    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
+        let length = memory_length(bytes)?;
+        reason(length, || String::linear_lift_from_memory(cx, ty, bytes))
     }
 }
 
@@ -284,7 +338,7 @@ pub enum Output {
     #[component(name = "split")]
     Split(CappedEvents),
     #[component(name = "reject")]
-    Reject(CappedStr),
+    Reject(Reason),
 }
 
 /// One input event's outcome: what it was, or how its outputs went past the limits.
