@@ -2,8 +2,9 @@
 //!
 //! A plugin's linear memory is capped, but what it returns can point at the same bytes many
 //! times (a hand-written component can return 100 outputs whose data is one 16 MiB buffer).
-//! Lifted the usual way, every field is copied before anything is measured, so the host could
-//! copy far more than the plugin holds. Here each string and list reads its length first and is
+//! Lifted the usual way, every field is copied before anything is measured, so the host copies
+//! far more than the plugin holds until wasmtime's own bound (128 MiB per call) fails the whole
+//! batch as a trap. Here each string and list reads its length first and is
 //! copied only while the input event's outputs stay within `max_outputs` and
 //! `max_output_bytes`; past them, nothing more of that event is copied and it fails with
 //! `output-limit`. The count of results is checked against the batch before any is lifted.
