@@ -169,6 +169,26 @@ fn outputs_pointing_at_the_same_bytes_are_measured_before_they_are_copied() {
 }
 
 #[test]
+fn a_batch_of_large_events_is_run_in_one_call_whatever_its_total_size() {
+    let runtime = runtime();
+    // Over wasmtime's default of 128 MiB copied per call's results, in one batch.
+    let limits =
+        Limits { memory: 512 << 20, recycle_memory: 384 << 20, timeout: Duration::from_secs(20), ..Limits::default() };
+    let plugin = load(&runtime, "noop", "{}", limits);
+    let text = "x".repeat(900 << 10);
+    let events: Vec<_> = (0..150).map(|i| event(&format!("big-{i}"), json!({ "text": text }))).collect();
+    let results = plugin.run_blocking(events.clone());
+    for (input, result) in events.iter().zip(&results) {
+        assert!(matches!(result, Ok(Outcome::Keep(kept)) if kept == input), "{} comes back unchanged", input.id);
+    }
+    assert_eq!(
+        plugin.stats().failed_calls.load(Ordering::Relaxed),
+        0,
+        "one call, not a failed batch re-run event by event"
+    );
+}
+
+#[test]
 fn invalid_subjects_are_plugin_errors() {
     let runtime = runtime();
     let plugin = load(&runtime, "fixture-invalid-subject", "{}", Limits::default());

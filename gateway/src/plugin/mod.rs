@@ -596,6 +596,7 @@ impl Plugin {
                         max_outputs: self.limits.max_outputs,
                         max_output_bytes: self.limits.max_output_bytes,
                     };
+                    store.set_hostcall_fuel(results_fuel(events));
                     let (Outcomes(outcomes),) =
                         capped::with_limits(limits, handle.call_async(&mut *store, (events,))).await?;
                     Ok::<_, wasmtime::Error>(outcomes.map(|outcomes| {
@@ -794,6 +795,28 @@ impl Plugin {
         }
         Ok(event)
     }
+}
+
+/// wasmtime's own bound on what one call's results may copy (its default).
+const DEFAULT_RESULTS_FUEL: usize = 128 << 20;
+
+/// What one call's results may copy: wasmtime's default, or four times the batch's own bytes
+/// when that is more. Each event's outputs are bounded by the output limits while they are
+/// lifted; this bounds the batch, so that a batch of large rows whose outputs are about the
+/// size of its inputs is not failed (and re-run event by event) for its size alone.
+fn results_fuel(events: &[Event]) -> usize {
+    let input_bytes = events
+        .iter()
+        .map(|event| {
+            event.data.len()
+                + event.old.as_ref().map_or(0, Vec::len)
+                + event.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
+                + event.entity.len()
+                + event.subject.len()
+                + event.key.as_ref().map_or(0, String::len)
+        })
+        .sum::<usize>();
+    DEFAULT_RESULTS_FUEL.max(input_bytes.saturating_mul(4))
 }
 
 /// Drives a plugin future to completion from synchronous code. Inside a multi-threaded tokio
