@@ -19,8 +19,6 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use wasmtime::ValRaw;
 use wasmtime::component::__internal::{CanonicalAbiInfo, InstanceType, InterfaceType, LiftContext};
 use wasmtime::component::{ComponentType, Lift};
@@ -57,24 +55,20 @@ thread_local! {
     static STATE: Cell<Option<State>> = const { Cell::new(None) };
 }
 
-/// Runs `call` with `limits` in force for any results lifted while it is polled.
-pub fn with_limits<F: Future>(limits: LiftLimits, call: F) -> impl Future<Output = F::Output> {
-    WithLimits { limits, call: Box::pin(call) }
-}
-
-struct WithLimits<F> {
-    limits: LiftLimits,
-    call: Pin<Box<F>>,
-}
-
-impl<F: Future> Future for WithLimits<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let limits = self.limits;
-        let _restore = Restore(STATE.replace(Some(State { limits, left: limits.max_output_bytes, overrun: None })));
-        self.call.as_mut().poll(cx)
+impl State {
+    fn fresh(limits: LiftLimits) -> State {
+        State { limits, left: limits.max_output_bytes, overrun: None }
     }
+}
+
+/// Runs `call` with `limits` in force for any results lifted while it is polled.
+pub async fn with_limits<F: Future>(limits: LiftLimits, call: F) -> F::Output {
+    let mut call = std::pin::pin!(call);
+    std::future::poll_fn(|cx| {
+        let _restore = Restore(STATE.replace(Some(State::fresh(limits))));
+        call.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Puts back the state a poll found, however the poll ends (a panic included).
@@ -96,8 +90,7 @@ fn limits() -> wasmtime::Result<LiftLimits> {
 
 /// Starts a new input event's budget.
 fn start_event() -> wasmtime::Result<()> {
-    let limits = limits()?;
-    STATE.set(Some(State { limits, left: limits.max_output_bytes, overrun: None }));
+    STATE.set(Some(State::fresh(limits()?)));
     Ok(())
 }
 
@@ -237,50 +230,56 @@ unsafe impl Lift for Reason {
     }
 }
 
+/// Implements `Lift` for a wrapper of list type `$inner` that is lifted (by `$inner`'s own
+/// lifting, which checks bounds) only if `$fits(length)`, and is empty otherwise.
+macro_rules! lift_list_if {
+    ($wrapper:ident, $inner:ty, $fits:expr) => {
+        component_type_like!($wrapper, $inner);
+
+        // SAFETY: lifted by `$inner`'s own lifting, or not at all.
+        unsafe impl Lift for $wrapper {
+            fn linear_lift_from_flat(
+                cx: &mut LiftContext<'_>,
+                ty: InterfaceType,
+                src: &Self::Lower,
+            ) -> wasmtime::Result<Self> {
+                let fits: wasmtime::Result<bool> = $fits(flat_length(src));
+                Ok($wrapper(if fits? { <$inner>::linear_lift_from_flat(cx, ty, src)? } else { Default::default() }))
+            }
+
+            fn linear_lift_from_memory(
+                cx: &mut LiftContext<'_>,
+                ty: InterfaceType,
+                bytes: &[u8],
+            ) -> wasmtime::Result<Self> {
+                let fits: wasmtime::Result<bool> = $fits(memory_length(bytes)?);
+                Ok($wrapper(if fits? { <$inner>::linear_lift_from_memory(cx, ty, bytes)? } else { Default::default() }))
+            }
+        }
+    };
+}
+
 /// Bytes copied only if they fit the event's budget.
 pub struct CappedBytes(pub Vec<u8>);
 
-component_type_like!(CappedBytes, Vec<u8>);
-
-// SAFETY: lifted by `Vec<u8>`'s own lifting, which checks bounds.
-unsafe impl Lift for CappedBytes {
-    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
-        Ok(CappedBytes(if spend(flat_length(src)) { Vec::linear_lift_from_flat(cx, ty, src)? } else { Vec::new() }))
-    }
-
-    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
-        let fits = spend(memory_length(bytes)?);
-        Ok(CappedBytes(if fits { Vec::linear_lift_from_memory(cx, ty, bytes)? } else { Vec::new() }))
-    }
-}
+lift_list_if!(CappedBytes, Vec<u8>, |length| Ok(spend(length)));
 
 /// Headers: each costs [`HEADER_BYTES`] besides its name and value, so a long list of empty
 /// ones is refused by its length instead of walked, and the host's copy of the list (a pair of
 /// strings, 48 bytes, per header) stays within a few times the limit.
 pub struct CappedHeaders(pub Vec<(CappedStr, CappedStr)>);
 
-component_type_like!(CappedHeaders, Vec<(CappedStr, CappedStr)>);
-
 /// What one header counts besides its name and value: its size in the plugin's memory.
 pub const HEADER_BYTES: usize = 16;
 
-// SAFETY: lifted by `Vec`'s own lifting, which checks bounds.
-unsafe impl Lift for CappedHeaders {
-    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
-        let fits = spend(flat_length(src).saturating_mul(HEADER_BYTES));
-        Ok(CappedHeaders(if fits { Vec::linear_lift_from_flat(cx, ty, src)? } else { Vec::new() }))
-    }
-
-    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
-        let fits = spend(memory_length(bytes)?.saturating_mul(HEADER_BYTES));
-        Ok(CappedHeaders(if fits { Vec::linear_lift_from_memory(cx, ty, bytes)? } else { Vec::new() }))
-    }
-}
+lift_list_if!(CappedHeaders, Vec<(CappedStr, CappedStr)>, |length: usize| Ok(spend(
+    length.saturating_mul(HEADER_BYTES)
+)));
 
 /// A `split`'s events, lifted only if there are at most `max_outputs`.
 pub struct CappedEvents(pub Vec<OutputEvent>);
 
-component_type_like!(CappedEvents, Vec<OutputEvent>);
+lift_list_if!(CappedEvents, Vec<OutputEvent>, outputs_fit);
 
 fn outputs_fit(count: usize) -> wasmtime::Result<bool> {
     let fits = count <= limits()?.max_outputs && event_overrun().is_none();
@@ -288,22 +287,6 @@ fn outputs_fit(count: usize) -> wasmtime::Result<bool> {
         overrun(Overrun::Outputs(count));
     }
     Ok(fits)
-}
-
-// SAFETY: lifted by `Vec`'s own lifting, which checks bounds.
-unsafe impl Lift for CappedEvents {
-    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
-        Ok(CappedEvents(if outputs_fit(flat_length(src))? {
-            Vec::linear_lift_from_flat(cx, ty, src)?
-        } else {
-            Vec::new()
-        }))
-    }
-
-    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
-        let fits = outputs_fit(memory_length(bytes)?)?;
-        Ok(CappedEvents(if fits { Vec::linear_lift_from_memory(cx, ty, bytes)? } else { Vec::new() }))
-    }
 }
 
 /// An output `event` (WIT record), as far as it was copied. The skipped fields are there for

@@ -805,17 +805,7 @@ const DEFAULT_RESULTS_FUEL: usize = 128 << 20;
 /// lifted; this bounds the batch, so that a batch of large rows whose outputs are about the
 /// size of its inputs is not failed (and re-run event by event) for its size alone.
 fn results_fuel(events: &[Event]) -> usize {
-    let input_bytes = events
-        .iter()
-        .map(|event| {
-            event.data.len()
-                + event.old.as_ref().map_or(0, Vec::len)
-                + event.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>()
-                + event.entity.len()
-                + event.subject.len()
-                + event.key.as_ref().map_or(0, String::len)
-        })
-        .sum::<usize>();
+    let input_bytes: usize = events.iter().map(Event::payload_size).sum();
     DEFAULT_RESULTS_FUEL.max(input_bytes.saturating_mul(4))
 }
 
