@@ -17,6 +17,7 @@ use futures::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -330,12 +331,22 @@ fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn media_type(headers: &HeaderMap) -> String {
+fn media_type(headers: &HeaderMap) -> Cow<'_, str> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| lowercase(v.split(';').next().unwrap_or("").trim()))
         .unwrap_or_default()
+}
+
+/// `text` in ASCII lower case, copied only when it has an upper-case letter (on the hot path
+/// media types and ops nearly always come in lower case).
+fn lowercase(text: &str) -> Cow<'_, str> {
+    if text.bytes().any(|byte| byte.is_ascii_uppercase()) {
+        Cow::Owned(text.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(text)
+    }
 }
 
 /// Reads the body, refusing (413) on `Content-Length` before reading, or as soon as a
@@ -465,7 +476,17 @@ fn valid_event_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_IDEMPOTENCY_KEY && !id.chars().any(char::is_control)
 }
 
-/// Builds the event for a single-event request, and says whether the client chose its id.
+/// The event of a single-event request.
+struct SingleEvent {
+    event: Event,
+    /// Whether the client chose the event's id.
+    client_chose_id: bool,
+    /// The request's body when the event's data is not the body itself (a structured
+    /// CloudEvent's attributes around it, or an empty body), for the request's fingerprint.
+    body_if_not_data: Option<Vec<u8>>,
+}
+
+/// Builds the event for a single-event request; the body becomes its data without a copy.
 /// CloudEvents in binary mode (`ce-*` headers) and structured mode
 /// (`application/cloudevents+json`) are unwrapped to their data.
 fn single_event(
@@ -473,18 +494,19 @@ fn single_event(
     entity: String,
     key: Option<String>,
     default_op: &str,
-    body: &[u8],
+    body: Vec<u8>,
     allow_empty: bool,
-) -> Result<(Event, bool), ApiError> {
+) -> Result<SingleEvent, ApiError> {
     let media = media_type(headers);
     let mut id = header_utf8(headers, "idempotency-key")?.map(str::to_string);
-    let mut data = body.to_vec();
     let mut op = header_utf8(headers, "weir-op")?.unwrap_or(default_op).to_ascii_lowercase();
+    let mut body_if_not_data = None;
+    let mut data = body;
     // A CloudEvent's `id`, `source` and `type`, in either mode.
     let mut cloud: Option<[Option<String>; 3]> = None;
     if media == "application/cloudevents+json" {
         // Checked strictly first: parsed into a map, a repeated key would be dropped unseen.
-        let text = std::str::from_utf8(body).map_err(|error| {
+        let text = std::str::from_utf8(&data).map_err(|error| {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not UTF-8: {error}"))
         })?;
         crate::strict_json::check(text).map_err(bad_json)?;
@@ -498,13 +520,13 @@ fn single_event(
             ));
         }
         cloud = Some([attribute("id"), attribute("source"), attribute("type")]);
-        data = cloudevent_data(&envelope)?;
-    } else if media == "application/json" || media.ends_with("+json") || (allow_empty && body.is_empty()) {
-        if body.is_empty() {
-            data = b"{}".to_vec();
+        body_if_not_data = Some(std::mem::replace(&mut data, cloudevent_data(&envelope)?));
+    } else if media == "application/json" || media.ends_with("+json") || (allow_empty && data.is_empty()) {
+        if data.is_empty() {
+            body_if_not_data = Some(std::mem::replace(&mut data, b"{}".to_vec()));
         } else {
             // As text first: skipping a string does not check that its bytes are UTF-8.
-            let text = std::str::from_utf8(body).map_err(|error| {
+            let text = std::str::from_utf8(&data).map_err(|error| {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("body is not UTF-8: {error}"))
             })?;
             crate::strict_json::check(text).map_err(bad_json)?;
@@ -579,7 +601,7 @@ fn single_event(
         old: None,
         position: None,
     };
-    Ok((event, client_chose_id))
+    Ok(SingleEvent { event, client_chose_id, body_if_not_data })
 }
 
 /// The event id of a CloudEvent: its id scoped by its source (`ce-` and 128 bits of a SHA-256 of
@@ -620,22 +642,6 @@ fn cloudevent_data(envelope: &Value) -> Result<Vec<u8>, ApiError> {
     }
 }
 
-fn empty_event() -> Event {
-    Event {
-        id: String::new(),
-        source: String::new(),
-        entity: String::new(),
-        op: String::new(),
-        key: None,
-        time: String::new(),
-        subject: String::new(),
-        headers: Vec::new(),
-        data: Vec::new(),
-        old: None,
-        position: None,
-    }
-}
-
 /// The answer for one event.
 #[derive(Debug)]
 struct Answer {
@@ -671,16 +677,17 @@ struct LineResult {
 /// One event's result from its outputs' outcomes, whichever failed first: an output too large
 /// to store ever decides the answer (a retry cannot store the whole event), then one not known
 /// to be stored (the client must retry with the same id: under a new one that output could be
-/// stored twice), then the first failure.
-fn event_outcome(mut outcomes: Vec<Result<Published, SinkError>>) -> Result<Vec<Published>, SinkError> {
-    let decisive = outcomes
-        .iter()
-        .position(|outcome| matches!(outcome, Err(SinkError::TooLarge(_))))
-        .or_else(|| outcomes.iter().position(|outcome| matches!(outcome, Err(SinkError::Timeout))));
-    match decisive {
-        Some(index) => outcomes.swap_remove(index).map(|published| vec![published]),
-        None => outcomes.into_iter().collect(),
+/// stored twice), then the first failure. The outcomes are taken.
+fn event_outcome(outcomes: &mut [Option<Result<Published, SinkError>>]) -> Result<Vec<Published>, SinkError> {
+    let first = |decides: fn(&SinkError) -> bool| {
+        outcomes.iter().position(|outcome| matches!(outcome, Some(Err(error)) if decides(error)))
+    };
+    let decisive = first(|error| matches!(error, SinkError::TooLarge(_)))
+        .or_else(|| first(|error| matches!(error, SinkError::Timeout)));
+    if let Some(Some(Err(error))) = decisive.map(|index| outcomes[index].take()) {
+        return Err(error);
     }
+    outcomes.iter_mut().filter_map(Option::take).collect()
 }
 
 fn published_json(published: &[Published]) -> Value {
@@ -704,7 +711,7 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
     let count = events.len();
     let mut routed: HashMap<usize, Vec<(usize, Event)>> = HashMap::new();
     let mut answers: Vec<Option<Result<Answer, ApiError>>> = (0..count).map(|_| None).collect();
-    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let mut ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     for (position, event) in events.into_iter().enumerate() {
         match state.pipeline.route_for(&event) {
             Some(route) => routed.entry(route).or_default().push((position, event)),
@@ -776,19 +783,19 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let route_name = &state.pipeline.route(route).name;
         let on_error = state.pipeline.route(route).on_error;
         let mut published = 0;
-        let id = &ids[position];
+        let id = std::mem::take(&mut ids[position]);
         // Whether this event had something to store, and if so whether all of it was stored.
         let total = span.len();
         let stored_count = stored[span.clone()].iter().filter(|outcome| matches!(outcome, Some(Ok(_)))).count();
         let stored_here: Option<Result<Vec<Published>, SinkError>> =
-            (total > 0).then(|| event_outcome(stored[span].iter_mut().filter_map(Option::take).collect()));
+            (total > 0).then(|| event_outcome(&mut stored[span]));
         let answer = match (stored_here, disposition) {
             (Some(Err(error)), _) => Err(store_failure(error, stored_count, total, state.sink.jetstream().is_none())),
             (Some(Ok(stored)), Disposition::Publish(_)) => {
                 published += stored.len();
                 Ok(Answer {
                     status: StatusCode::ACCEPTED,
-                    body: AnswerBody::Stored(Stored { id: id.clone(), published: stored, dropped: false }),
+                    body: AnswerBody::Stored(Stored { id, published: stored, dropped: false }),
                 })
             }
             (_, Disposition::Dropped | Disposition::Publish(_)) => {
@@ -1191,9 +1198,11 @@ fn verify_webhook(
 async fn single(state: Arc<AppState>, request: Request, entity: String, key: Option<String>, op: &str) -> Response {
     let (mut parts, body) = request.into_parts();
     // Webhook routes: find the route from what the path and headers say, verify, then parse.
-    let probe_op = header_text(&parts.headers, "weir-op").unwrap_or(op).to_ascii_lowercase();
-    let probe = Event { source: "http".into(), entity: entity.clone(), op: probe_op, ..empty_event() };
-    let webhook = state.pipeline.route_for(&probe).and_then(|route| state.pipeline.route(route).webhook.as_ref());
+    let probe_op = lowercase(header_text(&parts.headers, "weir-op").unwrap_or(op));
+    let webhook = state
+        .pipeline
+        .route_for_parts("http", &entity, &probe_op)
+        .and_then(|route| state.pipeline.route(route).webhook.as_ref());
     let permit = match admit(&state, &parts.headers, webhook.is_some()) {
         Ok(permit) => permit,
         Err(error) => return error.into_response(),
@@ -1221,8 +1230,8 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
             Err(error) => return error.into_response(),
         }
     }
-    let (event, client_chose_id) =
-        match single_event(&parts.headers, entity, key, op, &body, parts.method == Method::DELETE) {
+    let SingleEvent { event, client_chose_id, body_if_not_data } =
+        match single_event(&parts.headers, entity, key, op, body, parts.method == Method::DELETE) {
             Ok(made) => made,
             Err(error) => return error.into_response(),
         };
@@ -1240,7 +1249,7 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
         .chain_update([0])
         .chain_update(&event.op)
         .chain_update([0])
-        .chain_update(media_type(&parts.headers))
+        .chain_update(media_type(&parts.headers).as_bytes())
         .chain_update([0]);
     match &event.key {
         Some(key) => print.update([&[1u8][..], key.as_bytes(), &[0]].concat()),
@@ -1249,7 +1258,8 @@ async fn single(state: Arc<AppState>, request: Request, entity: String, key: Opt
     for (name, value) in event.headers.iter().filter(|(name, _)| name.starts_with("ce-")) {
         print.update([name.as_bytes(), &[0], value.as_bytes(), &[0]].concat());
     }
-    let fingerprint: [u8; 32] = print.chain_update(&body).finalize().into();
+    let body = body_if_not_data.as_deref().unwrap_or(&event.data);
+    let fingerprint: [u8; 32] = print.chain_update(body).finalize().into();
     if let Some(answer) = remembered(&state, &idempotency_key, fingerprint) {
         return answer_response(answer);
     }
@@ -1727,6 +1737,9 @@ mod tests {
 
     #[test]
     fn an_output_not_known_to_be_stored_decides_the_events_answer() {
+        let event_outcome = |outcomes: Vec<Result<Published, SinkError>>| {
+            event_outcome(&mut outcomes.into_iter().map(Some).collect::<Vec<_>>())
+        };
         let stored = || Ok(Published { subject: "s".into(), stream: Some("S".into()), seq: Some(1), duplicate: false });
         let outcomes = vec![stored(), Err(SinkError::Full("max_bytes".into())), Err(SinkError::Timeout)];
         assert!(matches!(event_outcome(outcomes), Err(SinkError::Timeout)));

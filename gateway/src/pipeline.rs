@@ -130,18 +130,18 @@ pub struct Route {
 }
 
 impl Route {
-    fn matches(&self, event: &Event) -> bool {
-        self.source.is_none_or(|s| s.as_str() == event.source)
-            && self.entity.as_deref().is_none_or(|p| glob_matches(p, &event.entity))
-            && (self.ops.is_empty() || self.ops.iter().any(|op| op == &event.op))
+    fn matches(&self, source: &str, entity: &str, op: &str) -> bool {
+        self.source.is_none_or(|s| s.as_str() == source)
+            && self.entity.as_deref().is_none_or(|p| glob_matches(p, entity))
+            && (self.ops.is_empty() || self.ops.iter().any(|have| have == op))
     }
 }
 
 /// A message ready for NATS.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
-    /// Subject to publish to.
-    pub subject: String,
+    /// Subject to publish to (shared: each send and each answer takes it without a copy).
+    pub subject: async_nats::Subject,
     /// Headers, in order.
     pub headers: Headers,
     /// Payload (shared, so retries and hand-offs to the client do not copy it).
@@ -387,7 +387,13 @@ impl Pipeline {
 
     /// Index of the first route matching `event`.
     pub fn route_for(&self, event: &Event) -> Option<usize> {
-        self.routes.iter().position(|route| route.matches(event))
+        self.route_for_parts(&event.source, &event.entity, &event.op)
+    }
+
+    /// Index of the first route an event of this source, entity and op would take (an HTTP
+    /// request's route is known before its event is built).
+    pub fn route_for_parts(&self, source: &str, entity: &str, op: &str) -> Option<usize> {
+        self.routes.iter().position(|route| route.matches(source, entity, op))
     }
 
     /// The route at `index`.
@@ -914,7 +920,7 @@ fn to_message(route: &Route, mut event: Event) -> Message {
         Envelope::Cloudevents => cloudevent(&event),
     };
     let headers = headers_for(HeaderFields::taken(&mut event), content_type);
-    Message { subject: event.subject, headers, payload: payload.into() }
+    Message { subject: event.subject.into(), headers, payload: payload.into() }
 }
 
 fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, message: &str) -> Message {
@@ -932,7 +938,7 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
     ] {
         headers.set(HeaderName::from_static(name), header_value(&value));
     }
-    Message { subject: route.dlq.render(original), headers, payload: weir_envelope_bytes(original).into() }
+    Message { subject: route.dlq.render(original).into(), headers, payload: weir_envelope_bytes(original).into() }
 }
 
 #[cfg(test)]

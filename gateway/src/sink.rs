@@ -19,13 +19,19 @@ mod acks;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Published {
     /// Subject it was published to.
-    pub subject: String,
-    /// Stream that stored it (JetStream), or `null` for core NATS.
-    pub stream: Option<String>,
+    pub subject: async_nats::Subject,
+    /// Stream that stored it (JetStream), or `null` for core NATS. Shared by the answers of
+    /// every PubAck naming the same stream.
+    #[serde(serialize_with = "shared_text")]
+    pub stream: Option<Arc<str>>,
     /// Stream sequence (JetStream).
     pub seq: Option<u64>,
     /// JetStream already had a message with this id: stored once.
     pub duplicate: bool,
+}
+
+fn shared_text<S: serde::Serializer>(text: &Option<Arc<str>>, serializer: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&text.as_deref(), serializer)
 }
 
 /// Why a message is not stored; each means "not stored, retry later" to the source.
@@ -1003,7 +1009,7 @@ mod tests {
         let mut headers = crate::pipeline::Headers::with_capacity(0);
         headers.append(HeaderName::from_static("Weir-Entity"), "orders".to_string());
         headers.append(HeaderName::from_static("Weir-Key"), key.to_string());
-        Message { subject: "weir.orders.insert".to_string(), headers, payload: bytes::Bytes::new() }
+        Message { subject: "weir.orders.insert".into(), headers, payload: bytes::Bytes::new() }
     }
 
     fn progress(count: usize) -> Progress {

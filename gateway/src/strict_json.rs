@@ -61,15 +61,20 @@ impl<'de> Visitor<'de> for Value {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
-        let mut scanned: Vec<Cow<'de, str>> = Vec::new();
+        // The first keys on the stack: most objects are small, and this runs for every event.
+        let mut scanned: [Cow<'de, str>; SCAN_UP_TO] = std::array::from_fn(|_| Cow::Borrowed(""));
+        let mut scanned_count = 0;
         let mut set: HashSet<Cow<'de, str>> = HashSet::new();
         while let Some(key) = entries.next_key_seed(Key)? {
-            let repeated = if set.is_empty() && scanned.len() < SCAN_UP_TO {
-                let repeated = scanned.contains(&key);
-                scanned.push(key.clone());
+            let repeated = if scanned_count < SCAN_UP_TO {
+                let repeated = scanned[..scanned_count].contains(&key);
+                scanned[scanned_count] = key.clone();
+                scanned_count += 1;
                 repeated
             } else {
-                set.extend(scanned.drain(..));
+                if set.is_empty() {
+                    set.extend(scanned.iter_mut().map(std::mem::take));
+                }
                 !set.insert(key.clone())
             };
             if repeated {

@@ -1294,7 +1294,7 @@ fn refused_letter(message: &crate::pipeline::Message, reason: &str) -> crate::pi
         crate::pipeline::header_value(&reason.chars().take(1024).collect::<String>()),
     );
     crate::pipeline::Message {
-        subject: format!("weir.dlq.{}", crate::subject::token(&entity)),
+        subject: format!("weir.dlq.{}", crate::subject::token(&entity)).into(),
         headers,
         payload: body.to_string().into_bytes().into(),
     }

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 #[derive(Debug)]
 pub enum Answer {
     /// Stored (or already stored under the same id: `duplicate`).
-    Stored { stream: String, seq: u64, duplicate: bool },
+    Stored { stream: Arc<str>, seq: u64, duplicate: bool },
     /// Nothing answered for the subject: no stream captures it, or its stream has no leader.
     NoStream,
     /// The stream's cluster cannot take it right now (not available, not the leader): not stored.
@@ -153,9 +153,12 @@ impl AckRouter {
         permit.forget();
         let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.shared.pending().insert(token, Waiter { call, index, answers: answers.clone() });
-        let mut reply = String::with_capacity(self.shared.reply_prefix.len() + 20);
+        // Sized exactly: the client takes it as shared bytes, which then need no second allocation.
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(token);
+        let mut reply = String::with_capacity(self.shared.reply_prefix.len() + digits.len());
         reply.push_str(&self.shared.reply_prefix);
-        reply.push_str(itoa::Buffer::new().format(token));
+        reply.push_str(digits);
         let sent = self
             .client
             .publish_with_reply_and_headers(
@@ -216,12 +219,13 @@ impl Drop for AbandonOnDrop<'_> {
 
 /// Hands each reply to the call that sent it, and passes on lost connections behind them.
 async fn dispatch(mut replies: async_nats::Subscriber, shared: Arc<Shared>, mut lost: watch::Receiver<u64>) {
-    let deliver = |reply: async_nats::Message| {
+    let mut stream_name = StreamName::default();
+    let mut deliver = |reply: async_nats::Message| {
         let token = reply.subject.as_str().rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
         // An answer for an abandoned send (its caller has retried or given up) has no waiter.
         let Some(waiter) = token.and_then(|token| shared.take(token)) else { return };
         // The caller may have stopped listening (it timed out); nothing then waits for this.
-        let _ = waiter.answers.send((waiter.index, answer(&reply)));
+        let _ = waiter.answers.send((waiter.index, answer(&reply, &mut stream_name)));
     };
     // Until the client's event handler, which holds the sender, is gone.
     let mut watching = true;
@@ -279,8 +283,22 @@ const STORE_FAILED: u64 = 10077;
 /// insufficient resources (10023), insufficient storage (10047) or memory (10028).
 const ACCOUNT_FULL: [u64; 4] = [10002, 10023, 10047, 10028];
 
+/// The stream the last PubAck named: nearly every PubAck names the same one, so their answers
+/// share one copy of the name instead of one each.
+#[derive(Default)]
+struct StreamName(Option<Arc<str>>);
+
+impl StreamName {
+    fn shared(&mut self, name: &str) -> Arc<str> {
+        match &self.0 {
+            Some(last) if **last == *name => last.clone(),
+            _ => self.0.insert(Arc::from(name)).clone(),
+        }
+    }
+}
+
 /// Reads one reply: a PubAck, a JetStream error, or a status (503: nothing listens there).
-fn answer(reply: &async_nats::Message) -> Answer {
+fn answer(reply: &async_nats::Message, stream_name: &mut StreamName) -> Answer {
     match reply.status {
         Some(StatusCode::NO_RESPONDERS) => return Answer::NoStream,
         Some(status) if status != StatusCode::OK => {
@@ -310,7 +328,7 @@ fn answer(reply: &async_nats::Message) -> Answer {
             error.err_code
         )),
         Ok(AckBody { stream: Some(stream), seq: Some(seq), duplicate, error: None }) => {
-            Answer::Stored { stream: stream.into_owned(), seq, duplicate }
+            Answer::Stored { stream: stream_name.shared(&stream), seq, duplicate }
         }
         Ok(_) | Err(_) => Answer::Refused(format!("unreadable PubAck: {}", String::from_utf8_lossy(&reply.payload))),
     }
@@ -319,6 +337,25 @@ fn answer(reply: &async_nats::Message) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pubacks_of_one_stream_share_its_name() {
+        let mut names = StreamName::default();
+        let stored = |names: &mut StreamName, payload: &str| match answer(&reply(payload), names) {
+            Answer::Stored { stream, .. } => stream,
+            _ => panic!("not stored: {payload}"),
+        };
+        let first = stored(&mut names, r#"{"stream":"weir","seq":1}"#);
+        let second = stored(&mut names, r#"{"stream":"weir","seq":2}"#);
+        assert!(Arc::ptr_eq(&first, &second));
+        let other = stored(&mut names, r#"{"stream":"audit","seq":3}"#);
+        assert_eq!(&*other, "audit");
+        assert_eq!(&*stored(&mut names, r#"{"stream":"weir","seq":4}"#), "weir");
+    }
+
+    fn answer_of(reply: &async_nats::Message) -> Answer {
+        answer(reply, &mut StreamName::default())
+    }
 
     fn reply(payload: &str) -> async_nats::Message {
         async_nats::Message {
@@ -334,25 +371,26 @@ mod tests {
 
     #[test]
     fn pubacks_errors_and_statuses_are_read() {
-        match answer(&reply(r#"{"stream":"weir","seq":42}"#)) {
-            Answer::Stored { stream, seq: 42, duplicate: false } => assert_eq!(stream, "weir"),
+        match answer_of(&reply(r#"{"stream":"weir","seq":42}"#)) {
+            Answer::Stored { stream, seq: 42, duplicate: false } => assert_eq!(&*stream, "weir"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            answer(&reply(r#"{"stream":"weir","domain":"hub","seq":7,"duplicate":true}"#)),
+            answer_of(&reply(r#"{"stream":"weir","domain":"hub","seq":7,"duplicate":true}"#)),
             Answer::Stored { seq: 7, duplicate: true, .. }
         ));
-        match answer(&reply(r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#)) {
+        match answer_of(&reply(r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#))
+        {
             Answer::Full(text) => assert_eq!(text, "maximum messages exceeded"),
             other => panic!("{other:?}"),
         }
         let per_subject =
             r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"}}"#;
-        assert!(matches!(answer(&reply(per_subject)), Answer::Refused(_)));
+        assert!(matches!(answer_of(&reply(per_subject)), Answer::Refused(_)));
         let account =
             r#"{"error":{"code":400,"err_code":10047,"description":"insufficient storage resources available"}}"#;
-        assert!(matches!(answer(&reply(account)), Answer::Full(_)));
-        match answer(&reply(
+        assert!(matches!(answer_of(&reply(account)), Answer::Full(_)));
+        match answer_of(&reply(
             r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#,
         )) {
             Answer::Refused(text) => assert!(text.contains("message size exceeds") && text.contains("10054"), "{text}"),
@@ -360,10 +398,10 @@ mod tests {
         }
         let unavailable =
             r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#;
-        assert!(matches!(answer(&reply(unavailable)), Answer::Unavailable));
-        assert!(matches!(answer(&reply("not json")), Answer::Refused(text) if text.contains("not json")));
+        assert!(matches!(answer_of(&reply(unavailable)), Answer::Unavailable));
+        assert!(matches!(answer_of(&reply("not json")), Answer::Refused(text) if text.contains("not json")));
         let mut none = reply("");
         none.status = Some(StatusCode::NO_RESPONDERS);
-        assert!(matches!(answer(&none), Answer::NoStream));
+        assert!(matches!(answer_of(&none), Answer::NoStream));
     }
 }
