@@ -11,6 +11,11 @@
 //!   (installing it if missing), build plugins and `weir`, run the quick-start config.
 //! - `bench`: the same set-up as `test`, then the benchmarks (plugin runtime, HTTP, PostgreSQL
 //!   change capture), each printing a table.
+//! - `instructions`: a release `weir` under valgrind's callgrind, loaded with single-event
+//!   requests; prints its user-space instructions per event (a count the machine's load does not
+//!   move, unlike the bench's rates).
+
+mod instructions;
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -30,8 +35,9 @@ fn main() {
             .and_then(|()| build_plugins())
             .and_then(|()| bench(&extra)),
         "quickstart" => quickstart(),
+        "instructions" => build_plugins().and_then(|()| count_instructions()),
         _ => {
-            eprintln!("usage: cargo xtask <quickstart|plugins|test|bench> [args for cargo test/bench]");
+            eprintln!("usage: cargo xtask <quickstart|plugins|test|bench|instructions> [args for cargo test/bench]");
             std::process::exit(2);
         }
     };
@@ -348,6 +354,19 @@ fn nats_with_jetstream() -> anyhow::Result<u16> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     Ok(port)
+}
+
+fn count_instructions() -> anyhow::Result<()> {
+    let port = nats_with_jetstream()?;
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "weir", "--bin", "weir"]).current_dir(root());
+    run(build, "cargo build --release -p weir --bin weir")?;
+    instructions::count(
+        &target_dir().join("release/weir"),
+        &root().join("plugins/target/wasm32-wasip2/release"),
+        port,
+        &target_dir().join("weir-instructions"),
+    )
 }
 
 fn quickstart() -> anyhow::Result<()> {
