@@ -43,6 +43,7 @@ async fn serve_bare_forwarder(nats_url: String, with_headers: bool) {
         .backpressure_on_inflight(true)
         .build(client);
     let context = Arc::new(context);
+    let only_msg_id = std::env::var("WEIR_BENCH_ONLY_MSG_ID").is_ok_and(|v| v == "1");
     let app = axum::Router::new().route(
         "/v1/events/{entity}",
         post(move |body: axum::body::Bytes| {
@@ -51,15 +52,18 @@ async fn serve_bare_forwarder(nats_url: String, with_headers: bool) {
                 let published = if with_headers {
                     // What weir's headers cost NATS: a unique id (deduplicated by JetStream) and
                     // the four others weir sets on a keyless single event.
+                    // `WEIR_BENCH_ONLY_MSG_ID=1`: the id alone, to tell what deduplication costs
+                    // NATS from what the other headers' bytes cost.
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
-                    for (name, value) in [
+                    let others = [
                         ("Weir-Source", "http"),
                         ("Weir-Entity", "orders"),
                         ("Weir-Op", "insert"),
                         ("Content-Type", "application/json"),
-                    ] {
-                        headers.insert(name, value);
+                    ];
+                    for (name, value) in if only_msg_id { &others[..0] } else { &others[..] } {
+                        headers.insert(*name, *value);
                     }
                     context.publish_with_headers("bare.events", headers, body).await
                 } else {
@@ -283,7 +287,8 @@ plugins = ["noop"]
         }
     }
     // For profiling: `WEIR_BENCH_SOAK=single|batch|bare|headers` loads only that path for 30 s, so
-    // `perf record -p <pid>` (the pid is printed) sees one path only.
+    // `perf record -p <pid>` (the pid is printed) sees one path only. With
+    // `WEIR_BENCH_ONLY_MSG_ID=1`, the `headers` forwarder sets only `Nats-Msg-Id`.
     if let Ok(path) = std::env::var("WEIR_BENCH_SOAK") {
         eprintln!(
             "soaking with {path} requests: weir pid {}, bare forwarder pid {}",
