@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::netns::SilentLink;
 use common::pg::{
-    Capture, assert_exactly_once_in_order, connect, current_wal_lsn, mixed_load, readiness_until, slot_confirmed_past,
-    stored, stored_in, wait_ready,
+    Capture, assert_exactly_once_in_order, connect, current_wal_lsn, log_says_after, mixed_load, readiness_until,
+    slot_confirmed_past, stored, stored_in, wait_ready,
 };
 use common::services::{Gateway, Nats, NatsCluster};
 use serde_json::{Value, json};
@@ -408,26 +409,6 @@ enum Cut {
     Silent,
 }
 
-/// A connection to where the tests' PostgreSQL listens: its Unix socket (the default url's
-/// `host` is a directory) or its TCP address.
-async fn connect_upstream() -> Box<dyn Upstream> {
-    use tokio_postgres::config::Host;
-    let config = common::pg::postgres_config();
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => Box::new(tokio::net::TcpStream::connect((host.as_str(), port)).await.unwrap()),
-        Some(Host::Unix(dir)) => {
-            Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.unwrap())
-        }
-        None => {
-            Box::new(tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}")).await.unwrap())
-        }
-    }
-}
-
-trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
-
 /// A TCP proxy to the machine's PostgreSQL. Sending on the returned channel cuts every
 /// connection open at that moment; the server's side stays open for `hold` — as after a network
 /// cut, which the server notices only at its `wal_sender_timeout` — then closes. Later
@@ -442,7 +423,7 @@ async fn cutting_proxy(cut_how: Cut, hold: Duration) -> (u16, tokio::sync::broad
         while let Ok((mut client, _)) = listener.accept().await {
             let mut cut = cuts.subscribe();
             tokio::spawn(async move {
-                let mut server = connect_upstream().await;
+                let mut server = common::pg::connect_upstream().await;
                 let was_cut = tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
                     _ = cut.recv() => true,
@@ -1424,6 +1405,35 @@ async fn a_snapshot_cut_short_by_kill_9_is_taken_again() {
     let messages = converges(&nats, &table, &gateway).await;
     assert!(gateway.log().contains("the snapshot did not finish last time"), "{}", gateway.log());
     assert_eq!(replay(&messages).get(&1), Some(&-1));
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_query_whose_answer_is_lost_to_a_silent_network_is_given_up_and_taken_again() {
+    let capture = Capture::new("silentread", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 500) g")).await.unwrap();
+    let nats = Nats::start();
+    let link = SilentLink::new();
+    // The network goes silent as the snapshot opens its cursor: a connection waiting for an
+    // answer hears nothing more, as behind a lock or during a long scan.
+    let port = link.proxy(Some(b"DECLARE weir_snapshot")).await;
+    let config = capture.config(&nats, "snapshot = true").replace(&common::pg::postgres_url(), &link.url(port));
+    let mut gateway = Gateway::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !link.was_cut.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the snapshot never opened its cursor:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = gateway.log().len();
+    // Without keepalives the gateway would wait for that answer for hours.
+    log_says_after(&gateway, before, "PostgreSQL replication interrupted").await;
+    link.mend();
+    let messages = converges(&nats, &table, &gateway).await;
+    assert!(messages.iter().all(|(_, _, e)| e["op"] == "read"));
+    assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;
 }

@@ -3,12 +3,17 @@
 //! - the server restarted while the gateway streams a backlog: the gateway reconnects with
 //!   backoff and resumes from the slot; nothing is lost, nothing stored twice;
 //! - a slot the server invalidated (`wal_status = lost`) while the gateway was stopped: the
-//!   gateway refuses to start instead of silently skipping the changes that are gone.
+//!   gateway refuses to start instead of silently skipping the changes that are gone;
+//! - a network gone silent while the snapshot's slot is being created, which waits for a
+//!   transaction held open (creating any logical slot on the server waits for it too).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
-use common::pg::{Capture, assert_exactly_once_in_order, connect, mixed_load, stored, wait_ready};
+use common::netns::SilentLink;
+use common::pg::{
+    Capture, assert_exactly_once_in_order, connect, log_says_after, mixed_load, session_waits, stored, wait_ready,
+};
 use common::services::{Gateway, Nats};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -296,5 +301,40 @@ async fn change_capture_over_verified_tls() {
     let (ok, output) = weir_check(&over_tcp("tls = \"require\""));
     assert!(ok, "{output}");
     drop(installed);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_creation_waiting_for_a_transaction_notices_a_silent_network_and_is_taken_again() {
+    let _server = SERVER.lock().await;
+    let capture = Capture::new("silentslot", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let client = connect().await;
+    client.batch_execute(&format!("INSERT INTO {table} SELECT g, g FROM generate_series(1, 500) g")).await.unwrap();
+    // Creating the slot waits for this transaction (it has written, so it has an id).
+    let writer = connect().await;
+    writer.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1000, 1000)")).await.unwrap();
+    let nats = Nats::start();
+    let link = SilentLink::new();
+    let port = link.proxy(None).await;
+    let config = capture.config(&nats, "snapshot = true").replace(&common::pg::postgres_url(), &link.url(port));
+    let mut gateway = Gateway::start(&config);
+    session_waits("application_name LIKE 'weir-snapshot-%' AND query LIKE 'CREATE_REPLICATION_SLOT%'", &gateway).await;
+    let before = gateway.log().len();
+    link.cut();
+    // Without keepalives the gateway would wait for the slot for hours.
+    log_says_after(&gateway, before, "PostgreSQL replication interrupted").await;
+    link.mend();
+    // The server still runs the cut-off creation (it never heard of the cut); the gateway ends
+    // it instead of stopping on a slot "in use by another process".
+    log_says_after(&gateway, before, "cut-off snapshot connection").await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    let messages = stored(&nats, 501).await;
+    let ids: std::collections::BTreeSet<i64> =
+        messages.iter().map(|(_, _, envelope)| envelope["data"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=500).chain([1000]).collect(), "{}", gateway.log());
+    assert_eq!(messages.len(), 501, "each row once");
+    assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
+    drop(gateway);
     capture.cleanup().await;
 }

@@ -4,10 +4,12 @@ use crate::config::PostgresConfig;
 use pgwire_replication::ReplicationConfig;
 use tokio_postgres::config::Host;
 
-/// Host, port, user, password and database from `[postgres] url` (or the TLS tunnel standing in
-/// for the server), for the replication stream.
-pub async fn replication_config(config: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
-    let parsed = super::tls::route(config).await?;
+pub use super::tls::Purpose;
+
+/// Host, port, user, password and database from `[postgres] url` (or the tunnel standing in
+/// for the server), for a replication connection.
+pub async fn replication_config(config: &PostgresConfig, purpose: Purpose) -> anyhow::Result<ReplicationConfig> {
+    let parsed = super::tls::route(config, purpose).await?;
     // As libpq: `hostaddr` is dialled as given (the control connection does the same), a
     // `host` name is looked up, and neither means the default Unix socket.
     let host = match (parsed.get_hostaddrs().first(), parsed.get_hosts().first()) {
@@ -27,7 +29,8 @@ pub async fn replication_config(config: &PostgresConfig) -> anyhow::Result<Repli
     let replication = if host.starts_with('/') {
         ReplicationConfig::unix(host, port, user, password, database, config.slot.clone(), config.publication.clone())
     } else {
-        // Only `tls = "disable"` reaches here (TLS goes through the tunnel's Unix socket).
+        // Only `tls = "disable"` and `Purpose::Direct` reach here (all else goes through the
+        // tunnel's Unix socket).
         ReplicationConfig::new(host, user, password, database, config.slot.clone(), config.publication.clone())
             .with_port(port)
             .with_tls(pgwire_replication::TlsConfig::disabled())

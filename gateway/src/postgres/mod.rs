@@ -13,6 +13,7 @@ pub mod source;
 pub mod values;
 
 mod connection;
+mod keepalive;
 mod tls;
 
 pub use tls::close_tunnels;

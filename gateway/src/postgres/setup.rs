@@ -17,7 +17,7 @@ pub const SLOT_BUCKET: &str = "weir_postgres_slots";
 
 /// Connects the control connection; its driver task logs when it ends.
 pub async fn connect_control(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let routed = super::tls::route(config).await?;
+    let routed = super::tls::route(config, super::tls::Purpose::Direct).await?;
     let (client, connection) = routed
         .connect(tokio_postgres::NoTls)
         .await
@@ -169,12 +169,14 @@ fn snapshot_unfinished(record: &[u8]) -> bool {
 }
 
 /// Makes the publication and the slot ready and says where to start. `resuming`: this process
-/// has streamed from the slot before (a reconnect).
+/// has streamed from the slot before (a reconnect). `own_snapshot`: the server process of this
+/// process's last snapshot connection, which holds the slot it created until it is closed.
 pub async fn prepare(
     config: &PostgresConfig,
     client: &tokio_postgres::Client,
     sink: &crate::sink::Sink,
     resuming: bool,
+    own_snapshot: Option<i32>,
 ) -> Result<(Start, SlotMarker), Failure> {
     let marker_key = marker_key(client, &config.slot).await.map_err(retry)?;
     let purge = purge_command(&marker_key);
@@ -239,6 +241,27 @@ pub async fn prepare(
     let slot_stays = slot_is_ours && !snapshot_pending;
     ensure_publication(config, client, slot_stays.then(|| (marker.is_some(), purge.as_str()))).await?;
     let start = match slot {
+        // This process's own snapshot connection, cut off (a network gone silent) while the
+        // slot's creation waits for running transactions: the server keeps that session, and
+        // with it the slot, until its own TCP keepalive gives up (hours by default). A session
+        // of our own role may be ended by us; it is, and the next attempt takes the snapshot
+        // again.
+        Some(row)
+            if snapshot_pending
+                && row.get::<_, bool>(2)
+                && own_snapshot.is_some_and(|pid| row.get::<_, Option<i32>>(3) == Some(pid)) =>
+        {
+            let pid = row.get::<_, Option<i32>>(3).unwrap_or_default();
+            tracing::warn!(slot = %config.slot, pid, "the slot is still held by this gateway's cut-off snapshot connection; ending that server process");
+            client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| retry(anyhow::anyhow!("cannot end the cut-off snapshot connection (PID {pid}): {e}")))?;
+            return Err(retry(anyhow::anyhow!(
+                "replication slot `{}` was held by this gateway's cut-off snapshot connection (PID {pid}), now ended",
+                config.slot
+            )));
+        }
         // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
         // so a new slot and a new snapshot lose nothing.
         Some(row) if snapshot_pending && !row.get::<_, bool>(2) => {

@@ -90,6 +90,9 @@ pub struct PostgresSource {
     /// Whether this process has streamed from the slot: a reconnect then waits for a slot still
     /// held by its own cut-off connection instead of stopping.
     streamed: std::sync::atomic::AtomicBool,
+    /// The server process of this process's last snapshot connection (0: none), which holds the
+    /// slot it created: a retry after a cut may end it (`setup::prepare`).
+    snapshot_pid: std::sync::atomic::AtomicI32,
     marks: Arc<Marks>,
 }
 
@@ -323,6 +326,7 @@ impl PostgresSource {
             metrics,
             status,
             streamed: std::sync::atomic::AtomicBool::new(false),
+            snapshot_pid: std::sync::atomic::AtomicI32::new(0),
             marks: Arc::default(),
         }
     }
@@ -368,9 +372,12 @@ impl PostgresSource {
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let control = within_connect_time(super::setup::connect_control(&self.config)).await?;
         let resuming = self.streamed.load(Ordering::Relaxed);
-        let (start, marker) =
-            answered_in_time(CONTROL_PATIENCE * 2, super::setup::prepare(&self.config, &control, &self.sink, resuming))
-                .await?;
+        let own_snapshot = Some(self.snapshot_pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0);
+        let (start, marker) = answered_in_time(
+            CONTROL_PATIENCE * 2,
+            super::setup::prepare(&self.config, &control, &self.sink, resuming, own_snapshot),
+        )
+        .await?;
         let marker = Arc::new(marker);
         let mut types =
             answered_in_time(CONTROL_PATIENCE, async { super::setup::load_types(&control).await.map_err(retry) })
@@ -379,7 +386,8 @@ impl PostgresSource {
             super::setup::Start::Resume(lsn) => lsn,
             super::setup::Start::Snapshot => self.snapshot(&control, &types, &marker, shutdown).await?,
         };
-        let replication = connection::replication_config(&self.config).await.map_err(retry)?;
+        let replication =
+            connection::replication_config(&self.config, connection::Purpose::Direct).await.map_err(retry)?;
         let replication = replication
             .with_start_lsn(start)
             .with_ack_lsn(start)
@@ -961,8 +969,25 @@ impl PostgresSource {
         // slot and marking it would otherwise leave a slot the next start adopts, skipping the
         // snapshot for good.
         marker.write(&Lsn::ZERO, "creating", "pending").await?;
-        let replication = connection::replication_config(&self.config).await.map_err(retry)?;
-        let mut exporter = ReplicationClient::connect_gated(replication).await.map_err(retry)?;
+        // Creating the slot waits for the transactions running now, however long they take.
+        let replication =
+            connection::replication_config(&self.config, connection::Purpose::Waiting).await.map_err(retry)?;
+        // Named uniquely, so its server process can be found from the control connection (a
+        // command on this one would end the exported snapshot).
+        let session = format!("weir-snapshot-{}", uuid::Uuid::now_v7().simple());
+        let mut exporter =
+            ReplicationClient::connect_gated(replication.with_application_name(&session)).await.map_err(retry)?;
+        // Answered once the session is up (connecting happens in the client's task).
+        exporter
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .map_err(|e| retry(anyhow::anyhow!("replication connection: {e}")))?;
+        let holder: Option<i32> = control
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&session])
+            .await
+            .map_err(retry)?
+            .and_then(|row| row.get(0));
+        self.snapshot_pid.store(holder.unwrap_or_default(), Ordering::Relaxed);
         let created = exporter
             .simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
@@ -1094,6 +1119,7 @@ impl PostgresSource {
         reader.batch_execute("COMMIT").await.map_err(retry)?;
         // A gated session that never started streaming does not answer a graceful stop.
         exporter.abort();
+        self.snapshot_pid.store(0, Ordering::Relaxed);
         // Retried in place: left `pending`, the next start would take the whole snapshot again.
         let mut pause = Duration::from_millis(200);
         while let Err(Failure::Retry(error) | Failure::Fatal(error)) = marker.write(&start, "created", "done").await {

@@ -99,5 +99,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+pub mod netns;
 pub mod pg;
 pub mod services;

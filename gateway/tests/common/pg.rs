@@ -304,3 +304,56 @@ pub fn assert_exactly_once_in_order(written: &[Change], messages: &[(String, Str
         assert_eq!(want.len(), have.len(), "table {table}");
     }
 }
+
+/// A connection to where the tests' PostgreSQL listens: its Unix socket (the default url's
+/// `host` is a directory) or its TCP address.
+pub async fn connect_upstream() -> Box<dyn Upstream> {
+    use tokio_postgres::config::Host;
+    let config = postgres_config();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => Box::new(tokio::net::TcpStream::connect((host.as_str(), port)).await.unwrap()),
+        Some(Host::Unix(dir)) => {
+            Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.unwrap())
+        }
+        None => {
+            Box::new(tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}")).await.unwrap())
+        }
+    }
+}
+
+pub trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// Waits (at most 30 s) until a session of the machine's PostgreSQL matches `condition` (SQL
+/// over `pg_stat_activity`).
+pub async fn session_waits(condition: &str, gateway: &Gateway) {
+    let client = connect().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {condition}");
+        if client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) > 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            let waiting = client
+                .query("SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect::<Vec<_>>();
+            panic!("no session where {condition} (waiting for locks: {waiting:?}):\n{}", gateway.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (at most 30 s) until the part of the gateway's log after `from` bytes holds `text`.
+pub async fn log_says_after(gateway: &Gateway, from: usize, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway.log().get(from..).is_some_and(|new| new.contains(text)) {
+        assert!(Instant::now() < deadline, "the log never said {text:?} after the cut:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
