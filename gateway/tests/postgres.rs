@@ -1433,6 +1433,28 @@ async fn a_snapshot_query_whose_answer_is_lost_to_a_silent_network_is_given_up_a
     link.mend();
     let messages = converges(&nats, &table, &gateway).await;
     assert!(messages.iter().all(|(_, _, e)| e["op"] == "read"));
+    // The cut-off snapshot's sessions (holding back vacuum) are gone: ended, or closed. Their
+    // names are in the log (other tests' snapshots may be running).
+    let log = gateway.log();
+    let names: Vec<String> = log
+        .match_indices("weir-snapshot-")
+        .map(|(at, prefix)| log[at..].chars().take(prefix.len() + 32).collect())
+        .collect();
+    assert!(names.len() >= 2, "two snapshots were started:\n{log}");
+    let client = connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY($1)", &[&names])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} snapshot sessions left on the server:\n{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;

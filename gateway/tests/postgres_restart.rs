@@ -4,8 +4,9 @@
 //!   backoff and resumes from the slot; nothing is lost, nothing stored twice;
 //! - a slot the server invalidated (`wal_status = lost`) while the gateway was stopped: the
 //!   gateway refuses to start instead of silently skipping the changes that are gone;
-//! - a network gone silent while the snapshot's slot is being created, which waits for a
-//!   transaction held open (creating any logical slot on the server waits for it too).
+//! - a network gone silent while the slot is being created (with a snapshot or without), which
+//!   waits for a transaction held open (creating any logical slot on the server waits for it
+//!   too).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -319,7 +320,9 @@ async fn a_slot_creation_waiting_for_a_transaction_notices_a_silent_network_and_
     let port = link.proxy(None).await;
     let config = capture.config(&nats, "snapshot = true").replace(&common::pg::postgres_url(), &link.url(port));
     let mut gateway = Gateway::start(&config);
-    session_waits("application_name LIKE 'weir-snapshot-%' AND query LIKE 'CREATE_REPLICATION_SLOT%'", &gateway).await;
+    let creating = "application_name LIKE 'weir-snapshot-%' AND state = 'active' \
+                    AND query LIKE 'CREATE_REPLICATION_SLOT \"weir_t_silentslot\"%'";
+    session_waits(creating, &gateway).await;
     let before = gateway.log().len();
     link.cut();
     // Without keepalives the gateway would wait for the slot for hours.
@@ -327,13 +330,46 @@ async fn a_slot_creation_waiting_for_a_transaction_notices_a_silent_network_and_
     link.mend();
     // The server still runs the cut-off creation (it never heard of the cut); the gateway ends
     // it instead of stopping on a slot "in use by another process".
-    log_says_after(&gateway, before, "cut-off snapshot connection").await;
+    log_says_after(&gateway, before, "left behind").await;
     writer.batch_execute("COMMIT").await.unwrap();
     let messages = stored(&nats, 501).await;
     let ids: std::collections::BTreeSet<i64> =
         messages.iter().map(|(_, _, envelope)| envelope["data"]["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, (1..=500).chain([1000]).collect(), "{}", gateway.log());
     assert_eq!(messages.len(), 501, "each row once");
+    assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
+    drop(gateway);
+    capture.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_creation_without_snapshot_cut_off_by_a_silent_network_is_ended_and_made_again() {
+    let _server = SERVER.lock().await;
+    let capture = Capture::new("silentmake", &[("a", "id bigint PRIMARY KEY, n bigint")]).await;
+    let table = capture.table("a");
+    let writer = connect().await;
+    writer.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1, 1)")).await.unwrap();
+    let nats = Nats::start();
+    let link = SilentLink::new();
+    let port = link.proxy(None).await;
+    let config = capture.config(&nats, "").replace(&common::pg::postgres_url(), &link.url(port));
+    let mut gateway = Gateway::start(&config);
+    session_waits(
+        "application_name LIKE 'weir-slot-%' AND state = 'active' AND query LIKE '%pg_create_logical_replication_slot%'",
+        &gateway,
+    )
+    .await;
+    let before = gateway.log().len();
+    link.cut();
+    log_says_after(&gateway, before, "PostgreSQL replication interrupted").await;
+    link.mend();
+    log_says_after(&gateway, before, "left behind").await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    wait_ready(&gateway).await;
+    connect().await.batch_execute(&format!("INSERT INTO {table} VALUES (2, 2)")).await.unwrap();
+    let messages = stored(&nats, 1).await;
+    let ids: Vec<i64> = messages.iter().map(|(_, _, envelope)| envelope["data"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [2], "changes from the slot's start on:\n{}", gateway.log());
     assert!(gateway.wait_exit(Duration::from_millis(200)).is_none(), "the gateway kept running:\n{}", gateway.log());
     drop(gateway);
     capture.cleanup().await;

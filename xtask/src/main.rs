@@ -2,7 +2,7 @@
 //!
 //! - `plugins`: install the `wasm32-wasip2` target if missing and build every plugin and test
 //!   fixture in `plugins/` into `plugins/target/wasm32-wasip2/release/`.
-//! - `test`: install `nats-server` if missing (Debian package); make sure PostgreSQL runs with
+//! - `test`: install `nats-server` and iproute2 if missing (Debian packages); make sure PostgreSQL runs with
 //!   `wal_level = logical` and has role `root` and database `test` (installing the Debian package,
 //!   starting the cluster and restarting it for `wal_level` as needed); `plugins`; then every
 //!   test: the plugins' native unit tests and the host workspace (runtime, CLI, gateway and
@@ -28,6 +28,7 @@ fn main() {
         "plugins" => build_plugins(),
         "test" => ensure_nats_server()
             .and_then(|()| ensure_postgres())
+            .and_then(|()| ensure_iproute2())
             .and_then(|()| build_plugins())
             .and_then(|()| test(&extra)),
         "bench" => ensure_nats_server()
@@ -111,6 +112,20 @@ fn ensure_nats_server() -> anyhow::Result<()> {
     apt_install("nats-server")?;
     if !nats_server_installed() {
         bail!("nats-server is still missing after installing the Debian package");
+    }
+    Ok(())
+}
+
+/// The silent-network tests make network namespaces with iproute2's `ip` (in Debian's base
+/// system, but not in every minimal image).
+fn ensure_iproute2() -> anyhow::Result<()> {
+    let present = || Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+    if present() {
+        return Ok(());
+    }
+    apt_install("iproute2")?;
+    if !present() {
+        bail!("`ip` is still missing after installing the Debian package iproute2");
     }
     Ok(())
 }

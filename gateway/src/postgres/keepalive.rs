@@ -64,7 +64,10 @@ impl Keepalive {
             )?,
             None => socket.set_keepalive(false)?,
         }
-        socket.set_tcp_user_timeout(self.user_timeout)
+        // Linux's (weir's platform); elsewhere the OS's own timeout stands.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        socket.set_tcp_user_timeout(self.user_timeout)?;
+        Ok(())
     }
 
     /// Sets them on a connection the driver opens itself.

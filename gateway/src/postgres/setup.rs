@@ -17,7 +17,15 @@ pub const SLOT_BUCKET: &str = "weir_postgres_slots";
 
 /// Connects the control connection; its driver task logs when it ends.
 pub async fn connect_control(config: &PostgresConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let routed = super::tls::route(config, super::tls::Purpose::Direct).await?;
+    connect_control_as(config, None).await
+}
+
+/// [`connect_control`], with `application_name` set to `name` when given.
+pub async fn connect_control_as(config: &PostgresConfig, name: Option<&str>) -> anyhow::Result<tokio_postgres::Client> {
+    let mut routed = super::tls::route(config, super::tls::Purpose::Direct).await?;
+    if let Some(name) = name {
+        routed.application_name(name);
+    }
     let (client, connection) = routed
         .connect(tokio_postgres::NoTls)
         .await
@@ -168,16 +176,66 @@ fn snapshot_unfinished(record: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(record).is_ok_and(|v| v["snapshot"] == "pending")
 }
 
+/// Server sessions this process opened to create a slot or read a snapshot, each under a name
+/// of its own (`application_name` `weir-snapshot-…`, `weir-slot-…`). Cut off by a network gone
+/// silent, they stay on the server, which never heard of the cut, until its own TCP keepalive
+/// gives up (hours by default): a slot being created stays held (a retry would find it "in
+/// use"), and a snapshot's sessions hold back vacuum. The next attempt ends them by name.
+#[derive(Debug, Default)]
+pub struct OwnSessions {
+    names: std::sync::Mutex<Vec<String>>,
+}
+
+impl OwnSessions {
+    /// A new unique name for a session about `what`, remembered until [`OwnSessions::forget`].
+    pub fn new_name(&self, what: &str) -> String {
+        let name = format!("weir-{what}-{}", uuid::Uuid::now_v7().simple());
+        self.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(name.clone());
+        name
+    }
+
+    /// Once those sessions are known closed (streaming started).
+    pub fn forget(&self) {
+        self.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
+
+    /// Ends those the server still runs; returns how many. Sessions of one's own role may be
+    /// ended without privileges.
+    async fn end_left(&self, client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+        let names = self.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = ANY($1) AND pid <> pg_backend_pid()",
+                &[&names],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot end the sessions left by a cut-off connection: {e}"))?;
+        Ok(row.get(0))
+    }
+}
+
 /// Makes the publication and the slot ready and says where to start. `resuming`: this process
-/// has streamed from the slot before (a reconnect). `own_snapshot`: the server process of this
-/// process's last snapshot connection, which holds the slot it created until it is closed.
+/// has streamed from the slot before (a reconnect). `own_sessions`: those this process opened to
+/// create the slot or read the snapshot; any still running are ended first.
 pub async fn prepare(
     config: &PostgresConfig,
     client: &tokio_postgres::Client,
     sink: &crate::sink::Sink,
     resuming: bool,
-    own_snapshot: Option<i32>,
+    own_sessions: &OwnSessions,
 ) -> Result<(Start, SlotMarker), Failure> {
+    let ended = own_sessions.end_left(client).await.map_err(retry)?;
+    if ended > 0 {
+        // Looked at again once they are gone (ending one takes a moment).
+        return Err(retry(anyhow::anyhow!(
+            "ended {ended} server session(s) this gateway left behind when its connection was cut (creating the slot \
+             or reading the snapshot); starting again"
+        )));
+    }
     let marker_key = marker_key(client, &config.slot).await.map_err(retry)?;
     let purge = purge_command(&marker_key);
     let Some(jetstream) = sink.jetstream() else {
@@ -241,27 +299,6 @@ pub async fn prepare(
     let slot_stays = slot_is_ours && !snapshot_pending;
     ensure_publication(config, client, slot_stays.then(|| (marker.is_some(), purge.as_str()))).await?;
     let start = match slot {
-        // This process's own snapshot connection, cut off (a network gone silent) while the
-        // slot's creation waits for running transactions: the server keeps that session, and
-        // with it the slot, until its own TCP keepalive gives up (hours by default). A session
-        // of our own role may be ended by us; it is, and the next attempt takes the snapshot
-        // again.
-        Some(row)
-            if snapshot_pending
-                && row.get::<_, bool>(2)
-                && own_snapshot.is_some_and(|pid| row.get::<_, Option<i32>>(3) == Some(pid)) =>
-        {
-            let pid = row.get::<_, Option<i32>>(3).unwrap_or_default();
-            tracing::warn!(slot = %config.slot, pid, "the slot is still held by this gateway's cut-off snapshot connection; ending that server process");
-            client
-                .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                .await
-                .map_err(|e| retry(anyhow::anyhow!("cannot end the cut-off snapshot connection (PID {pid}): {e}")))?;
-            return Err(retry(anyhow::anyhow!(
-                "replication slot `{}` was held by this gateway's cut-off snapshot connection (PID {pid}), now ended",
-                config.slot
-            )));
-        }
         // A snapshot that did not finish: nothing has been confirmed past the slot's creation,
         // so a new slot and a new snapshot lose nothing.
         Some(row) if snapshot_pending && !row.get::<_, bool>(2) => {
@@ -343,11 +380,16 @@ pub async fn prepare(
             if config.snapshot {
                 return Ok((Start::Snapshot, record));
             }
+            // Creating it waits for the transactions running now: named, so that a retry after a
+            // cut can end it (see `OwnSessions`).
+            let name = own_sessions.new_name("slot");
+            client.batch_execute(&format!("SET application_name = '{name}'")).await.map_err(retry)?;
             let created: String = client
                 .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
                 .await
                 .map_err(|e| retry(anyhow::anyhow!("cannot create replication slot `{}`: {e}", config.slot)))?
                 .get(0);
+            client.batch_execute("RESET application_name").await.map_err(retry)?;
             let created = Lsn::parse(&created).map_err(|e| fatal(format!("slot position {created:?}: {e}")))?;
             tracing::info!(slot = %config.slot, at = %created, "created replication slot");
             record.write(&created, "created", "none").await?;

@@ -90,9 +90,9 @@ pub struct PostgresSource {
     /// Whether this process has streamed from the slot: a reconnect then waits for a slot still
     /// held by its own cut-off connection instead of stopping.
     streamed: std::sync::atomic::AtomicBool,
-    /// The server process of this process's last snapshot connection (0: none), which holds the
-    /// slot it created: a retry after a cut may end it (`setup::prepare`).
-    snapshot_pid: std::sync::atomic::AtomicI32,
+    /// The sessions this process opened to create the slot or read the snapshot, which a retry
+    /// after a cut ends if the server still runs them (`setup::prepare`).
+    own_sessions: super::setup::OwnSessions,
     marks: Arc<Marks>,
 }
 
@@ -326,7 +326,7 @@ impl PostgresSource {
             metrics,
             status,
             streamed: std::sync::atomic::AtomicBool::new(false),
-            snapshot_pid: std::sync::atomic::AtomicI32::new(0),
+            own_sessions: super::setup::OwnSessions::default(),
             marks: Arc::default(),
         }
     }
@@ -372,10 +372,9 @@ impl PostgresSource {
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let control = within_connect_time(super::setup::connect_control(&self.config)).await?;
         let resuming = self.streamed.load(Ordering::Relaxed);
-        let own_snapshot = Some(self.snapshot_pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0);
         let (start, marker) = answered_in_time(
             CONTROL_PATIENCE * 2,
-            super::setup::prepare(&self.config, &control, &self.sink, resuming, own_snapshot),
+            super::setup::prepare(&self.config, &control, &self.sink, resuming, &self.own_sessions),
         )
         .await?;
         let marker = Arc::new(marker);
@@ -399,6 +398,8 @@ impl PostgresSource {
         // From here the server may hold the slot for this process (START_REPLICATION can be
         // accepted unseen): a reconnect waits for it to be let go instead of stopping.
         self.streamed.store(true, Ordering::Relaxed);
+        // The snapshot's and the slot's sessions are closed by now.
+        self.own_sessions.forget();
         // `connect` only starts the client's worker: ready once the server took START_REPLICATION.
         tokio::select! {
             started = within_connect_time(async { Ok(stream.wait_started().await?) }) => started?,
@@ -972,22 +973,11 @@ impl PostgresSource {
         // Creating the slot waits for the transactions running now, however long they take.
         let replication =
             connection::replication_config(&self.config, connection::Purpose::Waiting).await.map_err(retry)?;
-        // Named uniquely, so its server process can be found from the control connection (a
-        // command on this one would end the exported snapshot).
-        let session = format!("weir-snapshot-{}", uuid::Uuid::now_v7().simple());
+        // The exporter and the reader share one unique name: cut off, they stay on the server
+        // (holding the slot while it is created, and the snapshot's xmin), to be ended by name.
+        let session = self.own_sessions.new_name("snapshot");
         let mut exporter =
             ReplicationClient::connect_gated(replication.with_application_name(&session)).await.map_err(retry)?;
-        // Answered once the session is up (connecting happens in the client's task).
-        exporter
-            .simple_query("IDENTIFY_SYSTEM")
-            .await
-            .map_err(|e| retry(anyhow::anyhow!("replication connection: {e}")))?;
-        let holder: Option<i32> = control
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&session])
-            .await
-            .map_err(retry)?
-            .and_then(|row| row.get(0));
-        self.snapshot_pid.store(holder.unwrap_or_default(), Ordering::Relaxed);
         let created = exporter
             .simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
@@ -1008,10 +998,10 @@ impl PostgresSource {
         let start = Lsn::parse(&field(1)?).map_err(|e| Failure::Fatal(anyhow::anyhow!("slot position: {e}")))?;
         let snapshot_name = field(2)?;
         marker.write(&start, "created", "pending").await?;
-        tracing::info!(slot = %self.config.slot, at = %start, "created replication slot; reading the tables' existing rows");
+        tracing::info!(slot = %self.config.slot, at = %start, %session, "created replication slot; reading the tables' existing rows");
 
         // The exported snapshot lives as long as the exporting session stays idle.
-        let reader = super::setup::connect_control(&self.config).await.map_err(retry)?;
+        let reader = super::setup::connect_control_as(&self.config, Some(&session)).await.map_err(retry)?;
         reader
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
@@ -1119,7 +1109,6 @@ impl PostgresSource {
         reader.batch_execute("COMMIT").await.map_err(retry)?;
         // A gated session that never started streaming does not answer a graceful stop.
         exporter.abort();
-        self.snapshot_pid.store(0, Ordering::Relaxed);
         // Retried in place: left `pending`, the next start would take the whole snapshot again.
         let mut pause = Duration::from_millis(200);
         while let Err(Failure::Retry(error) | Failure::Fatal(error)) = marker.write(&start, "created", "done").await {

@@ -236,17 +236,22 @@ async fn tunnel(
                         return;
                     }
                 };
-                // The driver hears only that its connection closed; the cause (a keepalive that
-                // went unanswered: "timed out") is said here.
-                if let Err(error) = carried {
-                    tracing::warn!(%error, "PostgreSQL connection through the tunnel failed");
+                // The driver hears only that its connection closed; a keepalive that went
+                // unanswered is said here.
+                match carried {
+                    Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                        tracing::warn!(%error, "PostgreSQL connection through the tunnel: the server stopped answering")
+                    }
+                    Err(error) => tracing::debug!(%error, "PostgreSQL connection through the tunnel ended"),
+                    Ok(_) => {}
                 }
             });
         }
     });
     let mut tunnels = TUNNELS.lock().await;
-    // Another caller may have started one meanwhile: keep theirs (ours is dropped and removed).
+    // Another caller may have started one meanwhile: keep theirs (ours is stopped and removed).
     if let Some(tunnel) = tunnels.iter().find(|t| t.key == key) {
+        listener.abort();
         return Ok(tunnel.dir.path().to_path_buf());
     }
     let path = dir.path().to_path_buf();

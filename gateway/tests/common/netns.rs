@@ -37,6 +37,7 @@ impl SilentLink {
         // 198.18.0.0/15 is set aside for test networks (RFC 2544): a /30 per link.
         let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + ((pid * 8 + n) % 32_768) * 4;
         let (host_address, inner_address) = (std::net::Ipv4Addr::from(base + 1), std::net::Ipv4Addr::from(base + 2));
+        remove_stale_namespaces();
         ip(&["netns", "add", &namespace]);
         let link = SilentLink { namespace, host_side, inner_side, inner_address, was_cut: Default::default() };
         ip(&[
@@ -145,5 +146,18 @@ impl Drop for SilentLink {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["link", "del", &self.host_side]).output();
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.namespace]).output();
+    }
+}
+
+/// Removes the namespaces of test processes that died without dropping their link (a killed
+/// run), and with each its pair of interfaces, whose addresses a new link might reuse.
+fn remove_stale_namespaces() {
+    let listing = std::process::Command::new("ip").args(["netns", "list"]).output().expect("iproute2's `ip` runs");
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(pid) = name.strip_prefix("weir-test-").and_then(|rest| rest.split('-').next()) else { continue };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::process::Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
