@@ -168,6 +168,33 @@ fn cases_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 #[test]
+fn repeated_headers_are_shown_and_checked_in_order() {
+    let input = r#"{"entity":"orders","headers":{"x-tag":["a","b"],"x-one":"c"}}"#;
+    let output = run_with_stdin(&["plugin", "test", plugin_path("noop").to_str().unwrap()], &format!("{input}\n"));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let lines = lines(&output);
+    assert_eq!(lines[0]["event"]["headers"], serde_json::json!({"x-tag": ["a", "b"], "x-one": "c"}));
+    let (_dir, cases) = cases_file(
+        r#"
+[[case]]
+name = "both values, in order"
+input = { entity = "orders", headers = { x-tag = ["a", "b"] } }
+expect = { outcome = "keep", headers = { x-tag = ["a", "b"] } }
+
+[[case]]
+name = "one value of a repeated header"
+input = { entity = "orders", headers = { x-tag = ["a", "b"] } }
+expect = { outcome = "keep", headers = { x-tag = "b" } }
+"#,
+    );
+    let output = run(&["plugin", "test", plugin_path("noop").to_str().unwrap(), "--cases", cases.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("FAIL one value of a repeated header"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("1 passed, 1 failed"), "{stdout}");
+}
+
+#[test]
 fn failing_cases_show_a_readable_diff_and_fail() {
     let (_dir, cases) = cases_file(
         r#"

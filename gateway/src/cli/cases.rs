@@ -12,8 +12,9 @@
 //!
 //! `expect.outcome` is `keep`, `drop`, `split`, `reject` or `config_error`. `keep` may check
 //! `data`, `old` (exact JSON), `subject`, `key`, `entity`, `op` and `headers` (each listed
-//! header present with that value); `split` has `events = [ … ]` with the same keys; `reject`
-//! may check `reason_contains`; `config_error` may check `message_contains`.
+//! header present with that value, or a repeated header with its values in order, as an
+//! array); `split` has `events = [ … ]` with the same keys; `reject` may check
+//! `reason_contains`; `config_error` may check `message_contains`.
 
 use super::events::{InputEvent, event_json, outcome_json};
 use crate::plugin::{Limits, LoadError, Outcome, PluginError, PluginRuntime};
@@ -70,7 +71,28 @@ struct ExpectEvent {
     entity: Option<String>,
     op: Option<String>,
     #[serde(default)]
-    headers: HashMap<String, String>,
+    headers: HashMap<String, HeaderValues>,
+}
+
+/// An expected header: one value, or a repeated header's values in order.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum HeaderValues {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl HeaderValues {
+    /// As `weir plugin test` shows it: a string, or an array when repeated.
+    fn to_json(&self) -> Value {
+        match self {
+            HeaderValues::One(value) => Value::String(value.clone()),
+            HeaderValues::Many(values) => match values.as_slice() {
+                [one] => Value::String(one.clone()),
+                many => Value::Array(many.iter().cloned().map(Value::String).collect()),
+            },
+        }
+    }
 }
 
 /// What running the cases found.
@@ -233,7 +255,7 @@ fn compare_event(expected: &ExpectEvent, actual: &Value) -> Result<(), String> {
         let mut names: Vec<_> = expected.headers.keys().collect();
         names.sort();
         let want_headers: Map<String, Value> =
-            names.iter().map(|name| ((*name).clone(), Value::String(expected.headers[*name].clone()))).collect();
+            names.iter().map(|name| ((*name).clone(), expected.headers[*name].to_json())).collect();
         let got_headers: Map<String, Value> = names
             .iter()
             .map(|name| ((*name).clone(), actual["headers"].get(name.as_str()).cloned().unwrap_or(Value::Null)))

@@ -31,7 +31,7 @@ pub struct InputEvent {
     /// Defaults to `weir.{entity}.{op}`.
     #[serde(default)]
     pub subject: Option<String>,
-    /// Header name to value.
+    /// Header name to value; an array gives the header once per element, in order.
     #[serde(default)]
     pub headers: Map<String, Value>,
     /// The payload; defaults to `{}`.
@@ -61,7 +61,14 @@ impl InputEvent {
             key: self.key.as_ref().map(text_of),
             time: self.time.unwrap_or_else(|| now.to_string()),
             subject: String::new(),
-            headers: self.headers.iter().map(|(k, v)| (k.clone(), text_of(v))).collect(),
+            headers: self
+                .headers
+                .iter()
+                .flat_map(|(name, value)| match value {
+                    Value::Array(values) => values.iter().map(|v| (name.clone(), text_of(v))).collect(),
+                    single => vec![(name.clone(), text_of(single))],
+                })
+                .collect(),
             data: self.data.unwrap_or_else(|| json!({})).to_string().into_bytes(),
             old: self.old.map(|old| old.to_string().into_bytes()),
             position: self.position,
@@ -106,6 +113,25 @@ fn bytes_to_json(bytes: &[u8], key: &str, out: &mut Map<String, Value>) {
     }
 }
 
+/// Headers as an object: a name given once maps to its value, a repeated one (which the gateway
+/// publishes as a repeated NATS header) to its values in order.
+pub fn headers_json(headers: &[(String, String)]) -> Value {
+    let mut out = Map::new();
+    for (name, value) in headers {
+        match out.get_mut(name) {
+            None => {
+                out.insert(name.clone(), json!(value));
+            }
+            Some(Value::Array(values)) => values.push(json!(value)),
+            Some(single) => {
+                let first = single.take();
+                *single = Value::Array(vec![first, json!(value)]);
+            }
+        }
+    }
+    Value::Object(out)
+}
+
 /// An event as JSON: `data` and `old` embedded as JSON (or `data_base64` when not JSON).
 pub fn event_json(event: &Event) -> Value {
     let mut out = Map::new();
@@ -116,8 +142,7 @@ pub fn event_json(event: &Event) -> Value {
     out.insert("key".into(), json!(event.key));
     out.insert("time".into(), json!(event.time));
     out.insert("subject".into(), json!(event.subject));
-    let headers: Map<String, Value> = event.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-    out.insert("headers".into(), Value::Object(headers));
+    out.insert("headers".into(), headers_json(&event.headers));
     bytes_to_json(&event.data, "data", &mut out);
     match &event.old {
         Some(old) => bytes_to_json(old, "old", &mut out),
