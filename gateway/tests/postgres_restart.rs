@@ -305,6 +305,20 @@ async fn change_capture_over_verified_tls() {
     capture.cleanup().await;
 }
 
+/// Waits until a session matching `creating` (SQL over `pg_stat_activity`) runs, then cuts the
+/// link: the gateway must notice (TCP keepalive) and, once the link is back, end the creation the
+/// server still runs (it never heard of the cut) rather than stop on a slot "in use by another
+/// process".
+async fn cut_while_creating_the_slot(link: &SilentLink, gateway: &Gateway, creating: &str) {
+    session_waits(creating, gateway).await;
+    let before = gateway.log().len();
+    link.cut();
+    // Without keepalives the gateway would wait for the slot for hours.
+    log_says_after(gateway, before, "PostgreSQL replication interrupted").await;
+    link.mend();
+    log_says_after(gateway, before, "left behind").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_creation_waiting_for_a_transaction_notices_a_silent_network_and_is_taken_again() {
     let _server = SERVER.lock().await;
@@ -322,15 +336,7 @@ async fn a_slot_creation_waiting_for_a_transaction_notices_a_silent_network_and_
     let mut gateway = Gateway::start(&config);
     let creating = "application_name LIKE 'weir-snapshot-%' AND state = 'active' \
                     AND query LIKE 'CREATE_REPLICATION_SLOT \"weir_t_silentslot\"%'";
-    session_waits(creating, &gateway).await;
-    let before = gateway.log().len();
-    link.cut();
-    // Without keepalives the gateway would wait for the slot for hours.
-    log_says_after(&gateway, before, "PostgreSQL replication interrupted").await;
-    link.mend();
-    // The server still runs the cut-off creation (it never heard of the cut); the gateway ends
-    // it instead of stopping on a slot "in use by another process".
-    log_says_after(&gateway, before, "left behind").await;
+    cut_while_creating_the_slot(&link, &gateway, creating).await;
     writer.batch_execute("COMMIT").await.unwrap();
     let messages = stored(&nats, 501).await;
     let ids: std::collections::BTreeSet<i64> =
@@ -354,16 +360,8 @@ async fn a_slot_creation_without_snapshot_cut_off_by_a_silent_network_is_ended_a
     let port = link.proxy(None).await;
     let config = capture.config(&nats, "").replace(&common::pg::postgres_url(), &link.url(port));
     let mut gateway = Gateway::start(&config);
-    session_waits(
-        "application_name LIKE 'weir-slot-%' AND state = 'active' AND query LIKE '%pg_create_logical_replication_slot%'",
-        &gateway,
-    )
-    .await;
-    let before = gateway.log().len();
-    link.cut();
-    log_says_after(&gateway, before, "PostgreSQL replication interrupted").await;
-    link.mend();
-    log_says_after(&gateway, before, "left behind").await;
+    let creating = "application_name LIKE 'weir-slot-%' AND state = 'active' AND query LIKE '%pg_create_logical_replication_slot%'";
+    cut_while_creating_the_slot(&link, &gateway, creating).await;
     writer.batch_execute("COMMIT").await.unwrap();
     wait_ready(&gateway).await;
     connect().await.batch_execute(&format!("INSERT INTO {table} VALUES (2, 2)")).await.unwrap();

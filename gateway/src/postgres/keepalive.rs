@@ -1,6 +1,7 @@
-//! TCP keepalive and user timeout on every TCP connection to PostgreSQL: a connection that only
-//! waits (a snapshot's `FETCH` behind a lock, a slot's creation waiting for transactions) hears
-//! nothing from a network gone silent, and without probes would wait for hours, or for ever.
+//! TCP keepalive and user timeout on weir's TCP connections to PostgreSQL: a connection that
+//! only waits (a snapshot's `FETCH` behind a lock, a slot's creation waiting for transactions)
+//! hears nothing from a network gone silent, and without probes would wait for hours, or for
+//! ever. Which connections get them, and how: `tls.rs`.
 
 use std::time::Duration;
 
