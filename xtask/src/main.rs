@@ -106,26 +106,23 @@ fn nats_server_installed() -> bool {
 /// The gateway tests start private `nats-server` instances; install the Debian package if the
 /// binary is missing.
 fn ensure_nats_server() -> anyhow::Result<()> {
-    if nats_server_installed() {
-        return Ok(());
-    }
-    apt_install("nats-server")?;
-    if !nats_server_installed() {
-        bail!("nats-server is still missing after installing the Debian package");
-    }
-    Ok(())
+    ensure_package("nats-server", "nats-server", nats_server_installed)
 }
 
 /// The silent-network tests make network namespaces with iproute2's `ip` (in Debian's base
 /// system, but not in every minimal image).
 fn ensure_iproute2() -> anyhow::Result<()> {
-    let present = || Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+    ensure_package("iproute2", "`ip`", || Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()))
+}
+
+/// Installs the Debian `package` unless `present` already holds; fails if it still does not.
+fn ensure_package(package: &str, what: &str, present: impl Fn() -> bool) -> anyhow::Result<()> {
     if present() {
         return Ok(());
     }
-    apt_install("iproute2")?;
+    apt_install(package)?;
     if !present() {
-        bail!("`ip` is still missing after installing the Debian package iproute2");
+        bail!("{what} is still missing after installing the Debian package {package}");
     }
     Ok(())
 }
