@@ -1,5 +1,6 @@
-//! `cargo xtask instructions`: the user-space instructions `weir` spends per single-event HTTP
-//! request, counted by valgrind's callgrind. Unlike the HTTP bench's events per second, the count
+//! `cargo xtask instructions [batch]`: the user-space instructions `weir` spends per event, sent
+//! as single-event HTTP requests or (with `batch`) as NDJSON batches of 1000, counted by
+//! valgrind's callgrind. Unlike the HTTP bench's events per second, the count
 //! does not move with how loaded or throttled the machine is, so two builds can be compared on a
 //! noisy machine (docs/benchmarks.md).
 
@@ -12,24 +13,93 @@ use std::time::{Duration, Instant};
 
 /// The HTTP bench's event.
 const BODY: &str = r#"{"id":123456,"status":"paid","total":129.87,"customer":{"id":42,"name":"Ann Example"}}"#;
-/// Concurrent keep-alive connections: enough that requests are coalesced into batches.
-const CONNECTIONS: usize = 16;
-/// Requests of the short and the long run; their difference leaves out start-up and compilation.
-const RUNS: [usize; 2] = [1_000, 5_000];
+/// Lines per NDJSON batch, as in the HTTP bench.
+const BATCH_LINES: usize = 1000;
 
-/// Counts `weir` (a release build at `weir`) under callgrind for each of [`RUNS`], with NATS on
-/// `nats_port`, and prints the instructions per event. Callgrind's files stay in `out_dir`.
-pub fn count(weir: &Path, plugins_dir: &Path, nats_port: u16, out_dir: &Path) -> anyhow::Result<()> {
+/// How the events reach `weir`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// One event per `POST /v1/events/orders`, over 16 keep-alive connections: enough that
+    /// requests are coalesced into batches.
+    Single,
+    /// `POST /v1/batch` with [`BATCH_LINES`] lines (keys 0–999), over 4 connections as in the
+    /// HTTP bench.
+    Batch,
+}
+
+impl Load {
+    fn connections(self) -> usize {
+        match self {
+            Load::Single => 16,
+            Load::Batch => 4,
+        }
+    }
+
+    /// Events of the short and the long run; their difference leaves out start-up and compilation.
+    fn runs(self) -> [usize; 2] {
+        match self {
+            Load::Single => [1_000, 5_000],
+            Load::Batch => [8_000, 40_000],
+        }
+    }
+
+    /// Events sent before counting starts, so that every connection has been used.
+    fn warm_up(self) -> usize {
+        match self {
+            Load::Single => 200,
+            Load::Batch => 4_000,
+        }
+    }
+
+    /// The request that carries `events` events (a whole batch or one event).
+    fn request(self) -> (String, usize) {
+        let (path, content_type, body, events) = match self {
+            Load::Single => ("/v1/events/orders", "application/json", BODY.to_string(), 1),
+            Load::Batch => {
+                let lines: String = (0..BATCH_LINES)
+                    .map(|i| format!("{{\"entity\":\"orders\",\"key\":\"{i}\",\"data\":{BODY}}}\n"))
+                    .collect();
+                ("/v1/batch", "application/x-ndjson", lines, BATCH_LINES)
+            }
+        };
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: weir\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (request, events)
+    }
+}
+
+/// Counts `weir` (a release build at `weir`) under callgrind for each of the load's two runs, with
+/// NATS on `nats_port`, and prints the instructions per event. Callgrind's files stay in `out_dir`.
+pub fn count(weir: &Path, plugins_dir: &Path, nats_port: u16, out_dir: &Path, load: Load) -> anyhow::Result<()> {
     if !Command::new("valgrind").arg("--version").output().is_ok_and(|o| o.status.success()) {
         bail!("valgrind is needed to count instructions: install it (Debian package `valgrind`)");
     }
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let mut counted = Vec::new();
-    for requests in RUNS {
-        let instructions = count_one(weir, plugins_dir, nats_port, out_dir, requests)?;
-        counted.push((requests, instructions));
+    // Both runs take the plugin from a cache filled beforehand, so neither pays for compiling it
+    // and their difference is the events alone.
+    let cache_dir = out_dir.join("plugin-cache");
+    let config = write_config(out_dir, plugins_dir, nats_port, 0)?;
+    let check = Command::new(weir)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("WEIR_CACHE_DIR", &cache_dir)
+        .output()
+        .context("cannot run `weir check` to fill the plugin cache")?;
+    if !check.status.success() {
+        bail!("`weir check` failed before counting:\n{}", String::from_utf8_lossy(&check.stderr));
     }
-    println!("| requests (16 connections, no-op route) | weir's user-space instructions |");
+    let mut counted = Vec::new();
+    for events in load.runs() {
+        let instructions = count_one(weir, plugins_dir, nats_port, out_dir, load, events)?;
+        counted.push((events, instructions));
+    }
+    let sent = match load {
+        Load::Single => "single-event requests, 16 connections",
+        Load::Batch => "NDJSON batches of 1000, 4 connections",
+    };
+    println!("| events ({sent}, no-op route) | weir's user-space instructions |");
     println!("|---:|---:|");
     for (requests, instructions) in &counted {
         println!("| {requests} | {instructions} |");
@@ -44,30 +114,16 @@ pub fn count(weir: &Path, plugins_dir: &Path, nats_port: u16, out_dir: &Path) ->
     Ok(())
 }
 
-fn count_one(weir: &Path, plugins_dir: &Path, nats_port: u16, out_dir: &Path, requests: usize) -> anyhow::Result<u64> {
+fn count_one(
+    weir: &Path,
+    plugins_dir: &Path,
+    nats_port: u16,
+    out_dir: &Path,
+    load: Load,
+    requests: usize,
+) -> anyhow::Result<u64> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = out_dir.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[nats]
-url = "nats://127.0.0.1:{nats_port}"
-[jetstream]
-stream = "WEIR_INSTRUCTIONS"
-subjects = ["instructions.>"]
-storage = "memory"
-[http]
-listen = "127.0.0.1:{port}"
-[plugins]
-dir = "{}"
-[plugins.noop]
-[[routes]]
-plugins = ["noop"]
-subject = "instructions.{{entity}}.{{op}}"
-"#,
-            plugins_dir.display()
-        ),
-    )?;
+    let config = write_config(out_dir, plugins_dir, nats_port, port)?;
     let log_path = out_dir.join(format!("weir.{requests}.log"));
     let log = std::fs::File::create(&log_path)?;
     eprintln!("xtask: weir under callgrind, {requests} requests (log: {})", log_path.display());
@@ -77,14 +133,15 @@ subject = "instructions.{{entity}}.{{op}}"
         .arg(weir)
         .args(["run", "--config"])
         .arg(&config)
+        .env("WEIR_CACHE_DIR", out_dir.join("plugin-cache"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .context("cannot start valgrind")?;
     let mut gateway = Gateway(child);
     wait_ready(&mut gateway.0, port, &log_path)?;
-    post_events(port, 200)?;
-    post_events(port, requests)?;
+    post_events(port, load, load.warm_up())?;
+    post_events(port, load, requests)?;
     let pid = gateway.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().context("cannot stop weir")?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -99,6 +156,38 @@ subject = "instructions.{{entity}}.{{op}}"
         .find_map(|line| line.split_once("Collected :").map(|(_, count)| count.trim().to_string()))
         .and_then(|count| count.parse().ok())
         .with_context(|| format!("callgrind reported no instruction count; see {}", log_path.display()))
+}
+
+/// Writes the no-op route's config (HTTP on `http_port`) and returns its path.
+fn write_config(
+    out_dir: &Path,
+    plugins_dir: &Path,
+    nats_port: u16,
+    http_port: u16,
+) -> anyhow::Result<std::path::PathBuf> {
+    let config = out_dir.join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[nats]
+url = "nats://127.0.0.1:{nats_port}"
+[jetstream]
+stream = "WEIR_INSTRUCTIONS"
+subjects = ["instructions.>"]
+storage = "memory"
+[http]
+listen = "127.0.0.1:{http_port}"
+[plugins]
+dir = "{}"
+[plugins.noop]
+[[routes]]
+plugins = ["noop"]
+subject = "instructions.{{entity}}.{{op}}"
+"#,
+            plugins_dir.display()
+        ),
+    )?;
+    Ok(config)
 }
 
 /// Kills a gateway left running by an error.
@@ -135,12 +224,16 @@ fn wait_ready(child: &mut Child, port: u16, log_path: &Path) -> anyhow::Result<(
     }
 }
 
-/// Posts `total` events over [`CONNECTIONS`] keep-alive connections; every answer must be 202.
-fn post_events(port: u16, total: usize) -> anyhow::Result<()> {
-    let senders: Vec<_> = (0..CONNECTIONS)
+/// Posts `total` events over the load's keep-alive connections; every answer must be 202.
+fn post_events(port: u16, load: Load, total: usize) -> anyhow::Result<()> {
+    let (request, per_request) = load.request();
+    let requests = total / per_request;
+    let connections = load.connections();
+    let senders: Vec<_> = (0..connections)
         .map(|connection| {
-            let count = total / CONNECTIONS + usize::from(connection < total % CONNECTIONS);
-            std::thread::spawn(move || post_on_one_connection(port, count))
+            let count = requests / connections + usize::from(connection < requests % connections);
+            let request = request.clone();
+            std::thread::spawn(move || post_on_one_connection(port, &request, count))
         })
         .collect();
     for sender in senders {
@@ -149,15 +242,11 @@ fn post_events(port: u16, total: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn post_on_one_connection(port: u16, count: usize) -> anyhow::Result<()> {
+fn post_on_one_connection(port: u16, request: &str, count: usize) -> anyhow::Result<()> {
     let stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let request = format!(
-        "POST /v1/events/orders HTTP/1.1\r\nHost: weir\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
     for _ in 0..count {
         writer.write_all(request.as_bytes())?;
         let mut status = String::new();

@@ -11,9 +11,9 @@
 //!   (installing it if missing), build plugins and `weir`, run the quick-start config.
 //! - `bench`: the same set-up as `test`, then the benchmarks (plugin runtime, HTTP, PostgreSQL
 //!   change capture), each printing a table.
-//! - `instructions`: a release `weir` under valgrind's callgrind, loaded with single-event
-//!   requests; prints its user-space instructions per event (a count the machine's load does not
-//!   move, unlike the bench's rates).
+//! - `instructions [batch]`: a release `weir` under valgrind's callgrind, loaded with single-event
+//!   requests (or NDJSON batches); prints its user-space instructions per event (a count the
+//!   machine's load does not move, unlike the bench's rates).
 
 mod instructions;
 
@@ -36,7 +36,7 @@ fn main() {
             .and_then(|()| build_plugins())
             .and_then(|()| bench(&extra)),
         "quickstart" => quickstart(),
-        "instructions" => build_plugins().and_then(|()| count_instructions()),
+        "instructions" => build_plugins().and_then(|()| count_instructions(&extra)),
         _ => {
             eprintln!("usage: cargo xtask <quickstart|plugins|test|bench|instructions> [args for cargo test/bench]");
             std::process::exit(2);
@@ -368,7 +368,12 @@ fn nats_with_jetstream() -> anyhow::Result<u16> {
     Ok(port)
 }
 
-fn count_instructions() -> anyhow::Result<()> {
+fn count_instructions(extra: &[String]) -> anyhow::Result<()> {
+    let load = match extra {
+        [] => instructions::Load::Single,
+        [mode] if mode == "batch" => instructions::Load::Batch,
+        _ => bail!("usage: cargo xtask instructions [batch]"),
+    };
     let port = nats_with_jetstream()?;
     let mut build = cargo();
     build.args(["build", "--release", "-p", "weir", "--bin", "weir"]).current_dir(root());
@@ -378,6 +383,7 @@ fn count_instructions() -> anyhow::Result<()> {
         &root().join("plugins/target/wasm32-wasip2/release"),
         port,
         &target_dir().join("weir-instructions"),
+        load,
     )
 }
 
