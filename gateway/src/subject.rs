@@ -31,14 +31,22 @@ pub fn validate(subject: &str) -> Result<(), SubjectError> {
     if subject.len() > MAX_SUBJECT_LEN {
         return Err(SubjectError::TooLong(subject.len()));
     }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Byte by byte where the subject is ASCII (ASCII whitespace and controls are the bytes up to
+    // the space, and DEL), by characters otherwise: subjects are checked on every publish.
+    let bytes = subject.as_bytes();
+    let spaced = if bytes.is_ascii() {
+        bytes.iter().any(|&byte| byte <= b' ' || byte == 0x7f)
+    } else {
+        subject.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if spaced {
         return Err(SubjectError::Whitespace(subject.to_string()));
     }
-    for token in subject.split('.') {
+    for token in bytes.split(|&byte| byte == b'.') {
         if token.is_empty() {
             return Err(SubjectError::EmptyToken(subject.to_string()));
         }
-        if token.contains('*') || token.contains('>') {
+        if token.iter().any(|&byte| byte == b'*' || byte == b'>') {
             return Err(SubjectError::Wildcard(subject.to_string()));
         }
     }
@@ -158,6 +166,11 @@ mod tests {
         assert!(matches!(validate("a.b*c"), Err(SubjectError::Wildcard(_))));
         assert!(matches!(validate("a b"), Err(SubjectError::Whitespace(_))));
         assert!(matches!(validate("a\nb"), Err(SubjectError::Whitespace(_))));
+        for spaced in ["a\tb", "a\u{7f}", "\u{1}a", "é.a\u{a0}b", "é.a\u{2028}", "é\u{85}"] {
+            assert!(matches!(validate(spaced), Err(SubjectError::Whitespace(_))), "{spaced:?}");
+        }
+        assert_eq!(validate("weir.commandes.créée"), Ok(()));
+        assert!(matches!(validate("é.*"), Err(SubjectError::Wildcard(_))));
         assert!(matches!(validate(&"a".repeat(2000)), Err(SubjectError::TooLong(2000))));
     }
 
