@@ -4,7 +4,7 @@
 
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Message, Pipeline, Unavailability};
+use crate::pipeline::{Disposition, Message, Pipeline, SourceData, Unavailability};
 use crate::sink::{Published, SendOrder, Sink, SinkError};
 use axum::Router;
 use axum::body::Body;
@@ -360,15 +360,16 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             format!("body is larger than the limit of {limit} bytes"),
         )
     };
-    if let Some(length) =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
-        && length > limit
-    {
+    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut body = body;
-    let mut collected = Vec::new();
+    // Sized once from the announced length (a batch would otherwise be copied as it doubles),
+    // but not beyond PRESIZE_AT_MOST: a client may announce more than it sends.
+    let announced = length.and_then(|length| usize::try_from(length).ok()).unwrap_or(0);
+    let mut collected = Vec::with_capacity(announced.min(PRESIZE_AT_MOST));
     let reading = async {
         while let Some(frame) = body.frame().await {
             let Ok(chunk) = frame?.into_data() else { continue };
@@ -404,6 +405,9 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
 /// How much of a body over the limit is still read (and discarded) so its sender hears the 413.
 const DRAIN_AT_LEAST: usize = 1024 * 1024;
 const DRAIN_FOR: Duration = Duration::from_secs(1);
+
+/// Most room reserved for a body before its bytes arrive.
+const PRESIZE_AT_MOST: usize = 1 << 20;
 
 /// Deepest nesting of arrays and objects accepted in event data: well within what plugins
 /// parsing with serde_json (limit 128, and the envelope adds a level) can read.
@@ -474,6 +478,13 @@ fn header_utf8<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
 /// Whether a client-chosen event id (idempotency key) can be a `Nats-Msg-Id`.
 fn valid_event_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_IDEMPOTENCY_KEY && !id.chars().any(char::is_control)
+}
+
+/// A new event's id: a UUIDv7 (ordered by time), hyphenated. Encoded in a stack buffer, where
+/// `to_string` goes through the formatting machinery and grows its string.
+fn new_event_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer).to_owned()
 }
 
 /// The event of a single-event request.
@@ -589,7 +600,7 @@ fn single_event(
     trace.extend(attributes);
     let client_chose_id = id.is_some();
     let event = Event {
-        id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        id: id.unwrap_or_else(new_event_id),
         source: "http".into(),
         entity,
         op,
@@ -665,12 +676,112 @@ struct Stored {
     dropped: bool,
 }
 
-/// One NDJSON line's result: its line number and status beside the event's answer.
-#[derive(serde::Serialize)]
+impl AnswerBody {
+    /// The body as a JSON object, written by hand (see [`AnswerBody::write_fields`]).
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        out.push(b'{');
+        let mut first = true;
+        self.write_fields(&mut out, &mut first);
+        out.push(b'}');
+        out
+    }
+
+    /// Appends the body's fields to an object being written, each after a comma unless it is
+    /// the `first`. The bytes are serde_json's for the same fields in the same order: a stored
+    /// event's answer is a few copies, where serde went through a map per answer (batches'
+    /// answers are a thousand of them).
+    fn write_fields(&self, out: &mut Vec<u8>, first: &mut bool) {
+        match self {
+            AnswerBody::Stored(stored) => {
+                json_field(out, first, "id");
+                push_json(out, &stored.id);
+                json_field(out, first, "published");
+                write_published(out, &stored.published);
+                json_field(out, first, "dropped");
+                out.extend_from_slice(if stored.dropped { b"true" } else { b"false" });
+            }
+            AnswerBody::Json(Value::Object(fields)) => {
+                for (name, value) in fields {
+                    json_field(out, first, name);
+                    push_json(out, value);
+                }
+            }
+            // Every answer is an object; anything else would add no fields.
+            AnswerBody::Json(_) => {}
+        }
+    }
+}
+
+/// `"name":` in an object being written, after a comma unless it is the `first` field.
+fn json_field(out: &mut Vec<u8>, first: &mut bool, name: &str) {
+    if !std::mem::take(first) {
+        out.push(b',');
+    }
+    push_json(out, name);
+    out.push(b':');
+}
+
+/// `value` as JSON. Writing into a Vec cannot fail, and these values serialize.
+fn push_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+fn write_published(out: &mut Vec<u8>, published: &[Published]) {
+    out.push(b'[');
+    for (index, one) in published.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"subject\":");
+        push_json(out, one.subject.as_str());
+        out.extend_from_slice(b",\"stream\":");
+        match &one.stream {
+            Some(stream) => push_json(out, &**stream),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"seq\":");
+        match one.seq {
+            Some(seq) => out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(if one.duplicate { b",\"duplicate\":true}" } else { b",\"duplicate\":false}" });
+    }
+    out.push(b']');
+}
+
+/// A JSON body already written.
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+/// A batch's answer, `{"results":[…]}`, each line's result with its line number and status
+/// before its answer's fields.
+fn batch_answer_json(results: &[LineResult]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + results.len() * 160);
+    out.extend_from_slice(b"{\"results\":[");
+    for (index, result) in results.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"line\":");
+        out.extend_from_slice(itoa::Buffer::new().format(result.line).as_bytes());
+        out.extend_from_slice(b",\"status\":");
+        out.extend_from_slice(itoa::Buffer::new().format(result.status).as_bytes());
+        result.body.write_fields(&mut out, &mut false);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// One NDJSON line's result: its line number and status beside the event's answer. (Written by
+/// [`batch_answer_json`]; serde's form is what the tests hold that to.)
+#[cfg_attr(test, derive(serde::Serialize))]
 struct LineResult {
     line: usize,
     status: u16,
-    #[serde(flatten)]
+    #[cfg_attr(test, serde(flatten))]
     body: AnswerBody,
 }
 
@@ -734,7 +845,7 @@ async fn ingest(state: &Arc<AppState>, events: Vec<Event>) -> Vec<Result<Answer,
         let (positions, batch): (Vec<usize>, Vec<Event>) = items.into_iter().unzip();
         state.metrics.received_many("http", &state.pipeline.route(route).name, batch.len());
         let started = Instant::now();
-        let dispositions = match state.pipeline.process(route, batch, &state.metrics).await {
+        let dispositions = match state.pipeline.process(route, batch, SourceData::Checked, &state.metrics).await {
             Ok(dispositions) => dispositions,
             // The events not run are answered "retry"; the first may have run as a probe.
             Err(unavailable) => {
@@ -1087,7 +1198,7 @@ fn stripe(entity: &str, key: &str) -> usize {
 
 fn answer_response(answer: Result<Answer, ApiError>) -> Response {
     match answer {
-        Ok(answer) => (answer.status, axum::Json(answer.body)).into_response(),
+        Ok(answer) => json_response(answer.status, answer.body.to_json()),
         Err(error) => error.into_response(),
     }
 }
@@ -1539,7 +1650,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             }
             let has_id = line.id.is_some();
             let event = Event {
-                id: line.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                id: line.id.unwrap_or_else(new_event_id),
                 source: "http".into(),
                 entity: line.entity,
                 op,
@@ -1618,10 +1729,6 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             LineResult { line: results[slot].line, status: results[first].status, body: results[first].body.clone() };
     }
     let all_accepted = results.iter().all(|result| result.status < 300);
-    #[derive(serde::Serialize)]
-    struct BatchAnswer {
-        results: Vec<LineResult>,
-    }
     let status = if all_accepted { StatusCode::ACCEPTED } else { StatusCode::MULTI_STATUS };
     // The longest wait any `503` line asks for (a quarantined plugin's), at least a second.
     let retry = results
@@ -1632,7 +1739,7 @@ async fn batch(State(state): State<Arc<AppState>>, request: Request) -> Response
             AnswerBody::Stored(_) => 1,
         })
         .max();
-    let mut response = (status, axum::Json(BatchAnswer { results })).into_response();
+    let mut response = json_response(status, batch_answer_json(&results));
     if let Some(seconds) = retry {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
@@ -1718,6 +1825,45 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_written_as_serde_json_would_write_them() {
+        let published = |subject: &str, stream: Option<&str>, seq: Option<u64>, duplicate: bool| Published {
+            subject: subject.into(),
+            stream: stream.map(Arc::from),
+            seq,
+            duplicate,
+        };
+        let stored = AnswerBody::Stored(Stored {
+            id: "order-1 \"é\"\u{1}".into(),
+            published: vec![
+                published("weir.orders.insert", Some("WEIR"), Some(18_446_744_073_709_551_615), false),
+                published("a.b", None, None, true),
+            ],
+            dropped: false,
+        });
+        let none = AnswerBody::Stored(Stored { id: "x".into(), published: Vec::new(), dropped: true });
+        let error =
+            AnswerBody::Json(json!({"error": {"code": "bad_line", "message": "line\n2", "at": [1, 2.5, null]}}));
+        let empty = AnswerBody::Json(json!({}));
+        for body in [&stored, &none, &error, &empty] {
+            assert_eq!(String::from_utf8(body.to_json()).unwrap(), serde_json::to_string(body).unwrap());
+        }
+        let results: Vec<LineResult> = [stored, none, error, empty]
+            .into_iter()
+            .enumerate()
+            .map(|(index, body)| LineResult { line: index + 1, status: 202 + index as u16 * 100, body })
+            .collect();
+        #[derive(serde::Serialize)]
+        struct BatchAnswer<'a> {
+            results: &'a [LineResult],
+        }
+        assert_eq!(
+            String::from_utf8(batch_answer_json(&results)).unwrap(),
+            serde_json::to_string(&BatchAnswer { results: &results }).unwrap()
+        );
+        assert_eq!(batch_answer_json(&[]), br#"{"results":[]}"#);
+    }
 
     #[test]
     fn a_failed_store_says_what_a_retry_does() {

@@ -413,6 +413,7 @@ impl Pipeline {
         &self,
         index: usize,
         mut events: Vec<Event>,
+        source_data: SourceData,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Vec<Disposition>, Unavailable> {
         let route = &self.routes[index];
@@ -425,7 +426,7 @@ impl Pipeline {
                 Err((plugin, why)) => return Err(Unavailable { plugin, why, done, events }),
             };
             if !admitted.probing() || events.len() <= 1 {
-                let (ran, held) = self.run_chain(route, &admitted, events, metrics).await;
+                let (ran, held) = self.run_chain(route, &admitted, events, source_data, metrics).await;
                 if done.is_empty() && held.is_none() {
                     return Ok(ran);
                 }
@@ -436,7 +437,7 @@ impl Pipeline {
                 };
             }
             let rest = events.split_off(1);
-            let (ran, held) = self.run_chain(route, &admitted, events, metrics).await;
+            let (ran, held) = self.run_chain(route, &admitted, events, source_data, metrics).await;
             done.extend(ran);
             if let Some(mut held) = held {
                 held.events.extend(rest);
@@ -489,6 +490,7 @@ impl Pipeline {
         route: &Route,
         admitted: &Admitted,
         mut events: Vec<Event>,
+        source_data: SourceData,
         metrics: &crate::metrics::Metrics,
     ) -> (Vec<Disposition>, Option<Held>) {
         for event in &mut events {
@@ -573,7 +575,10 @@ impl Pipeline {
         let live = origins.into_iter().zip(batch);
         let mut outputs: Vec<Vec<Message>> = vec![Vec::new(); count];
         for (origin, event) in live {
-            outputs[origin].push(to_message(route, event));
+            // With no plugin, `originals` is empty and the data is the source's own.
+            let data_is_json = source_data == SourceData::Checked
+                && originals.get(origin).is_none_or(|original| original.data == event.data);
+            outputs[origin].push(to_message(route, event, data_is_json));
         }
         let dispositions = verdicts
             .into_iter()
@@ -738,53 +743,78 @@ fn embed(bytes: &[u8]) -> Embedded<'_> {
     }
 }
 
-/// The Weir JSON envelope of an event, serialized.
-pub fn weir_envelope_bytes(event: &Event) -> Vec<u8> {
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        id: &'a str,
-        source: &'a str,
-        entity: &'a str,
-        op: &'a str,
-        time: &'a str,
-        key: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a serde_json::value::RawValue>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_base64: Option<String>,
-        old: Option<&'a serde_json::value::RawValue>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        old_base64: Option<String>,
-        position: Option<&'a str>,
-    }
-    let (data, data_base64) = match embed(&event.data) {
-        Embedded::Json(raw) => (Some(raw), None),
-        Embedded::Base64(text) => (None, Some(text)),
-    };
-    let (old, old_base64) = match event.old.as_deref().map(embed) {
-        Some(Embedded::Json(raw)) => (Some(raw), None),
-        Some(Embedded::Base64(text)) => (None, Some(text)),
-        None => (None, None),
-    };
-    let envelope = Envelope {
-        id: &event.id,
-        source: &event.source,
-        entity: &event.entity,
-        op: &event.op,
-        time: &event.time,
-        key: event.key.as_deref(),
-        data,
-        data_base64,
-        old,
-        old_base64,
-        position: event.position.as_deref(),
-    };
-    serialize_sized(&envelope, event)
+/// Where an event's `data` comes from, for its envelope: JSON text its source checked strictly
+/// (HTTP's), or text no one checked as a whole (change capture writes rows itself and relies on
+/// the envelope's check). Checked data that the plugins left byte for byte as it was is embedded
+/// as it is; anything else is parsed once more, and embedded as base64 if it is not JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceData {
+    Checked,
+    Unchecked,
 }
 
-/// `value` (an envelope of `event`) as JSON, in a buffer sized once from the event's parts
-/// instead of grown by doubling. Serializing borrowed strings and raw JSON cannot fail.
-fn serialize_sized(value: &impl serde::Serialize, event: &Event) -> Vec<u8> {
+/// The Weir JSON envelope of an event, serialized: written field by field (the same bytes
+/// serde_json writes for the fields in this order), so that data known to be JSON is copied in
+/// without being parsed again. `data_is_json` says it is.
+pub fn weir_envelope_bytes(event: &Event, data_is_json: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(envelope_capacity(event));
+    out.extend_from_slice(b"{\"id\":");
+    push_json_str(&mut out, &event.id);
+    out.extend_from_slice(b",\"source\":");
+    push_json_str(&mut out, &event.source);
+    out.extend_from_slice(b",\"entity\":");
+    push_json_str(&mut out, &event.entity);
+    out.extend_from_slice(b",\"op\":");
+    push_json_str(&mut out, &event.op);
+    out.extend_from_slice(b",\"time\":");
+    push_json_str(&mut out, &event.time);
+    out.extend_from_slice(b",\"key\":");
+    push_json_opt_str(&mut out, event.key.as_deref());
+    if data_is_json {
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(event.data.trim_ascii());
+    } else {
+        match embed(&event.data) {
+            Embedded::Json(raw) => {
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(raw.get().as_bytes());
+            }
+            Embedded::Base64(text) => {
+                out.extend_from_slice(b",\"data_base64\":");
+                push_json_str(&mut out, &text);
+            }
+        }
+    }
+    out.extend_from_slice(b",\"old\":");
+    match event.old.as_deref().map(embed) {
+        Some(Embedded::Json(raw)) => out.extend_from_slice(raw.get().as_bytes()),
+        Some(Embedded::Base64(text)) => {
+            out.extend_from_slice(b"null,\"old_base64\":");
+            push_json_str(&mut out, &text);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"position\":");
+    push_json_opt_str(&mut out, event.position.as_deref());
+    out.push(b'}');
+    out
+}
+
+/// `text` as a JSON string, escaped as serde_json escapes it.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+fn push_json_opt_str(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(text) => push_json_str(out, text),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Room for an envelope of `event`, so its buffer is sized once instead of grown by doubling.
+fn envelope_capacity(event: &Event) -> usize {
     let parts =
         [&event.id, &event.source, &event.entity, &event.op, &event.time].iter().map(|part| part.len()).sum::<usize>()
             + event.key.as_ref().map_or(0, String::len)
@@ -792,7 +822,13 @@ fn serialize_sized(value: &impl serde::Serialize, event: &Event) -> Vec<u8> {
     // Field names and punctuation fit in 160 bytes. Data that is not JSON (base64, a third
     // longer) grows it once; room for that on every event would hold memory for nothing.
     let data = event.data.len() + event.old.as_ref().map_or(0, Vec::len);
-    let mut bytes = Vec::with_capacity(160 + parts + data);
+    160 + parts + data
+}
+
+/// `value` (an envelope of `event`) as JSON, in a buffer of [`envelope_capacity`].
+/// Serializing borrowed strings and raw JSON cannot fail.
+fn serialize_sized(value: &impl serde::Serialize, event: &Event) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(envelope_capacity(event));
     match serde_json::to_writer(&mut bytes, value) {
         Ok(()) => bytes,
         Err(_) => Vec::new(),
@@ -910,12 +946,13 @@ fn headers_for(fields: HeaderFields, content_type: &'static str) -> Headers {
     headers
 }
 
-fn to_message(route: &Route, mut event: Event) -> Message {
+/// The message for `event`; `data_is_json` when its data is known to be JSON text.
+fn to_message(route: &Route, mut event: Event, data_is_json: bool) -> Message {
     let content_type =
         if route.envelope == Envelope::Cloudevents { "application/cloudevents+json" } else { "application/json" };
     // The payload first: it reads the fields the headers then take.
     let payload = match route.envelope {
-        Envelope::Weir => weir_envelope_bytes(&event),
+        Envelope::Weir => weir_envelope_bytes(&event, data_is_json),
         Envelope::Data => std::mem::take(&mut event.data),
         Envelope::Cloudevents => cloudevent(&event),
     };
@@ -938,7 +975,11 @@ fn dead_letter(route: &Route, original: &Event, plugin: &Plugin, kind: &str, mes
     ] {
         headers.set(HeaderName::from_static(name), header_value(&value));
     }
-    Message { subject: route.dlq.render(original).into(), headers, payload: weir_envelope_bytes(original).into() }
+    Message {
+        subject: route.dlq.render(original).into(),
+        headers,
+        payload: weir_envelope_bytes(original, false).into(),
+    }
 }
 
 #[cfg(test)]
@@ -1018,7 +1059,7 @@ mod tests {
     }
 
     fn weir_envelope(event: &Event) -> Value {
-        serde_json::from_slice(&weir_envelope_bytes(event)).unwrap()
+        serde_json::from_slice(&weir_envelope_bytes(event, false)).unwrap()
     }
 
     #[test]
@@ -1040,5 +1081,73 @@ mod tests {
         assert_eq!(envelope["key"], "k.1");
         e.data = b"\xff".to_vec();
         assert_eq!(weir_envelope(&e)["data_base64"], "/w==");
+    }
+
+    /// The envelope as serde_json writes a struct of its fields: what the writer must match.
+    fn envelope_by_serde(event: &Event) -> Vec<u8> {
+        use serde_json::value::RawValue;
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            id: &'a str,
+            source: &'a str,
+            entity: &'a str,
+            op: &'a str,
+            time: &'a str,
+            key: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data_base64: Option<String>,
+            old: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            old_base64: Option<String>,
+            position: Option<&'a str>,
+        }
+        fn json_or_base64(bytes: &[u8]) -> (Option<&RawValue>, Option<String>) {
+            match serde_json::from_slice::<&RawValue>(bytes) {
+                Ok(raw) => (Some(raw), None),
+                Err(_) => {
+                    use base64::Engine as _;
+                    (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes)))
+                }
+            }
+        }
+        let (data, data_base64) = json_or_base64(&event.data);
+        let (old, old_base64) = event.old.as_deref().map_or((None, None), json_or_base64);
+        serde_json::to_vec(&Envelope {
+            id: &event.id,
+            source: &event.source,
+            entity: &event.entity,
+            op: &event.op,
+            time: &event.time,
+            key: event.key.as_deref(),
+            data,
+            data_base64,
+            old,
+            old_base64,
+            position: event.position.as_deref(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_envelope_is_written_as_serde_json_would_write_it() {
+        let mut e = event("orders \"eu\"\\", "insert");
+        e.id = "id\u{1}\t\u{2028}é".into();
+        e.key = None;
+        e.data = b" {\"a\": [1, \"\\u00e9\"]}\n".to_vec();
+        let checked_path = weir_envelope_bytes(&e, true);
+        assert_eq!(String::from_utf8(checked_path.clone()).unwrap(), String::from_utf8(envelope_by_serde(&e)).unwrap());
+        assert_eq!(weir_envelope_bytes(&e, false), checked_path);
+        e.key = Some("k\n".into());
+        e.position = Some("0/16B3748".into());
+        for old in [None, Some(b"{\"a\":0}".to_vec()), Some(b"not json".to_vec())] {
+            for data in [b"{}".to_vec(), b"\xff\x00".to_vec(), b"".to_vec(), b"1 2".to_vec()] {
+                e.old = old.clone();
+                e.data = data;
+                let written = weir_envelope_bytes(&e, false);
+                assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(envelope_by_serde(&e)).unwrap());
+            }
+        }
     }
 }

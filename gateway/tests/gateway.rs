@@ -1168,6 +1168,29 @@ async fn cloudevents_in_structured_and_binary_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn data_a_plugin_turns_into_something_else_than_json_is_stored_as_base64() {
+    use base64::Engine as _;
+    let nats = Nats::start();
+    let gateway =
+        Gateway::start(&config(&nats, "plugins = [\"fixture_binary_output\"]\n[plugins.fixture_binary_output]"));
+    // The request's data was JSON; what the plugin hands back is not, and must not be embedded
+    // as if it still were.
+    let (status, body, _) = post(&gateway, "/v1/events/blobs", r#" {"n":1} "#, &[]).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = post_batch(&gateway, "{\"entity\":\"blobs\",\"data\":{\"n\":2}}\n").await;
+    assert_eq!(status, 202, "{body}");
+    let messages = nats.messages("WEIR").await;
+    assert_eq!(messages.len(), 2);
+    for (message, data) in messages.iter().zip([&b" {\"n\":1} "[..], b"{\"n\":2}"]) {
+        let envelope: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(envelope.get("data"), None, "{envelope}");
+        let stored =
+            base64::engine::general_purpose::STANDARD.decode(envelope["data_base64"].as_str().unwrap()).unwrap();
+        assert_eq!(stored, [&[0xff][..], data].concat());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_event_too_large_for_nats_gets_413_and_the_rest_are_stored() {
     let nats = Nats::start_with_max_payload(8192);
     let gateway = Gateway::start(&config(&nats, ""));

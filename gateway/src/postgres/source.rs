@@ -8,7 +8,7 @@ use super::{SourceStatus, connection};
 use crate::config::{PostgresConfig, TruncateMode};
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::pipeline::{Disposition, Pipeline, Unavailability};
+use crate::pipeline::{Disposition, Pipeline, SourceData, Unavailability};
 use crate::sink::Sink;
 use futures::StreamExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
@@ -789,7 +789,7 @@ impl PostgresSource {
         // Dispositions of the events run so far (a quarantine's probes), in order.
         let mut done = Vec::new();
         loop {
-            match self.pipeline.process(route, events, &self.metrics).await {
+            match self.pipeline.process(route, events, SourceData::Unchecked, &self.metrics).await {
                 Ok(dispositions) => {
                     // Only its own pause: the batch before may still be waiting for NATS.
                     if warned {
